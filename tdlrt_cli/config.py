@@ -1,0 +1,175 @@
+"""Schemas of the run configuration, and their validation.
+
+Hydra composes the YAML tree in ``configs/``; :func:`from_dictconfig` merges it into these dataclasses
+(unknown keys and wrong types fail there) and :meth:`TrainConfig.validate` checks values. Everything
+below ``train.py`` sees only these plain dataclasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+METHODS = ("dense", "tdlrt")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
+PRECISIONS = ("fp32", "bf16")
+
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vgg16"
+    width_mult: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "data"
+    download: bool = True
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    augment: bool = True
+    # imagefolder
+    train_dir: str = "train"
+    test_dir: str = "val"
+    num_workers: int = 4
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    # imagefolder and synthetic
+    image_size: Optional[int] = None
+    # synthetic
+    channels: int = 3
+    num_classes: int = 10
+    train_size: int = 2048
+    test_size: int = 512
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dense"
+    default_tau: Optional[float] = None
+    r_min: int = 2
+    r_max: Optional[int] = None
+    r_max_frac: float = 0.5
+    init_rank: Optional[int] = None
+    init_rank_frac: Optional[float] = None
+    adapted_modes: str = "channels"
+    augment_every: int = 1
+    convert_linear: bool = False
+    convert_first_conv: bool = False
+    finetune_epochs: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    pct_start: float = 0.25
+    step_size: int = 10
+    gamma: float = 0.1
+    factor: float = 0.1
+    patience: int = 5
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    task_name: str = "train"
+    tau: Optional[float] = None
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    deterministic: bool = False
+    ckpt_path: Optional[str] = None
+    init_from: Optional[str] = None
+    eval_batch_size: int = 1024
+    log_every_n_steps: int = 50
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        def one_of(key: str, value: str, allowed) -> None:
+            need(value in allowed, f"{key}={value} is not one of: {', '.join(allowed)}")
+
+        one_of("model", self.model.name, MODELS)
+        one_of("data", self.data.name, DATASETS)
+        one_of("method", self.method.name, METHODS)
+        one_of("optimizer", self.optimizer.name, OPTIMIZERS)
+        one_of("scheduler", self.scheduler.name, SCHEDULERS)
+        one_of("precision", self.precision, PRECISIONS)
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             f"device={self.device} is not one of: auto, cpu, cuda, cuda:N")
+        need(self.lr > 0, f"lr={self.lr} must be > 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
+        need(self.epochs >= 0, f"epochs={self.epochs} must be >= 0")
+        need(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
+        need(self.eval_batch_size > 0, f"eval_batch_size={self.eval_batch_size} must be > 0")
+        need(self.log_every_n_steps > 0, f"log_every_n_steps={self.log_every_n_steps} must be > 0")
+        need(self.model.width_mult > 0, f"model.width_mult={self.model.width_mult} must be > 0")
+        for key in ("limit_train", "limit_test"):
+            value = getattr(self.data, key)
+            need(value is None or value > 0, f"data.{key}={value} must be a positive number of examples")
+        need(self.data.name != "imagefolder" or bool(self.data.root),
+             "data=imagefolder needs data.root=DIR (a folder with train/ and val/ class folders)")
+        b = self.optimizer.betas
+        need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
+        m = self.method
+        if m.name == "tdlrt":
+            need(self.tau is not None and 0 < self.tau < 1, f"tau={self.tau} must be in (0, 1)")
+            need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
+            need(m.r_max is None or m.r_max >= m.r_min,
+                 f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
+            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
+            need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
+            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
+                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
+            one_of("method.adapted_modes", m.adapted_modes, ("channels", "all"))
+            need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
+            need(m.finetune_epochs >= 0, f"method.finetune_epochs={m.finetune_epochs} must be >= 0")
+        else:
+            need(self.tau is None, f"tau={self.tau} applies to method=tdlrt only, not method={m.name}")
+        return self
+
+
+def from_dictconfig(cfg) -> TrainConfig:
+    """Merge a composed Hydra config into :class:`TrainConfig` and validate it (raises ConfigError)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        container.pop("hydra", None)
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {msg}") from None
+    return obj.validate()

@@ -1,0 +1,256 @@
+"""Datasets and loaders.
+
+Datasets that fit in memory (CIFAR, MNIST, synthetic) are read once into uint8 tensors, moved to the
+training device and augmented there (random crop with padding, horizontal flip), so a GPU epoch never
+waits for CPU workers. ImageNet-style folders go through a standard torchvision DataLoader.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .errors import DataError
+
+STATS = {  # per-channel mean and std of the training images, in [0, 1]
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+}
+
+
+
+
+@dataclass
+class ImageTensors:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+
+
+@dataclass
+class DataBundle:
+    train: "DeviceLoader | FolderLoader"
+    test: "DeviceLoader | FolderLoader"
+    in_channels: int
+    num_classes: int
+    image_size: int
+
+
+# --------------------------------------------------------------------------- readers
+
+def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTensors, int]:
+    """Read the original python-pickle CIFAR batches; copies with other checksums are read with a warning."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets.utils import check_integrity
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    folder = root / cls.base_folder
+    files = cls.train_list + cls.test_list
+    if not all((folder / f).is_file() for f, _ in files):
+        if not download:
+            raise DataError(f"{name} not found in {folder}; put the dataset there (data.root=DIR) "
+                            f"or allow downloading with data.download=true")
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as exc:  # no network, disk full, ...
+            raise DataError(f"could not download {name} into {root} ({type(exc).__name__}: {exc}); "
+                            f"put the dataset there by hand (data.root=DIR, data.download=false)") from None
+    bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
+    if bad:
+        warnings.warn(f"{name} files in {folder} differ from the originals (checksum of {', '.join(bad)}); "
+                      "reading them anyway", stacklevel=2)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def read(entries):
+        xs, ys = [], []
+        for f, _ in entries:
+            try:
+                with open(folder / f, "rb") as fh:
+                    d = pickle.load(fh, encoding="latin1")
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(d[label_key], dtype=np.int64))
+            except Exception as exc:
+                raise DataError(f"cannot read {folder / f} ({type(exc).__name__}: {exc})") from None
+        return ImageTensors(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+    return read(cls.train_list), read(cls.test_list), 10 if name == "cifar10" else 100
+
+
+def _mnist(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTensors, int]:
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    cls = MNIST if name == "mnist" else FashionMNIST
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as exc:
+            if not download:
+                raise DataError(f"{name} not found in {root / cls.__name__ / 'raw'}; put the dataset there "
+                                f"(data.root=DIR) or allow downloading with data.download=true") from None
+            raise DataError(f"could not download {name} into {root} ({exc}); put the dataset there by hand "
+                            f"(data.root=DIR, data.download=false)") from None
+        except Exception as exc:
+            raise DataError(f"cannot read {name} in {root} ({type(exc).__name__}: {exc})") from None
+        out.append(ImageTensors(ds.data.unsqueeze(1).contiguous(), ds.targets.long()))
+    return out[0], out[1], 10
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> Tuple[ImageTensors, ImageTensors, int]:
+    """Images whose class sets a smooth colour pattern, plus noise: learnable, reproducible, no files."""
+    g = torch.Generator().manual_seed(1234 + seed)
+    size, c, k = cfg.image_size or 32, cfg.channels, cfg.num_classes
+    protos = F.interpolate(torch.rand(k, c, 4, 4, generator=g), size=(size, size), mode="bilinear",
+                           align_corners=False)
+
+    def make(n):
+        labels = torch.randint(0, k, (n,), generator=g)
+        x = 0.6 * protos[labels] + 0.4 * torch.rand(n, c, size, size, generator=g)
+        return ImageTensors((x * 255).round().clamp(0, 255).to(torch.uint8), labels)
+
+    return make(cfg.train_size), make(cfg.test_size), k
+
+
+# --------------------------------------------------------------------------- loaders
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop (zero padding ``pad``) and horizontal flip of a batch, on x's device."""
+    n, c, h, w = x.shape
+    dev = x.device
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    flip = torch.rand(n, generator=generator).to(dev) < 0.5
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(n, c, h, w + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
+    return xp.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+class DeviceLoader:
+    """Batches of an in-memory uint8 dataset kept on ``device``, normalised (and augmented) there.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
+    Training batches drop the last incomplete batch (BatchNorm cannot take a batch of one).
+    """
+
+    def __init__(self, data: ImageTensors, batch_size: int, device: torch.device, mean: Sequence[float],
+                 std: Sequence[float], train: bool, augment: bool = False, seed: int = 0, pad: int = 4):
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size = min(batch_size, len(self.labels)) if train else batch_size
+        self.device, self.train, self.augment, self.seed, self.pad = device, train, augment, seed, pad
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self) * self.batch_size if self.train else len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[sl] if order is not None else None
+            x = self.images[idx] if idx is not None else self.images[sl]
+            y = self.labels[idx] if idx is not None else self.labels[sl]
+            if self.augment:
+                x = random_crop_flip(x, self.pad, g)
+            yield (x.float() - self.mean) / self.std, y
+
+
+class FolderLoader:
+    """ImageNet-style class folders through torchvision transforms and a DataLoader."""
+
+    def __init__(self, folder: Path, cfg: DataConfig, batch_size: int, train: bool, seed: int, limit: Optional[int]):
+        from torchvision import datasets, transforms
+
+        size = cfg.image_size or 64
+        mean, std = cfg.mean or (0.485, 0.456, 0.406), cfg.std or (0.229, 0.224, 0.225)
+        steps = [transforms.Resize(size), transforms.CenterCrop(size)]
+        if train and cfg.augment:
+            steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+        steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        try:
+            ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"no image class folders in {folder} ({exc}); set data.root=DIR to a folder holding "
+                            f"{cfg.train_dir}/ and {cfg.test_dir}/") from None
+        self.num_classes = len(ds.classes)
+        if limit is not None:
+            ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+        self.dataset, self.train, self.seed, self.epoch = ds, train, seed, 0
+        self.batch_size = batch_size
+        self.num_workers = cfg.num_workers
+        self.in_channels, self.image_size = 3, size
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
+            drop_last=self.train and len(self.dataset) >= self.batch_size, num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        return iter(loader)
+
+
+def _limit(d: ImageTensors, n: Optional[int]) -> ImageTensors:
+    return d if n is None else ImageTensors(d.images[:n], d.labels[:n])
+
+
+def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: torch.device, seed: int) -> DataBundle:
+    """Read ``cfg.name`` from ``cfg.root`` (downloading when allowed) and build train and test loaders."""
+    root = Path(os.path.expanduser(cfg.root))
+    if cfg.name == "imagefolder":
+        tr = FolderLoader(root / cfg.train_dir, cfg, batch_size, True, seed, cfg.limit_train)
+        te = FolderLoader(root / cfg.test_dir, cfg, eval_batch_size, False, seed, cfg.limit_test)
+        return DataBundle(tr, te, 3, tr.num_classes, tr.image_size)
+    if cfg.name in ("cifar10", "cifar100"):
+        train, test, k = _cifar(root, cfg.name, cfg.download)
+    elif cfg.name in ("mnist", "fashion_mnist"):
+        train, test, k = _mnist(root, cfg.name, cfg.download)
+    elif cfg.name == "synthetic":
+        train, test, k = _synthetic(cfg, seed)
+    else:
+        raise DataError(f"unknown dataset {cfg.name!r}")
+    train, test = _limit(train, cfg.limit_train), _limit(test, cfg.limit_test)
+    if cfg.name in STATS:
+        mean, std = STATS[cfg.name]
+    else:  # measured on the training images
+        x = train.images.float() / 255
+        mean = x.mean(dim=(0, 2, 3)).tolist()
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    c, size = train.images.shape[1], train.images.shape[-1]
+    tr = DeviceLoader(train, batch_size, device, mean, std, train=True, augment=cfg.augment, seed=seed)
+    te = DeviceLoader(test, eval_batch_size, device, mean, std, train=False)
+    return DataBundle(tr, te, c, k, size)

@@ -1,0 +1,123 @@
+"""Swap the ``nn.Conv2d`` (and optionally ``nn.Linear``) layers of any module for low-rank layers."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers import LowRankLinear, TuckerConv2d
+
+
+@dataclass
+class RankPolicy:
+    """Rank bounds and starting ranks of the adapted modes.
+
+    Channel modes of size n: ``r_max`` (absolute) or ``r_max_frac * n`` (default n/2, so that augmentation
+    to 2r fits), ``r_min`` below, starting at ``init_rank`` / ``init_rank_frac * n`` / r_max. Kernel modes,
+    adapted only with ``adapted_modes="all"``, range over [1, k] and start full.
+    """
+
+    r_min: int = 2
+    r_max: Optional[int] = None
+    r_max_frac: float = 0.5
+    init_rank: Optional[int] = None
+    init_rank_frac: Optional[float] = None
+    adapted_modes: str = "channels"  # "channels" (out, in) or "all"
+
+    def bounds(self, n: int) -> Tuple[int, int]:
+        hi = self.r_max if self.r_max is not None else int(self.r_max_frac * n)
+        hi = max(1, min(hi, n))
+        return min(self.r_min, hi), hi
+
+    def initial(self, n: int) -> int:
+        lo, hi = self.bounds(n)
+        if self.init_rank is not None:
+            r = self.init_rank
+        elif self.init_rank_frac is not None:
+            r = round(self.init_rank_frac * n)
+        else:
+            r = hi
+        return max(lo, min(r, hi))
+
+    def layout(self, full_shape: Sequence[int]) -> Tuple[List[Optional[int]], List[Tuple[int, int]]]:
+        """Starting ranks (None: mode kept full) and rank bounds for a weight of ``full_shape``."""
+        ranks, bounds = [], []
+        for i, n in enumerate(full_shape):
+            if i < 2:
+                ranks.append(self.initial(n))
+                bounds.append(self.bounds(n))
+            elif self.adapted_modes == "all":
+                ranks.append(n)
+                bounds.append((1, n))
+            else:
+                ranks.append(None)
+                bounds.append((n, n))
+        return ranks, bounds
+
+
+@dataclass
+class ConversionRules:
+    """Which layers become low-rank. The first conv and the classifier stay dense by default."""
+
+    convert_conv: bool = True
+    convert_linear: bool = False
+    convert_first_conv: bool = False
+    convert_classifier: bool = False
+    exclude: Sequence[str] = field(default_factory=tuple)  # fnmatch patterns of module names
+
+
+def _eligible_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(m.padding, tuple)
+            and m.padding_mode == "zeros" and min(m.in_channels, m.out_channels) > 1)
+
+
+def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rules: ConversionRules = ConversionRules(),
+                       init: str = "random", generator: Optional[torch.Generator] = None) -> List[str]:
+    """Replace eligible layers of ``model`` in place; returns the names of the converted layers.
+
+    ``init="random"``: orthonormal random factors and a Kaiming-scaled core at the policy's starting ranks.
+    ``init="hosvd"``: truncated HOSVD of each layer's current weight (compressing a trained network).
+    Convs with groups != 1, string padding or non-zero padding modes stay dense.
+    """
+    if init not in ("random", "hosvd"):
+        raise ValueError(f"init must be 'random' or 'hosvd', got {init!r}")
+    named = list(model.named_modules())
+    convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    first_conv = convs[0] if convs else None
+    classifier = linears[-1] if linears else None
+    converted = []
+    for name, module in named:
+        if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
+            continue
+        if rules.convert_conv and _eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
+            w = module.weight
+            ranks, bounds = policy.layout(w.shape)
+            if init == "hosvd":
+                new = TuckerConv2d.from_conv(module, ranks, bounds)
+            else:
+                new = TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                   module.padding, module.dilation, module.bias is not None, ranks, bounds,
+                                   dtype=w.dtype, device=w.device, generator=generator)
+                if module.bias is not None:
+                    new.bias.data = module.bias.detach().clone()
+        elif (rules.convert_linear and isinstance(module, nn.Linear) and min(module.weight.shape) > 1
+              and (rules.convert_classifier or name != classifier)):
+            w = module.weight
+            ranks, bounds = policy.layout(w.shape)
+            if init == "hosvd":
+                new = LowRankLinear.from_linear(module, ranks, bounds)
+            else:
+                new = LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks,
+                                    bounds, dtype=w.dtype, device=w.device, generator=generator)
+                if module.bias is not None:
+                    new.bias.data = module.bias.detach().clone()
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        converted.append(name)
+    return converted

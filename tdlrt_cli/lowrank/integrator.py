@@ -1,0 +1,306 @@
+"""The TDLRT step: rank-adaptive basis-update & Galerkin integrator on Tucker layers (design.md section 2).
+
+One optimisation step on one mini-batch, from one forward/backward pass. ``Z = dL/dW`` is the gradient of
+the loss with respect to a layer's represented weight at the current point; every quantity below is a
+projection of Z that :meth:`LowRankLayer.projected_grad` forms from the captured input and output gradient.
+
+1. :func:`basis_gradients` (K-step): ``dL/dK_i = Mat_i(Z x_{j!=i} U_j^T) Q_i`` with ``Mat_i(C)^T = Q_i S_i^T``.
+2. :func:`augment`: ``U_hat_i = [U_i, orth((I - U_i U_i^T) dL/dK_i)]``; the core is zero-padded, W unchanged.
+3. :func:`galerkin_gradient`: ``dL/dC_tilde = Z x_i U_hat_i^T``; the optimizer then steps the core.
+4. :func:`truncate`: keep the smallest rank whose discarded tail of Mat_i(C_hat)'s spectrum is at most
+   ``tau * ||C_hat||_F``, rotate bases and core, re-orthonormalise.
+5. :func:`pad_optimizer_state` / :func:`map_optimizer_state` keep momentum and Adam moments consistent.
+
+:class:`TDLRT` wraps a torch optimizer and runs these around its ``step()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .layers import LowRankLayer, replace_data
+from .tucker import mode_product, multi_mode_product, orthonormalize, unfold
+
+VARIANCE_STATES = ("exp_avg_sq", "max_exp_avg_sq")  # Adam second moments: mapped with squared maps
+
+
+# --------------------------------------------------------------------------- step 1: K-step
+
+def _projected(layer: LowRankLayer, bases: Sequence[Optional[torch.Tensor]], skip: Optional[int]) -> torch.Tensor:
+    """``Z x_j bases[j]^T`` over all modes but ``skip`` (full size in mode ``skip``)."""
+    a_out = None if skip == 0 else bases[0]
+    a_in = None if skip == 1 else bases[1]
+    t = layer.projected_grad(a_out, a_in)
+    for j in range(2, layer.order):
+        if j != skip and bases[j] is not None:
+            t = mode_product(t, bases[j].transpose(0, 1).to(t.dtype), j)
+    return t
+
+
+def basis_gradients(layer: LowRankLayer) -> Dict[int, torch.Tensor]:
+    """K-step gradients of every adapted mode: ``dL/dK_i = Mat_i(Z x_{j!=i} U_j^T) Q_i``.
+
+    ``K_i = U_i S_i`` where ``Mat_i(C)^T = Q_i S_i^T`` (reduced QR). Formed from Q_i directly, never as
+    ``dL/dU_i S_i^{-T}``: S_i may be singular, and the small directions are exactly the ones that matter.
+    """
+    factors = layer.factors
+    core = layer.core.detach()
+    grads = {}
+    for i, u in enumerate(factors):
+        if u is None:
+            continue
+        q, _ = torch.linalg.qr(unfold(core, i).transpose(0, 1).to(u.dtype))
+        grads[i] = unfold(_projected(layer, factors, skip=i), i).to(u.dtype) @ q
+    return grads
+
+
+# --------------------------------------------------------------------------- step 2: augment
+
+def augment_basis(u: torch.Tensor, grad_k: torch.Tensor) -> torch.Tensor:
+    """``[U, N]`` with N an orthonormal basis of ``(I - U U^T) dL/dK``, ``min(r, n - r)`` columns.
+
+    N is read off a Householder QR of ``[U, Y]``, ``Y = (I - U U^T) dL/dK``: its columns after the first r
+    are orthonormal and orthogonal to U even when Y is rank-deficient (then they complete the basis with
+    directions the core step may use or truncation drops). U itself is kept first, unchanged.
+    """
+    n, r = u.shape
+    extra = min(r, n - r)
+    if extra == 0:
+        return u
+    y = grad_k - u @ (u.transpose(0, 1) @ grad_k)
+    if y.shape[1] < extra:
+        y = torch.cat([y, y.new_zeros(n, extra - y.shape[1])], 1)
+    q, _ = torch.linalg.qr(torch.cat([u, y], 1))
+    return torch.cat([u, q[:, r:r + extra]], 1)
+
+
+def augment(layer: LowRankLayer, grads: Dict[int, torch.Tensor],
+            optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Augment every adapted basis with its K-step directions and zero-pad the core (W is unchanged)."""
+    old_shape = tuple(layer.core.shape)
+    for i, g in grads.items():
+        layer.set_factor(i, augment_basis(layer.factors[i], g))
+    new_shape = tuple(layer.core.shape[i] if u is None else u.shape[1] for i, u in enumerate(layer.factors))
+    padded = layer.core.new_zeros(new_shape)
+    padded[tuple(slice(0, s) for s in old_shape)] = layer.core.detach()
+    replace_data(layer.core, padded)
+    if optimizer is not None:
+        pad_optimizer_state(optimizer, layer.core, old_shape)
+
+
+# --------------------------------------------------------------------------- step 3: Galerkin core step
+
+def galerkin_gradient(layer: LowRankLayer) -> torch.Tensor:
+    """``dL/dC_tilde = Z x_i U_hat_i^T`` over all modes, at the same point as the K-step (W unchanged)."""
+    return _projected(layer, layer.factors, skip=None).to(layer.core.dtype)
+
+
+# --------------------------------------------------------------------------- step 4: truncate
+
+@dataclass
+class TruncationInfo:
+    """What one truncation of one layer did."""
+
+    ranks_before: tuple
+    ranks: tuple
+    rel_error: float          # sqrt(sum of discarded tails) / ||C_hat||: bounds ||W_new - W_hat|| / ||W_hat||
+    min_singular: Dict[int, float] = field(default_factory=dict)  # smallest kept sigma per adapted mode
+    ortho_error: float = 0.0  # max_i ||U_i^T U_i - I||_max after re-orthonormalisation
+
+
+def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
+    """Smallest ``k`` in ``[lo, hi]`` with ``sum_{j>=k} sigma_j^2 <= threshold_sq`` (sigma descending).
+
+    ``sigma_sq`` holds squared singular values in descending order; tails by reverse cumulative sum.
+    """
+    n = sigma_sq.numel()
+    tails = torch.flip(torch.cumsum(torch.flip(sigma_sq, [0]), 0), [0])  # tails[k] = sum_{j>=k}
+    tails = torch.cat([tails, tails.new_zeros(1)])
+    ok = (tails <= threshold_sq).nonzero()
+    k = int(ok[0]) if ok.numel() else n
+    return max(min(k, hi, n), min(lo, n), 1)
+
+
+def mode_spectrum(core: torch.Tensor, mode: int):
+    """Squared singular values (descending) and left singular vectors of Mat_mode(core), from its Gram matrix.
+
+    The Gram matrix ``M M^T`` is small (``r_hat x r_hat``); its eigen-decomposition runs in float64, so
+    squared singular values are accurate to about 1e-16 * ||C||^2, far below any truncation threshold.
+    """
+    m = unfold(core, mode).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(m @ m.transpose(0, 1))
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
+def truncate(layer: LowRankLayer, tau: float, optimizer: Optional[torch.optim.Optimizer] = None) -> TruncationInfo:
+    """Truncate every adapted mode of the stepped core by ``tau`` and re-orthonormalise the bases.
+
+    For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors, the smallest k_i with
+    ``sqrt(sum_{j>k_i} sigma_j^2) <= tau ||C_hat||_F`` clamped to the layer's rank bounds; then
+    ``U_i <- U_hat_i P_i`` and ``C <- C_hat x_i P_i^T`` for all i (a truncated HOSVD of C_hat), so that
+    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``. Finally ``U_i = Q_i R_i`` (QR) and
+    ``C <- C x_i R_i``, which leaves W unchanged and removes round-off drift from orthonormality.
+    """
+    core = layer.core.detach()
+    ranks_before = tuple(core.shape)
+    norm_sq = float(core.to(torch.float64).pow(2).sum())
+    threshold_sq = tau * tau * norm_sq
+    maps: List[Optional[torch.Tensor]] = [None] * layer.order
+    tail_sq, min_sigma = 0.0, {}
+    for i, u in enumerate(layer.factors):
+        if u is None:
+            continue
+        sigma_sq, vecs = mode_spectrum(core, i)
+        lo, hi = layer.rank_bounds[i]
+        k = truncation_rank(sigma_sq, threshold_sq, lo, hi)
+        tail_sq += float(sigma_sq[k:].sum())
+        min_sigma[i] = math.sqrt(float(sigma_sq[k - 1]))
+        maps[i] = vecs[:, :k].to(core.dtype)
+    new_core = multi_mode_product(core, maps, transpose=True)
+    ortho = 0.0
+    for i, p in enumerate(maps):
+        if p is None:
+            continue
+        q, r = orthonormalize(layer.factors[i] @ p)
+        new_core = mode_product(new_core, r, i)
+        layer.set_factor(i, q)
+        eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
+        ortho = max(ortho, float((q.transpose(0, 1) @ q - eye).abs().max()))
+    replace_data(layer.core, new_core.contiguous())
+    if optimizer is not None:
+        map_optimizer_state(optimizer, layer.core, maps)
+    rel = math.sqrt(tail_sq / norm_sq) if norm_sq > 0 else 0.0
+    return TruncationInfo(ranks_before, layer.ranks, rel, min_sigma, ortho)
+
+
+# --------------------------------------------------------------------------- step 5: optimizer state
+
+def pad_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_shape: Sequence[int]) -> None:
+    """Embed the core's optimizer state in the augmented shape: zeros for first moments and momentum,
+    the mean of v for Adam's second moment (zero there would give steps of lr/eps)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    block = tuple(slice(0, s) for s in old_shape)
+    for key, value in state.items():
+        if not torch.is_tensor(value) or tuple(value.shape) != tuple(old_shape):
+            continue
+        fill = float(value.mean()) if key in VARIANCE_STATES else 0.0
+        padded = value.new_full(param.shape, fill)
+        padded[block] = value
+        state[key] = padded
+
+
+def map_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
+                        maps: Sequence[Optional[torch.Tensor]]) -> None:
+    """Map the core's optimizer state with the truncation: ``s x_i P_i^T`` for momentum and first moments,
+    ``v x_i (P_i o P_i)^T`` (elementwise squares) for second moments, which keeps them non-negative."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    in_shape = tuple(p.shape[0] if p is not None else param.shape[i] for i, p in enumerate(maps))
+    for key, value in state.items():
+        if not torch.is_tensor(value) or tuple(value.shape) != in_shape:
+            continue
+        if key in VARIANCE_STATES:
+            mats = [None if p is None else (p * p).to(value.dtype) for p in maps]
+        else:
+            mats = [None if p is None else p.to(value.dtype) for p in maps]
+        state[key] = multi_mode_product(value, mats, transpose=True).contiguous()
+
+
+# --------------------------------------------------------------------------- the optimizer-like wrapper
+
+def lowrank_layers(model: nn.Module) -> List[LowRankLayer]:
+    return [m for m in model.modules() if isinstance(m, LowRankLayer)]
+
+
+class TDLRT:
+    """Rank-adaptive training of every :class:`LowRankLayer` in ``model`` around a torch optimizer.
+
+    Usage, in any training loop::
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)   # cores + dense parameters
+        integrator = TDLRT(model, opt, tau=0.1)
+        for x, y in loader:
+            integrator.zero_grad()
+            loss_fn(model(x), y).backward()
+            integrator.step()
+
+    ``step()`` runs K-step, augmentation and the Galerkin gradient on every low-rank layer, then
+    ``optimizer.step()`` (cores and all other parameters), then truncation. Every ``augment_every``-th step
+    adapts the ranks; the steps in between, and all steps after :meth:`freeze_bases`, train the cores on
+    fixed bases. Factors are buffers: the optimizer never sees them, and weight decay on a core equals
+    weight decay on W because the factors are orthonormal. Gradient clipping must be applied by the
+    caller to the gradients set by :meth:`prepare_step` (or not at all): ``step()`` replaces core gradients.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1):
+        if not 0 < tau < 1:
+            raise ValueError(f"tau must be in (0, 1), got {tau}")
+        if augment_every < 1:
+            raise ValueError(f"augment_every must be >= 1, got {augment_every}")
+        self.model, self.optimizer, self.tau, self.augment_every = model, optimizer, tau, augment_every
+        self.layers = lowrank_layers(model)
+        self.steps = 0
+        self.frozen = False
+        self.last_info: Dict[str, TruncationInfo] = {}
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._arm()
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def freeze_bases(self) -> None:
+        """Fixed-rank phase: from now on only cores (and dense parameters) are trained."""
+        self.frozen = True
+        self._arm()
+
+    def adapts_next(self) -> bool:
+        return not self.frozen and self.steps % self.augment_every == 0
+
+    def _arm(self) -> None:
+        """Capture inputs and output gradients during the next forward/backward only if it will adapt."""
+        on = self.adapts_next()
+        for layer in self.layers:
+            layer.capture = on
+            if not on:
+                layer.clear_capture()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def prepare_step(self) -> List[LowRankLayer]:
+        """Steps 1-3 on every layer that saw the last forward/backward; returns those layers."""
+        if not self.adapts_next():
+            return []
+        ready = [layer for layer in self.layers if layer.has_capture]
+        with torch.no_grad():
+            for layer in ready:
+                grads = basis_gradients(layer)
+                augment(layer, grads, self.optimizer)
+                layer.core.grad = galerkin_gradient(layer)
+                layer.clear_capture()
+        return ready
+
+    def step(self) -> None:
+        ready = self.prepare_step()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.last_info = {self._names.get(id(layer), str(i)): truncate(layer, self.tau, self.optimizer)
+                              for i, layer in enumerate(ready)}
+        self.steps += 1
+        self._arm()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "frozen": self.frozen, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.frozen = int(state["steps"]), bool(state["frozen"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._arm()
