@@ -1,0 +1,77 @@
+"""Run-folder logging: TensorBoard scalars, metrics.csv / ranks.csv (one row per epoch), summary.json."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def _truncate_csv(path: Path, max_epoch: int) -> None:
+    """Drop the rows of epochs after ``max_epoch`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    col = header.index("epoch") if "epoch" in header else None
+    keep = [r for r in body if col is None or (r and int(r[col]) <= max_epoch)]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([header] + keep)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, resume_epoch: Optional[int] = None, tensorboard: bool = True):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_epoch is not None:
+            for name in ("metrics.csv", "ranks.csv"):
+                _truncate_csv(self.dir / name, resume_epoch)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=None)
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def _append(self, name: str, rows: List[dict]) -> None:
+        path = self.dir / name
+        new = not path.is_file() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh))
+        else:
+            header = list(rows[0].keys())
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def epoch(self, row: dict) -> None:
+        self._append("metrics.csv", [row])
+
+    def ranks(self, epoch: int, ranks: Dict[str, List[int]], full: Dict[str, List[int]]) -> None:
+        rows = []
+        for layer, r in ranks.items():
+            r4, n4 = list(r) + [""] * (4 - len(r)), list(full[layer]) + [""] * (4 - len(full[layer]))
+            rows.append({"epoch": epoch, "layer": layer, "r_out": r4[0], "r_in": r4[1], "r_kh": r4[2], "r_kw": r4[3],
+                         "n_out": n4[0], "n_in": n4[1], "n_kh": n4[2], "n_kw": n4[3]})
+        if rows:
+            self._append("ranks.csv", rows)
+
+    def summary(self, data: dict) -> None:
+        path = self.dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

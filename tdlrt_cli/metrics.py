@@ -1,0 +1,68 @@
+"""Parameter counts, compression rates and FLOPs of a (possibly low-rank) network."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from .lowrank import LowRankLayer, TuckerConv2d
+
+
+def _rate(lowrank: int, dense: int) -> float:
+    return 100.0 * (1.0 - lowrank / dense) if dense else 0.0
+
+
+def parameter_report(model: nn.Module) -> Dict[str, float]:
+    """Parameter counts and compression rates (percent).
+
+    ``compression_rate``: the paper's c.r., conv kernels only: 1 - (conv weights of this network) /
+    (conv weights of the dense network). ``compression_rate_total``: all parameters.
+    ``compression_rate_train``: all parameters alive during an integrator step (augmented bases and core).
+    """
+    lowrank = [m for m in model.modules() if isinstance(m, LowRankLayer)]
+    cores = {id(m.core) for m in lowrank}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in cores)
+    conv_dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    conv_lr = conv_dense
+    conv_dense += sum(m.dense_num_params() for m in lowrank if isinstance(m, TuckerConv2d))
+    conv_lr += sum(m.num_params() for m in lowrank if isinstance(m, TuckerConv2d))
+    dense_total = other + sum(m.dense_num_params() for m in lowrank)
+    params = other + sum(m.num_params() for m in lowrank)
+    train = other + sum(m.train_num_params() for m in lowrank)
+    return {
+        "params": params, "params_dense": dense_total, "params_train": train,
+        "conv_params": conv_lr, "conv_params_dense": conv_dense,
+        "compression_rate": _rate(conv_lr, conv_dense),
+        "compression_rate_total": _rate(params, dense_total),
+        "compression_rate_train": _rate(train, dense_total),
+    }
+
+
+def layer_ranks(model: nn.Module) -> Dict[str, List[int]]:
+    """Current ranks of every low-rank layer, per mode (out, in, kh, kw for convs; out, in for linears)."""
+    return {name: list(m.ranks) for name, m in model.named_modules() if isinstance(m, LowRankLayer)}
+
+
+def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]:
+    """Forward and forward+backward FLOPs per image (torch.utils.flop_counter; a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    x = example[:2]
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fwd, torch.no_grad():
+            model(x)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        with FlopCounterMode(display=False) as both:
+            out = model(x)
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        for m in model.modules():
+            if isinstance(m, LowRankLayer):
+                m.clear_capture()
+    finally:
+        model.train(was_training)
+    n = x.shape[0]
+    return {"flops_forward": fwd.get_total_flops() / n, "flops_train": both.get_total_flops() / n}

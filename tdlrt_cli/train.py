@@ -1,0 +1,333 @@
+"""`tdlrt train`: build data, model and method from the config, train, evaluate, log, checkpoint.
+
+Read top to bottom: :func:`main` (the Hydra entry point) turns the composed config into a
+:class:`~tdlrt_cli.config.TrainConfig` and calls :func:`train`, which holds the whole run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import build_data
+from .errors import CheckpointError, ConfigError, UserError
+from .logs import RunLogger
+from .lowrank import TDLRT, ConversionRules, LowRankLayer, RankPolicy, convert_to_lowrank
+from .metrics import flops_per_image, layer_ranks, parameter_report
+from .models import build_model
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights and low-rank cores (decay on a core = decay on W), none on
+    biases and normalisation parameters. Low-rank factors are buffers and never reach the optimizer."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=o.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Per-step schedules (cosine with warm-up, onecycle, step) or per-epoch ReduceLROnPlateau."""
+    s, total = cfg.scheduler, max(1, cfg.epochs * steps_per_epoch)
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=s.pct_start)
+    if s.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=s.factor, patience=s.patience,
+                                                          min_lr=s.min_lr)
+    warmup = s.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if s.name == "none":
+            return 1.0
+        if s.name == "step":
+            return s.gamma ** ((step // steps_per_epoch) // s.step_size)
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = s.min_lr / cfg.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def load_dense_weights(model: nn.Module, source: str) -> None:
+    """``init_from``: a checkpoint of a dense tdlrt run of the same model, or a file holding a state dict."""
+    if not Path(source).is_file():
+        raise CheckpointError(f"init_from={source}: file not found")
+    try:
+        weights = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"init_from={source}: cannot read it ({type(exc).__name__})") from None
+    if isinstance(weights, dict) and "model" in weights and "format" in weights:
+        weights = weights["model"]
+    elif isinstance(weights, dict) and "state_dict" in weights:
+        weights = weights["state_dict"]
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"init_from={source} does not match this model: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+
+
+# --------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
+                    log_every) -> dict:
+    """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``."""
+    from tqdm import tqdm
+
+    model.train()
+    loader.set_epoch(epoch)
+    loss_sum = torch.zeros((), device=loader_device(loader))
+    correct = torch.zeros((), device=loss_sum.device)
+    seen, t0 = 0, time.perf_counter()
+    per_step_sched = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    stepper = integrator if integrator is not None else optimizer
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(loss_sum.device, non_blocking=True), y.to(loss_sum.device, non_blocking=True)
+        stepper.zero_grad(set_to_none=True)
+        with amp():
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        stepper.step()
+        if per_step_sched:
+            scheduler.step()
+        loss_sum += loss.detach().float() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        seen += len(y)
+        global_step += 1
+        if global_step % log_every == 0 or i == len(loader) - 1:
+            rate = seen / (time.perf_counter() - t0)
+            values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"]}
+            postfix = {"loss": f"{float(loss_sum) / seen:.3f}", "acc": f"{100 * float(correct) / seen:.1f}",
+                       "img/s": f"{rate:.0f}"}
+            if integrator is not None:
+                report = parameter_report(model)
+                values["compression/rate"] = report["compression_rate"]
+                postfix["c.r."] = f"{report['compression_rate']:.1f}%"
+                for name, r in layer_ranks(model).items():
+                    for mode, value in zip(("out", "in", "kh", "kw"), r):
+                        values[f"ranks/{name}/{mode}"] = value
+                for name, info in integrator.last_info.items():
+                    values[f"diag/trunc_error/{name}"] = info.rel_error
+                    values[f"diag/ortho_error/{name}"] = info.ortho_error
+                    for mode, s in info.min_singular.items():
+                        values[f"diag/min_sigma/{name}/{mode}"] = s
+            logger.scalars(global_step, values)
+            bar.set_postfix(postfix)
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1),
+            "epoch_time_s": dt, "images_per_s": seen / dt, "global_step": global_step}
+
+
+def loader_device(loader) -> torch.device:
+    return getattr(loader, "device", None) or torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(model, loader, amp, device) -> tuple:
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp():
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return float(loss_sum) / max(n, 1), 100.0 * float(correct) / max(n, 1)
+
+
+# --------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -> dict:
+    start_time = time.time()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)
+    try:
+        model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.init_from:
+        load_dense_weights(model, cfg.init_from)
+
+    integrator = None
+    if cfg.method.name == "tdlrt":
+        m = cfg.method
+        policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
+        rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        convert_to_lowrank(model, policy, rules, init="hosvd" if cfg.init_from else "random", generator=generator)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model)
+    if cfg.method.name == "tdlrt":
+        integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every)
+    scheduler = build_scheduler(cfg, optimizer, len(data.train))
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+
+    start_epoch, global_step, best_acc, history = 0, 0, -1.0, {}
+    if resume is not None:
+        start_epoch, global_step, best_acc = restore(resume, cfg, model, optimizer, integrator, scheduler)
+        print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}", file=sys.stderr)
+    logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
+    ckpt_dir = run_dir / "checkpoints"
+    test_loss, test_acc = float("nan"), float("nan")
+    full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
+    for epoch in range(start_epoch, cfg.epochs):
+        if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
+            integrator.freeze_bases()
+        stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger, cfg.progress, epoch,
+                                global_step, cfg.log_every_n_steps)
+        global_step = stats.pop("global_step")
+        test_loss, test_acc = evaluate(model, data.test, amp, device)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(test_loss)
+        report = parameter_report(model)
+        row = {"epoch": epoch + 1, "step": global_step, **stats, "test_loss": test_loss, "test_acc": test_acc,
+               "lr": optimizer.param_groups[0]["lr"], "params": report["params"],
+               "compression_rate": report["compression_rate"],
+               "compression_rate_total": report["compression_rate_total"]}
+        logger.epoch(row)
+        logger.ranks(epoch + 1, layer_ranks(model), full_shapes)
+        logger.scalars(epoch + 1, {"epoch/train_loss": stats["train_loss"], "epoch/train_acc": stats["train_acc"],
+                                   "epoch/test_loss": test_loss, "epoch/test_acc": test_acc,
+                                   "epoch/lr": row["lr"], "epoch/time_s": stats["epoch_time_s"],
+                                   "epoch/images_per_s": stats["images_per_s"],
+                                   "epoch/compression_rate": report["compression_rate"]})
+        improved = test_acc > best_acc
+        best_acc = max(best_acc, test_acc)
+        state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
+                                 best_acc)
+        save_checkpoint(state, ckpt_dir / "last.pt")
+        if improved:
+            save_checkpoint(state, ckpt_dir / "best.pt")
+        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% | "
+              f"test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
+              + (f" | c.r. {report['compression_rate']:.1f}%" if integrator is not None else ""), file=sys.stderr)
+
+    if math.isnan(test_acc) and cfg.epochs > 0 or resume is not None and start_epoch >= cfg.epochs:
+        test_loss, test_acc = evaluate(model, data.test, amp, device)
+    report = parameter_report(model)
+    example = next(iter(data.test))[0].to(device)
+    summary = {
+        "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best_acc, test_acc),
+        "epochs": cfg.epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
+        **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "run_dir": str(run_dir), "config": config_dict,
+    }
+    logger.summary(summary)
+    logger.close()
+    print(f"done: test acc {test_acc:.2f}% (best {summary['best_test_acc']:.2f}%), "
+          f"c.r. {report['compression_rate']:.1f}%, outputs in {run_dir}", file=sys.stderr)
+    return summary
+
+
+def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc) -> dict:
+    return {
+        "epoch": epoch, "global_step": global_step, "best_test_acc": best_acc,
+        "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "integrator": {"steps": integrator.steps, "frozen": integrator.frozen} if integrator else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": config_dict,
+    }
+
+
+def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
+    """Load a checkpoint into freshly built objects; low-rank layers resize to the saved ranks."""
+    if state.get("model_name") != cfg.model.name or state.get("method") != cfg.method.name:
+        raise CheckpointError(f"checkpoint {cfg.ckpt_path} was written by model={state.get('model_name')} "
+                              f"method={state.get('method')}, this run is model={cfg.model.name} "
+                              f"method={cfg.method.name}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {cfg.ckpt_path} does not match this configuration: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    if integrator is not None and state.get("integrator"):
+        integrator.steps = int(state["integrator"]["steps"])
+        integrator.frozen = bool(state["integrator"]["frozen"])
+        integrator._arm()
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["epoch"]), int(state["global_step"]), float(state["best_test_acc"])
+
+
+# --------------------------------------------------------------------------- Hydra entry point
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .config import from_dictconfig
+
+    @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+    def _run(cfg) -> float:
+        try:
+            tc = from_dictconfig(cfg)
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        except UserError as exc:
+            if os.environ.get("TDLRT_DEBUG"):
+                raise
+            print(f"tdlrt: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return summary["test_acc"]
+
+    _run()
