@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+# A tiny, fast configuration for CLI runs: VGG16 at 1/8 width on synthetic 32x32 images.
+TINY = ["model=vgg16", "model.width_mult=0.125", "data=synthetic", "data.train_size=256", "data.test_size=128",
+        "batch_size=64", "eval_batch_size=128", "epochs=2", "progress=false", "device=cpu"]
+
+
+def run_tdlrt(args, cwd, env=None, check=True, timeout=600):
+    """Run the real console entry point in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("TDLRT_DEBUG", None)
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    proc = subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tdlrt {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_dirs(base: Path):
+    """Run folders (those holding a .hydra folder) under base, oldest first."""
+    return sorted((p.parent for p in base.rglob(".hydra")), key=lambda p: str(p))
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory):
+    """The offline MNIST / Fashion-MNIST / CIFAR-10 copies laid out in torchvision's formats."""
+    if not (SHARED_DATASETS / "prepare.py").is_file():
+        pytest.skip(f"offline dataset copies not found at {SHARED_DATASETS}")
+    dest = tmp_path_factory.mktemp("datasets")
+    subprocess.run([sys.executable, str(SHARED_DATASETS / "prepare.py"), str(dest), "mnist"], check=True,
+                   capture_output=True)
+    return dest

@@ -1,0 +1,130 @@
+"""The real `tdlrt` command line, in subprocesses, on tiny synthetic data."""
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, run_dirs, run_tdlrt
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_help_lists_subcommands_and_config_groups(tmp_path):
+    out = run_tdlrt(["--help"], tmp_path).stdout
+    assert "train" in out
+    out = run_tdlrt(["train", "--help"], tmp_path).stdout
+    for group in ("model: alexnet, lenet5, resnet18, vgg16", "method: dense, tdlrt", "optimizer: adam, adamw, sgd",
+                  "scheduler: cosine, none, onecycle, plateau, step"):
+        assert group in out
+
+
+def test_unknown_subcommand_fails_clearly(tmp_path):
+    proc = run_tdlrt(["trian"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "unknown subcommand 'trian'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["dense", "tdlrt"])
+def test_train_writes_every_run_file(tmp_path, method):
+    run_tdlrt(["train", *TINY, f"method={method}"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert run.parent.parent.name == "train"  # outputs/<task>/<date>/<time>
+    for name in (".hydra/config.yaml", "metrics.csv", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "train.log"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_csv(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):
+        assert float(rows[-1][key]) == float(rows[-1][key])  # present and numeric
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("test_acc", "best_test_acc", "params", "wall_time_s", "config", "compression_rate",
+                "compression_rate_total", "ranks", "flops_forward", "flops_train"):
+        assert key in summary, key
+    assert summary["config"]["model"]["name"] == "vgg16" and summary["config"]["method"]["name"] == method
+    assert summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    if method == "tdlrt":
+        assert 0 < summary["compression_rate"] < 100
+        assert len(summary["ranks"]) == 12  # 13 convs, the first stays dense
+        ranks = read_csv(run / "ranks.csv")
+        assert {int(r["epoch"]) for r in ranks} == {1, 2} and len(ranks) == 24
+        for r in ranks:
+            assert 1 <= int(r["r_out"]) <= int(r["n_out"]) // 2 and 1 <= int(r["r_in"]) <= int(r["n_in"]) // 2
+    else:
+        assert summary["compression_rate"] == 0 and summary["ranks"] == {}
+
+
+def test_multirun_two_jobs(tmp_path):
+    args = [a for a in TINY if not a.startswith("epochs")]
+    run_tdlrt(["train", "-m", *args, "epochs=1", "method=dense", "seed=0,1"], tmp_path)
+    runs = run_dirs(tmp_path / "outputs")
+    assert len(runs) == 2 and runs[0].parent == runs[1].parent and runs[0].parents[2].name == "multirun"
+    seeds = {json.loads((r / "summary.json").read_text())["config"]["seed"] for r in runs}
+    assert seeds == {0, 1}
+
+
+@pytest.mark.parametrize("method", ["dense", "tdlrt"])
+def test_resume_continues_at_the_right_epoch(tmp_path, method):
+    args = [a for a in TINY if not a.startswith("epochs")] + [f"method={method}"]
+    run_tdlrt(["train", *args, "epochs=1"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    ckpt = run / "checkpoints" / "last.pt"
+    first = torch.load(ckpt, weights_only=True)
+    assert first["epoch"] == 1
+    proc = run_tdlrt(["train", *args, "epochs=3", f"ckpt_path={ckpt}"], tmp_path)
+    assert "resuming" in proc.stderr
+    assert run_dirs(tmp_path / "outputs") == [run]  # same run folder, no new one
+    assert (run / ".hydra" / "config.yaml").is_file() and list((run / ".hydra").glob("resume-*/config.yaml"))
+    rows = read_csv(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 * first["global_step"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=resnet99"], "Could not find 'model/resnet99'"),
+    (["lr=-0.1"], "lr=-0.1 must be > 0"),
+    (["tau=1.5"], "tau=1.5 must be in (0, 1)"),
+    (["method=dense", "tau=0.1"], "tau=0.1 applies to method=tdlrt only"),
+    (["batch_size=0"], "batch_size=0 must be > 0"),
+    (["lr=abc"], "invalid config at lr"),
+    (["lrr=0.1"], "Key 'lrr' is not in struct"),
+    (["method.r_min=8", "method.r_max=4"], "method.r_min=8 is larger than method.r_max=4"),
+])
+def test_bad_values_exit_nonzero_with_a_clear_message(tmp_path, args, message):
+    proc = run_tdlrt(["train", *TINY, *args], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("data", ["mnist", "cifar10", "fashion_mnist"])
+def test_missing_data_names_the_folder_and_the_option(tmp_path, data):
+    proc = run_tdlrt(["train", f"data={data}", f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                      "model=lenet5" if "mnist" in data else "model=vgg16", "epochs=1", "device=cpu"],
+                     tmp_path, check=False)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error:") and str(tmp_path / "nowhere") in line and "data.download=true" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_is_refused_clearly(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_tdlrt(["train", *TINY, f"ckpt_path={bad}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_device_cuda_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = run_tdlrt(["train", *[a for a in TINY if a != "device=cpu"], "device=cuda"], tmp_path, check=False)
+    assert proc.returncode == 2 and "no CUDA GPU is visible" in proc.stderr
