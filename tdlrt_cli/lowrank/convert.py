@@ -17,7 +17,8 @@ class RankPolicy:
 
     Channel modes of size n: ``r_max`` (absolute) or ``r_max_frac * n`` (default n/2, so that augmentation
     to 2r fits), ``r_min`` below, starting at ``init_rank`` / ``init_rank_frac * n`` / r_max. Kernel modes,
-    adapted only with ``adapted_modes="all"``, range over [1, k] and start full.
+    adapted only with ``adapted_modes="all"``, range over [1, k] and start full. A matrix (LowRankLinear)
+    has one rank for both modes, bounded by its smaller side.
     """
 
     r_min: int = 2
@@ -44,6 +45,9 @@ class RankPolicy:
 
     def layout(self, full_shape: Sequence[int]) -> Tuple[List[Optional[int]], List[Tuple[int, int]]]:
         """Starting ranks (None: mode kept full) and rank bounds for a weight of ``full_shape``."""
+        if len(full_shape) == 2:  # a matrix: both modes share its rank
+            n = min(full_shape)
+            return [self.initial(n)] * 2, [self.bounds(n)] * 2
         ranks, bounds = [], []
         for i, n in enumerate(full_shape):
             if i < 2:
