@@ -163,11 +163,15 @@ def from_dictconfig(cfg) -> TrainConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
-        container = OmegaConf.to_container(cfg, resolve=True)
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         container.pop("hydra", None)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
         obj = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key} must be set ({exc.full_key}=...)") from None
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)

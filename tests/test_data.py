@@ -1,0 +1,113 @@
+"""Data readers and the on-device loader."""
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tdlrt_cli.config import DataConfig
+from tdlrt_cli.data import DataError, DeviceLoader, ImageTensors, build_data, random_crop_flip
+
+
+def write_cifar10(root, n=20, seed=0):
+    """A small CIFAR-10 copy in the original pickle format (checksums differ from the originals)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
+    return folder
+
+
+def test_cifar_copy_with_other_checksums_is_read_with_a_warning(tmp_path):
+    folder = write_cifar10(tmp_path)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), download=False, augment=True)
+    with pytest.warns(UserWarning, match="differ from the originals"):
+        data = build_data(cfg, 16, 64, torch.device("cpu"), seed=0)
+    assert (data.in_channels, data.num_classes, data.image_size) == (3, 10, 32)
+    assert len(data.train) == 100 // 16 and data.test.num_examples == 20
+    with open(folder / "data_batch_1", "rb") as fh:
+        first = pickle.load(fh)
+    x = torch.tensor(first["data"][0]).view(3, 32, 32)
+    assert torch.equal(data.train.images[0], x)  # R, G, B planes row-major
+
+
+def test_unreadable_cifar_file_is_a_clear_error(tmp_path):
+    folder = write_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(b"garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="cannot read .*test_batch"):
+            build_data(DataConfig(name="cifar10", root=str(tmp_path), download=False), 16, 64, torch.device("cpu"), 0)
+
+
+def test_limits_take_the_first_examples(tmp_path):
+    write_cifar10(tmp_path)
+    cfg = DataConfig(name="cifar10", root=str(tmp_path), download=False, limit_train=30, limit_test=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = build_data(cfg, 8, 4, torch.device("cpu"), 0)
+    assert len(data.train.labels) == 30 and len(data.test.labels) == 7
+    assert sum(len(y) for _, y in data.test) == 7
+    assert sum(len(y) for _, y in data.train) == 24  # full batches only
+
+
+def test_crop_and_flip_move_pixels_without_inventing_values():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).view(2, 1, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    seen_shift = False
+    for _ in range(20):
+        y = random_crop_flip(x, 2, g)
+        assert y.shape == x.shape
+        vals = set(y[0].unique().tolist()) - {0}
+        assert vals <= set(x[0].unique().tolist())
+        seen_shift |= not torch.equal(y, x)
+    assert seen_shift
+    zero = random_crop_flip(x, 0, torch.Generator().manual_seed(1))
+    assert all(torch.equal(z, x[i]) or torch.equal(z, x[i].flip(-1)) for i, z in enumerate(zero))
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    data = ImageTensors(torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8), torch.arange(64))
+    a = DeviceLoader(data, 16, torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, train=True, augment=True, seed=3)
+    b = DeviceLoader(data, 16, torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, train=True, augment=True, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    b.set_epoch(3)
+    assert not torch.equal(next(iter(a))[1], next(iter(b))[1])
+
+
+def test_synthetic_data_is_reproducible_and_learnable_shape():
+    cfg = DataConfig(name="synthetic", root="", download=False, image_size=16, channels=2, num_classes=4,
+                     train_size=40, test_size=10)
+    a = build_data(cfg, 8, 8, torch.device("cpu"), seed=1)
+    b = build_data(cfg, 8, 8, torch.device("cpu"), seed=1)
+    assert torch.equal(a.train.images, b.train.images)
+    assert (a.in_channels, a.num_classes, a.image_size) == (2, 4, 16)
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(d / f"{i}.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), download=False, image_size=32, num_workers=0)
+    data = build_data(cfg, 4, 4, torch.device("cpu"), 0)
+    assert (data.num_classes, data.image_size) == (2, 32)
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    with pytest.raises(DataError, match="data.root"):
+        build_data(DataConfig(name="imagefolder", root=str(tmp_path / "none"), download=False), 4, 4,
+                   torch.device("cpu"), 0)

@@ -1,0 +1,28 @@
+"""Real learning on the offline MNIST copy, through the real CLI (skipped where the copy is absent)."""
+import json
+
+from conftest import run_dirs, run_tdlrt
+
+COMMON = ["model=lenet5", "data=mnist", "data.limit_train=10000", "batch_size=64", "data.download=false", "progress=false",
+          "device=cpu", "seed=0"]
+
+
+def summary_of(tmp_path, task):
+    (run,) = run_dirs(tmp_path / "outputs" / task)
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_lenet5_learns_mnist_in_one_epoch(tmp_path, real_data):
+    run_tdlrt(["train", *COMMON, f"data.root={real_data}", "method=dense", "epochs=1", "task_name=dense1"], tmp_path)
+    assert summary_of(tmp_path, "dense1")["test_acc"] >= 95.0
+
+
+def test_tdlrt_lenet5_ends_within_one_point_of_dense(tmp_path, real_data):
+    for method in ("dense", "tdlrt method.convert_linear=true"):
+        name = method.split()[0]
+        run_tdlrt(["train", *COMMON, f"data.root={real_data}", *f"method={method}".split(), "epochs=2",
+                   f"task_name={name}"], tmp_path)
+    dense, tdlrt = summary_of(tmp_path, "dense"), summary_of(tmp_path, "tdlrt")
+    assert tdlrt["test_acc"] >= dense["test_acc"] - 1.0, (tdlrt["test_acc"], dense["test_acc"])
+    assert tdlrt["compression_rate"] > 50 and tdlrt["compression_rate_total"] > 50
+    assert set(tdlrt["ranks"]) == {"features.3", "classifier.1"}
