@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -316,6 +317,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from .config import from_dictconfig
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"tdlrt: warning: {message}\n"
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
     def _run(cfg) -> float:
