@@ -26,6 +26,7 @@ from .logs import RunLogger
 from .lowrank import TDLRT, ConversionRules, LowRankLayer, RankPolicy, convert_to_lowrank
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
+from .models.pretrained import load_torchvision_weights
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -199,7 +200,10 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.init_from:
+    if cfg.init_from == "torchvision":
+        copied, kept = load_torchvision_weights(model, cfg.model.name)
+        print(f"init_from=torchvision: copied {copied} layers, {kept} keep their initialisation", file=sys.stderr)
+    elif cfg.init_from:
         load_dense_weights(model, cfg.init_from)
 
     integrator = None

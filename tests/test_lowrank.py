@@ -456,3 +456,45 @@ def test_bf16_autocast_keeps_lowrank_algebra_in_fp32():
         integrator.step()
     assert layer.U0.dtype == layer.U1.dtype == layer.core.dtype == torch.float32
     assert max(ortho_error(layer.U0), ortho_error(layer.U1)) < 1e-5
+
+
+@pytest.mark.parametrize("name, expect_copied", [("vgg16", 26), ("resnet18", 39), ("alexnet", 4)])
+def test_torchvision_weights_map_onto_the_cifar_variants(name, expect_copied):
+    """The layer matching of init_from=torchvision, checked on randomly initialised torchvision networks."""
+    import torchvision
+
+    from tdlrt_cli.models.pretrained import TORCHVISION_NAMES, copy_matching_weights
+
+    torch.manual_seed(0)
+    source = torchvision.models.get_model(TORCHVISION_NAMES[name], weights=None)
+    model = build_model(name, 3, 10, 32)
+    copied, kept = copy_matching_weights(source, model)
+    assert copied == expect_copied
+    src_convs = [m for m in source.modules() if isinstance(m, nn.Conv2d)]
+    dst_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert torch.equal(src_convs[-1].weight, dst_convs[-1].weight)
+    converted = convert_to_lowrank(model, RankPolicy(), ConversionRules(), init="hosvd")
+    assert converted  # a pretrained network compressed by truncated HOSVD
+
+
+def test_frozen_bases_and_augment_every_keep_ranks_between_adaptations():
+    x, y = regression_problem(f64)
+    layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None], rank_bounds=[(1, 8), (1, 6), (3, 3), (3, 3)],
+                         dtype=f64, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    integrator = TDLRT(layer, opt, tau=0.05, augment_every=3)
+    for step in range(240):
+        factors = [u.clone() for u in (layer.U0, layer.U1)]
+        integrator.zero_grad()
+        F.mse_loss(layer(x), y).backward()
+        integrator.step()
+        if step % 3 != 0:  # fixed bases: only the core moved
+            assert torch.equal(factors[0], layer.U0) and torch.equal(factors[1], layer.U1)
+    assert layer.ranks[:2] == (4, 3)
+    integrator.freeze_bases()
+    factors = [u.clone() for u in (layer.U0, layer.U1)]
+    for _ in range(6):
+        integrator.zero_grad()
+        F.mse_loss(layer(x), y).backward()
+        integrator.step()
+    assert torch.equal(factors[0], layer.U0) and torch.equal(factors[1], layer.U1) and not layer.has_capture
