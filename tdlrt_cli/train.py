@@ -23,7 +23,7 @@ from .config import TrainConfig
 from .data import build_data
 from .errors import CheckpointError, ConfigError, UserError
 from .logs import RunLogger
-from .lowrank import TDLRT, ConversionRules, LowRankLayer, RankPolicy, convert_to_lowrank
+from .lowrank import TDLRT, ConversionRules, LowRankLayer, RankPolicy, convert_to_lowrank, orthonormality_error
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
@@ -154,9 +154,10 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
                 for name, r in layer_ranks(model).items():
                     for mode, value in zip(("out", "in", "kh", "kw"), r):
                         values[f"ranks/{name}/{mode}"] = value
+                for layer_name, layer in lowrank_named(model):
+                    values[f"diag/ortho_error/{layer_name}"] = orthonormality_error(layer)
                 for name, info in integrator.last_info.items():
                     values[f"diag/trunc_error/{name}"] = info.rel_error
-                    values[f"diag/ortho_error/{name}"] = info.ortho_error
                     for mode, s in info.min_singular.items():
                         values[f"diag/min_sigma/{name}/{mode}"] = s
             logger.scalars(global_step, values)
@@ -165,6 +166,10 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
     dt = time.perf_counter() - t0
     return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1),
             "epoch_time_s": dt, "images_per_s": seen / dt, "global_step": global_step}
+
+
+def lowrank_named(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer)]
 
 
 def loader_device(loader) -> torch.device:

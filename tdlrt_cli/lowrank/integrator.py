@@ -109,72 +109,118 @@ class TruncationInfo:
     ranks: tuple
     rel_error: float          # sqrt(sum of discarded tails) / ||C_hat||: bounds ||W_new - W_hat|| / ||W_hat||
     min_singular: Dict[int, float] = field(default_factory=dict)  # smallest kept sigma per adapted mode
-    ortho_error: float = 0.0  # max_i ||U_i^T U_i - I||_max after re-orthonormalisation
 
 
 def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
     """Smallest ``k`` in ``[lo, hi]`` with ``sum_{j>=k} sigma_j^2 <= threshold_sq`` (sigma descending).
 
-    ``sigma_sq`` holds squared singular values in descending order; tails by reverse cumulative sum.
+    The scalar form of the rule :func:`truncate_layers` applies on the device to all modes at once.
     """
     n = sigma_sq.numel()
     tails = torch.flip(torch.cumsum(torch.flip(sigma_sq, [0]), 0), [0])  # tails[k] = sum_{j>=k}
-    tails = torch.cat([tails, tails.new_zeros(1)])
-    ok = (tails <= threshold_sq).nonzero()
-    k = int(ok[0]) if ok.numel() else n
+    k = int((tails > threshold_sq).sum())
     return max(min(k, hi, n), min(lo, n), 1)
 
 
-def mode_spectrum(core: torch.Tensor, mode: int):
-    """Squared singular values (descending) and left singular vectors of Mat_mode(core), from its Gram matrix.
+def mode_spectra(grams: List[torch.Tensor]):
+    """Eigen-decompositions of many small symmetric PSD matrices in one batched float64 ``eigh``.
 
-    The Gram matrix ``M M^T`` is small (``r_hat x r_hat``); its eigen-decomposition runs in float64, so
-    squared singular values are accurate to about 1e-16 * ||C||^2, far below any truncation threshold.
+    Each Gram matrix is embedded in the top-left block of a common size; the padding block is
+    ``-(1 + trace) I``, whose eigenvalues sort below every true one (all >= 0) and whose eigenvectors stay
+    in the padding coordinates, so the true eigenpairs come out first and untouched. Returns, per matrix,
+    its eigenvalues in descending order (clamped at 0) and the matching eigenvectors as columns.
     """
+    size = max(g.shape[0] for g in grams)
+    batch = grams[0].new_zeros(len(grams), size, size, dtype=torch.float64)
+    for b, g in enumerate(grams):
+        n = g.shape[0]
+        batch[b, :n, :n] = g
+        if n < size:
+            pad = -(1.0 + torch.trace(g.to(torch.float64)))
+            batch[b, n:, n:] = torch.eye(size - n, dtype=torch.float64, device=g.device) * pad
+    evals, evecs = torch.linalg.eigh(batch)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    return [(evals[b, :g.shape[0]].clamp_min(0), evecs[b, :g.shape[0], :g.shape[0]]) for b, g in enumerate(grams)]
+
+
+def mode_spectrum(core: torch.Tensor, mode: int):
+    """Squared singular values (descending) and left singular vectors of Mat_mode(core), via its Gram matrix."""
     m = unfold(core, mode).to(torch.float64)
-    evals, evecs = torch.linalg.eigh(m @ m.transpose(0, 1))
-    return evals.flip(0).clamp_min(0), evecs.flip(1)
+    return mode_spectra([m @ m.transpose(0, 1)])[0]
 
 
-def truncate(layer: LowRankLayer, tau: float, optimizer: Optional[torch.optim.Optimizer] = None) -> TruncationInfo:
-    """Truncate every adapted mode of the stepped core by ``tau`` and re-orthonormalise the bases.
+def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> List[TruncationInfo]:
+    """Step 4 on many layers at once: truncate every adapted mode of each stepped core by ``tau``.
 
     For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors, the smallest k_i with
     ``sqrt(sum_{j>k_i} sigma_j^2) <= tau ||C_hat||_F`` clamped to the layer's rank bounds; then
     ``U_i <- U_hat_i P_i`` and ``C <- C_hat x_i P_i^T`` for all i (a truncated HOSVD of C_hat), so that
     ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``. Finally ``U_i = Q_i R_i`` (QR) and
     ``C <- C x_i R_i``, which leaves W unchanged and removes round-off drift from orthonormality.
+
+    Cost: the spectra come from the small Gram matrices ``Mat_i(C_hat) Mat_i(C_hat)^T`` (r_hat x r_hat) in
+    one batched eigen-decomposition; ranks are decided on the device and read back in one host
+    synchronisation for all layers.
     """
-    core = layer.core.detach()
-    ranks_before = tuple(core.shape)
-    norm_sq = float(core.to(torch.float64).pow(2).sum())
-    threshold_sq = tau * tau * norm_sq
-    maps: List[Optional[torch.Tensor]] = [None] * layer.order
-    tail_sq, min_sigma = 0.0, {}
-    for i, u in enumerate(layer.factors):
-        if u is None:
-            continue
-        sigma_sq, vecs = mode_spectrum(core, i)
-        lo, hi = layer.rank_bounds[i]
-        k = truncation_rank(sigma_sq, threshold_sq, lo, hi)
-        tail_sq += float(sigma_sq[k:].sum())
-        min_sigma[i] = math.sqrt(float(sigma_sq[k - 1]))
-        maps[i] = vecs[:, :k].to(core.dtype)
-    new_core = multi_mode_product(core, maps, transpose=True)
-    ortho = 0.0
-    for i, p in enumerate(maps):
-        if p is None:
-            continue
-        q, r = orthonormalize(layer.factors[i] @ p)
-        new_core = mode_product(new_core, r, i)
-        layer.set_factor(i, q)
-        eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
-        ortho = max(ortho, float((q.transpose(0, 1) @ q - eye).abs().max()))
-    replace_data(layer.core, new_core.contiguous())
-    if optimizer is not None:
-        map_optimizer_state(optimizer, layer.core, maps)
-    rel = math.sqrt(tail_sq / norm_sq) if norm_sq > 0 else 0.0
-    return TruncationInfo(ranks_before, layer.ranks, rel, min_sigma, ortho)
+    if not layers:
+        return []
+    cores = [layer.core.detach() for layer in layers]
+    jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
+    grams = []
+    for li, i in jobs:
+        m = unfold(cores[li], i).to(torch.float64)
+        grams.append(m @ m.transpose(0, 1))
+    spectra = mode_spectra(grams)
+    norm_sq = {li: torch.trace(grams[j]) for j, (li, _) in reversed(list(enumerate(jobs)))}
+    decisions = []
+    for (li, i), (lam, _) in zip(jobs, spectra):
+        n = lam.numel()
+        lo, hi = layers[li].rank_bounds[i]
+        tails = torch.flip(torch.cumsum(torch.flip(lam, [0]), 0), [0])
+        k = (tails > tau * tau * norm_sq[li]).sum().clamp(max(min(lo, n), 1), max(min(hi, n), 1))
+        tails = torch.cat([tails, tails.new_zeros(1)])
+        decisions.append(torch.stack([k.to(torch.float64), tails[k], lam[k - 1].sqrt()]))
+    host = torch.stack(decisions).tolist()  # the one host synchronisation
+    norms = {li: v for li, v in zip(norm_sq, torch.stack(list(norm_sq.values())).tolist())}
+
+    maps: List[List[Optional[torch.Tensor]]] = [[None] * layer.order for layer in layers]
+    tail_sq = [0.0] * len(layers)
+    min_sigma: List[Dict[int, float]] = [{} for _ in layers]
+    for (li, i), (_, vecs), (k, tail, smallest) in zip(jobs, spectra, host):
+        maps[li][i] = vecs[:, :int(k)].to(cores[li].dtype)
+        tail_sq[li] += tail
+        min_sigma[li][i] = smallest
+    infos = []
+    for li, layer in enumerate(layers):
+        ranks_before = tuple(cores[li].shape)
+        new_core = multi_mode_product(cores[li], maps[li], transpose=True)
+        for i, p in enumerate(maps[li]):
+            if p is not None:
+                q, r = orthonormalize(layer.factors[i] @ p)
+                new_core = mode_product(new_core, r, i)
+                layer.set_factor(i, q)
+        replace_data(layer.core, new_core.contiguous())
+        if optimizer is not None:
+            map_optimizer_state(optimizer, layer.core, maps[li])
+        rel = math.sqrt(tail_sq[li] / norms[li]) if norms[li] > 0 else 0.0
+        infos.append(TruncationInfo(ranks_before, layer.ranks, rel, min_sigma[li]))
+    return infos
+
+
+def truncate(layer: LowRankLayer, tau: float, optimizer: Optional[torch.optim.Optimizer] = None) -> TruncationInfo:
+    """Step 4 on one layer (see :func:`truncate_layers`)."""
+    return truncate_layers([layer], tau, optimizer)[0]
+
+
+def orthonormality_error(layer: LowRankLayer) -> float:
+    """max_i ||U_i^T U_i - I||_max over the stored factors (a diagnostic; synchronises)."""
+    err = 0.0
+    for u in layer.factors:
+        if u is not None:
+            eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+            err = max(err, float((u.transpose(0, 1) @ u - eye).abs().max()))
+    return err
 
 
 # --------------------------------------------------------------------------- step 5: optimizer state
@@ -292,8 +338,8 @@ class TDLRT:
         ready = self.prepare_step()
         self.optimizer.step()
         with torch.no_grad():
-            self.last_info = {self._names.get(id(layer), str(i)): truncate(layer, self.tau, self.optimizer)
-                              for i, layer in enumerate(ready)}
+            infos = truncate_layers(ready, self.tau, self.optimizer)
+        self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}
         self.steps += 1
         self._arm()
 
