@@ -12,6 +12,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "train": "train a network (Hydra overrides: model=vgg16 tau=0.1 ...; -m to sweep; --help for config groups)",
+    "bench": "time a training step: dense vs fixed-rank Tucker vs TDLRT (model=vgg16 batch_size=128 format=json)",
 }
 
 USAGE = "usage: tdlrt <subcommand> [hydra overrides...]\n\nsubcommands:\n" + "\n".join(
@@ -54,9 +55,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(2)
     sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest)
     if command == "train":
-        from .train import main as train_main
-
-        train_main()
+        from .train import main as entry
+    else:
+        from .bench import main as entry
+    entry()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ projection of Z that :meth:`LowRankLayer.projected_grad` forms from the captured
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -294,6 +295,8 @@ class TDLRT:
         self.layers = lowrank_layers(model)
         self.steps = 0
         self.frozen = False
+        self.timing = False             # when on, step() measures truncation_seconds (synchronising)
+        self.truncation_seconds = 0.0
         self.last_info: Dict[str, TruncationInfo] = {}
         self._names = {id(m): n for n, m in model.named_modules()}
         self._arm()
@@ -337,11 +340,19 @@ class TDLRT:
     def step(self) -> None:
         ready = self.prepare_step()
         self.optimizer.step()
+        t0 = self._clock() if self.timing else 0.0
         with torch.no_grad():
             infos = truncate_layers(ready, self.tau, self.optimizer)
+        if self.timing:
+            self.truncation_seconds += self._clock() - t0
         self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}
         self.steps += 1
         self._arm()
+
+    def _clock(self) -> float:
+        if self.layers and self.layers[0].core.is_cuda:
+            torch.cuda.synchronize(self.layers[0].core.device)
+        return time.perf_counter()
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "frozen": self.frozen, "optimizer": self.optimizer.state_dict()}
