@@ -12,6 +12,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "train": "train a network (Hydra overrides: model=vgg16 tau=0.1 ...; -m to sweep; --help for config groups)",
+    "report": "tables (md, csv, tex) and plots from run folders: tdlrt report outputs/... [out=DIR]",
     "bench": "time a training step: dense vs fixed-rank Tucker vs TDLRT (model=vgg16 batch_size=128 format=json)",
 }
 
@@ -53,6 +54,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"tdlrt: error: unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         sys.exit(2)
+    if command == "report":
+        from .report import main as report_main
+
+        return report_main(rest)
     sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest)
     if command == "train":
         from .train import main as entry

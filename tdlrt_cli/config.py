@@ -11,7 +11,7 @@ from typing import List, Optional
 
 MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-METHODS = ("dense", "tdlrt")
+METHODS = ("dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -63,6 +63,12 @@ class MethodConfig:
     convert_linear: bool = False
     convert_first_conv: bool = False
     finetune_epochs: int = 0
+    init_decay: float = 0.0               # > 0: ill-conditioned start, core singular values 10^(-decay k)
+    rank_frac: Optional[float] = None     # fixed-rank baselines: rank as a fraction of the channels
+    target_cr: Optional[float] = None     # ... or the fraction that reaches this conv compression rate (%)
+    sparsity: float = 0.9                 # pruning baselines: fraction of conv weights removed
+    rounds: int = 3                       # imp: prune-retrain rounds (epochs each)
+    rewind_epoch: int = 1                 # imp: rewind weights to their values after this epoch
 
 
 @dataclass
@@ -141,7 +147,19 @@ class TrainConfig:
         b = self.optimizer.betas
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
-        if m.name == "tdlrt":
+        tau_methods = ("tdlrt", "dlrt")
+        if m.name in ("tucker", "cp", "tt", "matrix"):
+            need((m.rank_frac is None) != (m.target_cr is None),
+                 f"method={m.name} needs exactly one of method.rank_frac and method.target_cr")
+            need(m.rank_frac is None or 0 < m.rank_frac <= 1, f"method.rank_frac={m.rank_frac} must be in (0, 1]")
+            need(m.target_cr is None or 0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100)")
+        if m.name in ("snip", "grasp", "imp"):
+            need(0 < m.sparsity < 1, f"method.sparsity={m.sparsity} must be in (0, 1)")
+        if m.name == "imp":
+            need(m.rounds >= 1 and 0 <= m.rewind_epoch < max(self.epochs, 1),
+                 f"method.rounds={m.rounds} must be >= 1 and method.rewind_epoch={m.rewind_epoch} below epochs")
+        need(m.init_decay >= 0, f"method.init_decay={m.init_decay} must be >= 0")
+        if m.name in tau_methods:
             need(self.tau is not None and 0 < self.tau < 1, f"tau={self.tau} must be in (0, 1)")
             need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
             need(m.r_max is None or m.r_max >= m.r_min,
@@ -154,7 +172,7 @@ class TrainConfig:
             need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
             need(m.finetune_epochs >= 0, f"method.finetune_epochs={m.finetune_epochs} must be >= 0")
         else:
-            need(self.tau is None, f"tau={self.tau} applies to method=tdlrt only, not method={m.name}")
+            need(self.tau is None, f"tau={self.tau} applies to method=tdlrt or dlrt only, not method={m.name}")
         return self
 
 

@@ -6,7 +6,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from .lowrank import LowRankLayer, TuckerConv2d
+from .lowrank import LowRankLayer
 
 
 def _rate(lowrank: int, dense: int) -> float:
@@ -14,22 +14,29 @@ def _rate(lowrank: int, dense: int) -> float:
 
 
 def parameter_report(model: nn.Module) -> Dict[str, float]:
-    """Parameter counts and compression rates (percent).
+    """Parameter counts and compression rates (percent), the same way for every method.
 
     ``compression_rate``: the paper's c.r., conv kernels only: 1 - (conv weights of this network) /
     (conv weights of the dense network). ``compression_rate_total``: all parameters.
-    ``compression_rate_train``: all parameters alive during an integrator step (augmented bases and core).
+    ``compression_rate_train``: all parameters alive during a step (for TDLRT: augmented bases and core).
+    Factorised layers count their stored factors; pruned convs count their unmasked weights.
     """
-    lowrank = [m for m in model.modules() if isinstance(m, LowRankLayer)]
-    cores = {id(m.core) for m in lowrank}
-    other = sum(p.numel() for p in model.parameters() if id(p) not in cores)
-    conv_dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    conv_lr = conv_dense
-    conv_dense += sum(m.dense_num_params() for m in lowrank if isinstance(m, TuckerConv2d))
-    conv_lr += sum(m.num_params() for m in lowrank if isinstance(m, TuckerConv2d))
-    dense_total = other + sum(m.dense_num_params() for m in lowrank)
-    params = other + sum(m.num_params() for m in lowrank)
-    train = other + sum(m.train_num_params() for m in lowrank)
+    compressed = [m for m in model.modules() if callable(getattr(m, "dense_num_params", None))]
+    pruned = [m for m in model.modules() if isinstance(m, nn.Conv2d) and hasattr(m, "weight_mask")]
+    owned = {id(p) for m in compressed for n, p in m.named_parameters() if n != "bias"}
+    owned |= {id(m.weight_orig) for m in pruned}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in owned)
+    plain_convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and not hasattr(m, "weight_mask")]
+    kept = sum(int(m.weight_mask.sum()) for m in pruned)
+    conv_dense = sum(m.weight.numel() for m in plain_convs + pruned)
+    conv_lr = sum(m.weight.numel() for m in plain_convs) + kept
+    conv_layers = [m for m in compressed if getattr(m, "is_conv", False)]
+    conv_dense += sum(m.dense_num_params() for m in conv_layers)
+    conv_lr += sum(m.num_params() for m in conv_layers)
+    masked_total = sum(m.weight.numel() for m in pruned)
+    dense_total = other + masked_total + sum(m.dense_num_params() for m in compressed)
+    params = other + kept + sum(m.num_params() for m in compressed)
+    train = other + kept + sum(m.train_num_params() for m in compressed)
     return {
         "params": params, "params_dense": dense_total, "params_train": train,
         "conv_params": conv_lr, "conv_params_dense": conv_dense,
@@ -41,7 +48,8 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
 
 def layer_ranks(model: nn.Module) -> Dict[str, List[int]]:
     """Current ranks of every low-rank layer, per mode (out, in, kh, kw for convs; out, in for linears)."""
-    return {name: list(m.ranks) for name, m in model.named_modules() if isinstance(m, LowRankLayer)}
+    return {name: list(m.ranks) for name, m in model.named_modules()
+            if isinstance(m, LowRankLayer) or callable(getattr(m, "dense_num_params", None))}
 
 
 def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]:

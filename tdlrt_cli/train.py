@@ -23,7 +23,8 @@ from .config import TrainConfig
 from .data import build_data
 from .errors import CheckpointError, ConfigError, UserError
 from .logs import RunLogger
-from .lowrank import TDLRT, ConversionRules, LowRankLayer, RankPolicy, convert_to_lowrank, orthonormality_error
+from .lowrank import TDLRT, LowRankLayer, orthonormality_error
+from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
@@ -211,31 +212,40 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     elif cfg.init_from:
         load_dense_weights(model, cfg.init_from)
 
-    integrator = None
-    if cfg.method.name == "tdlrt":
-        m = cfg.method
-        policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
-        rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        convert_to_lowrank(model, policy, rules, init="hosvd" if cfg.init_from else "random", generator=generator)
+    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
     model.to(device)
+    if cfg.method.name in ("snip", "grasp") and resume is None:
+        prune_at_init(cfg, model, next(iter(data.train)))
     optimizer = build_optimizer(cfg, model)
-    if cfg.method.name == "tdlrt":
-        integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every)
+    integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every) if cfg.method.name in INTEGRATED else None
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+    # iterative magnitude pruning: `rounds` prunings, each followed by retraining from the rewound weights
+    imp = cfg.method.name == "imp"
+    total_epochs = cfg.epochs * (cfg.method.rounds + 1) if imp else cfg.epochs
+    rewind_state = None
+    if imp and resume is not None:
+        raise ConfigError("method=imp runs cannot be resumed (masks and rewind point are not checkpointed)")
 
-    start_epoch, global_step, best_acc, history = 0, 0, -1.0, {}
+    start_epoch, global_step, best_acc = 0, 0, -1.0
     if resume is not None:
         start_epoch, global_step, best_acc = restore(resume, cfg, model, optimizer, integrator, scheduler)
         print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}", file=sys.stderr)
     logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
     ckpt_dir = run_dir / "checkpoints"
     test_loss, test_acc = float("nan"), float("nan")
-    full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
-    for epoch in range(start_epoch, cfg.epochs):
+    full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
+    for epoch in range(start_epoch, total_epochs):
         if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
             integrator.freeze_bases()
+        if imp and epoch == cfg.method.rewind_epoch:
+            rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if imp and epoch > 0 and epoch % cfg.epochs == 0:  # end of a round: prune, rewind, restart the schedule
+            imp_prune(model, (1 - cfg.method.sparsity) ** ((epoch // cfg.epochs) / cfg.method.rounds))
+            imp_rewind(model, rewind_state)
+            optimizer = build_optimizer(cfg, model)
+            scheduler = build_scheduler(cfg, optimizer, len(data.train))
+            best_acc = -1.0  # the best checkpoint is the best of the pruned network
         stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger, cfg.progress, epoch,
                                 global_step, cfg.log_every_n_steps)
         global_step = stats.pop("global_step")
@@ -261,17 +271,17 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         save_checkpoint(state, ckpt_dir / "last.pt")
         if improved:
             save_checkpoint(state, ckpt_dir / "best.pt")
-        print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% | "
+        print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% | "
               f"test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
-              + (f" | c.r. {report['compression_rate']:.1f}%" if integrator is not None else ""), file=sys.stderr)
+              + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""), file=sys.stderr)
 
-    if math.isnan(test_acc) and cfg.epochs > 0 or resume is not None and start_epoch >= cfg.epochs:
+    if math.isnan(test_acc) and total_epochs > 0 or resume is not None and start_epoch >= total_epochs:
         test_loss, test_acc = evaluate(model, data.test, amp, device)
     report = parameter_report(model)
     example = next(iter(data.test))[0].to(device)
     summary = {
         "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best_acc, test_acc),
-        "epochs": cfg.epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
+        "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,

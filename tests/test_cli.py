@@ -90,7 +90,7 @@ def test_resume_continues_at_the_right_epoch(tmp_path, method):
     (["model=resnet99"], "Could not find 'model/resnet99'"),
     (["lr=-0.1"], "lr=-0.1 must be > 0"),
     (["tau=1.5"], "tau=1.5 must be in (0, 1)"),
-    (["method=dense", "tau=0.1"], "tau=0.1 applies to method=tdlrt only"),
+    (["method=dense", "tau=0.1"], "tau=0.1 applies to method=tdlrt or dlrt only"),
     (["batch_size=0"], "batch_size=0 must be > 0"),
     (["lr=abc"], "invalid config at lr"),
     (["lrr=0.1"], "Key 'lrr' is not in struct"),

@@ -42,7 +42,7 @@ def test_imagefolder_needs_a_root():
 def test_dense_method_has_no_tau():
     cfg = from_dictconfig(make(["method=dense"]))
     assert cfg.tau is None
-    with pytest.raises(ConfigError, match="applies to method=tdlrt only"):
+    with pytest.raises(ConfigError, match="applies to method=tdlrt or dlrt only"):
         from_dictconfig(make(["method=dense", "tau=0.2"]))
 
 

@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import LowRankLinear, TuckerConv2d
+from .layers import LowRankLinear, TuckerConv2d, replace_data
+from .tucker import hosvd
 
 
 @dataclass
@@ -73,15 +74,36 @@ class ConversionRules:
     exclude: Sequence[str] = field(default_factory=tuple)  # fnmatch patterns of module names
 
 
+def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, init: str, generator) -> nn.Module:
+    from .baselines import MatrixConv2d
+
+    w = conv.weight
+    ranks, bounds = policy.layout((w.shape[0], w[0].numel()))
+    new = MatrixConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, conv.bias is not None, ranks, bounds, dtype=w.dtype, device=w.device,
+                       generator=generator)
+    if init == "hosvd":
+        core, factors = hosvd(w.reshape(w.shape[0], -1), ranks)
+        replace_data(new.core, core)
+        for i, u in enumerate(factors):
+            new.set_factor(i, u)
+    if conv.bias is not None:
+        new.bias.data = conv.bias.detach().clone()
+    return new
+
+
 def _eligible_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(m.padding, tuple)
             and m.padding_mode == "zeros" and min(m.in_channels, m.out_channels) > 1)
 
 
 def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rules: ConversionRules = ConversionRules(),
-                       init: str = "random", generator: Optional[torch.Generator] = None) -> List[str]:
+                       init: str = "random", generator: Optional[torch.Generator] = None,
+                       conv_format: str = "tucker") -> List[str]:
     """Replace eligible layers of ``model`` in place; returns the names of the converted layers.
 
+    ``conv_format="tucker"``: :class:`TuckerConv2d`; ``"matrix"``: :class:`MatrixConv2d` (the kernel
+    reshaped to out x in*kh*kw, for matrix DLRT).
     ``init="random"``: orthonormal random factors and a Kaiming-scaled core at the policy's starting ranks.
     ``init="hosvd"``: truncated HOSVD of each layer's current weight (compressing a trained network).
     Convs with groups != 1, string padding or non-zero padding modes stay dense.
@@ -99,10 +121,13 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
             continue
         if rules.convert_conv and _eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
             w = module.weight
-            ranks, bounds = policy.layout(w.shape)
-            if init == "hosvd":
+            if conv_format == "matrix":
+                new = _matrix_conv(module, policy, init, generator)
+            elif init == "hosvd":
+                ranks, bounds = policy.layout(w.shape)
                 new = TuckerConv2d.from_conv(module, ranks, bounds)
             else:
+                ranks, bounds = policy.layout(w.shape)
                 new = TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                    module.padding, module.dilation, module.bias is not None, ranks, bounds,
                                    dtype=w.dtype, device=w.device, generator=generator)

@@ -35,6 +35,7 @@ class LowRankLayer(nn.Module):
     """Shared state and bookkeeping of a Tucker-factorised weight of shape ``full_shape``."""
 
     order: int = 0
+    is_conv: bool = False  # counted in the conv-only compression rate
 
     def _init_lowrank(self, full_shape: Sequence[int], ranks: Sequence[Optional[int]],
                       rank_bounds: Sequence[Tuple[int, int]], dtype=None, device=None,
@@ -143,6 +144,7 @@ class TuckerConv2d(LowRankLayer):
     """
 
     order = 4
+    is_conv = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, ranks: Sequence[Optional[int]] = (None, None, None, None),

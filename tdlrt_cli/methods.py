@@ -1,0 +1,100 @@
+"""Turn ``method=...`` into changes of a freshly built dense network (the CLI side of the low-rank core).
+
+tdlrt, dlrt      convert convs to Tucker / matrix low-rank layers; trained by the TDLRT integrator
+tucker, cp, tt,  replace convs by fixed-rank factorisations trained directly by the optimizer, at
+matrix           ``method.rank_frac`` of the channels or the fraction that reaches ``method.target_cr``
+snip, grasp      one-shot pruning masks at initialisation, ``method.sparsity`` of the conv weights
+imp              iterative magnitude pruning with rewinding (``method.rounds``, ``method.rewind_epoch``)
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .lowrank import ConversionRules, RankPolicy, convert_to_lowrank
+from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
+                                magnitude_scores, make_fixed, prunable_convs, snip_scores)
+from .lowrank.convert import _eligible_conv
+from .lowrank.tucker import mode_product
+
+INTEGRATED = ("tdlrt", "dlrt")
+PRUNING = ("snip", "grasp", "imp")
+
+
+def _convs_to_factorise(model: nn.Module, convert_first: bool):
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    first = convs[0][0] if convs else None
+    return [(n, m) for n, m in convs if _eligible_conv(m) and (convert_first or n != first)]
+
+
+def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator) -> None:
+    """Apply a low-rank method (integrated or fixed-rank) to ``model`` in place, before training."""
+    m = cfg.method
+    init = "hosvd" if cfg.init_from else "random"
+    if m.name in INTEGRATED:
+        policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
+        rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
+        convert_to_lowrank(model, policy, rules, init=init, generator=generator,
+                           conv_format="tucker" if m.name == "tdlrt" else "matrix")
+    elif m.name in FIXED:
+        convs = _convs_to_factorise(model, m.convert_first_conv)
+        frac = m.rank_frac
+        if frac is None:
+            shapes = [(c.out_channels, c.in_channels, math.prod(c.kernel_size)) for _, c in convs]
+            names = {n for n, _ in convs}
+            kept = sum(c.weight.numel() for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and n not in names)
+            frac = frac_for_compression(m.name, shapes, m.target_cr, kept)
+        for name, conv in convs:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, make_fixed(m.name, conv, frac, generator))
+    if m.init_decay > 0:
+        ill_condition(model, m.init_decay, generator)
+
+
+def ill_condition(model: nn.Module, decay: float, generator: torch.Generator) -> None:
+    """The paper's ill-conditioned start: every Tucker core (4-d ``core``) is mixed in its channel modes by
+    ``Q_i diag(10^(-decay k))`` (Q_i random orthogonal), so the unfoldings' singular values decay like
+    ``10^(-decay k)``; its norm is kept. CP layers get their rank-one terms scaled by ``10^(-decay k)``."""
+    for module in model.modules():
+        core = getattr(module, "core", None)
+        if isinstance(core, torch.Tensor) and core.dim() == 4:
+            c = core.detach().to(torch.float64)
+            for i in (0, 1):
+                r = c.shape[i]
+                q, _ = torch.linalg.qr(torch.randn(r, r, dtype=torch.float64, generator=generator))
+                c = mode_product(c, q * 10.0 ** (-decay * torch.arange(r, dtype=torch.float64)), i)
+            core.data.copy_((c * (core.detach().to(torch.float64).norm() / c.norm())).to(core.dtype))
+        elif hasattr(module, "A") and hasattr(module, "Kw"):
+            s = 10.0 ** (-decay * torch.arange(module.A.shape[1], dtype=torch.float64))
+            module.A.data *= s.to(module.A.dtype).to(module.A.device)
+
+
+def prune_at_init(cfg: TrainConfig, model: nn.Module, batch) -> None:
+    """SNIP or GraSP masks from one training batch, before training."""
+    x, y = batch
+    convs = prunable_convs(model)
+
+    def loss_fn(net):
+        return F.cross_entropy(net(x), y)
+
+    scores = snip_scores(model, convs, loss_fn) if cfg.method.name == "snip" else grasp_scores(model, convs, loss_fn)
+    apply_masks(model, global_masks(scores, cfg.method.sparsity))
+
+
+def imp_prune(model: nn.Module, keep_fraction: float) -> None:
+    """Iterative magnitude pruning: keep the largest ``keep_fraction`` of all prunable conv weights."""
+    convs = prunable_convs(model)
+    apply_masks(model, global_masks(magnitude_scores(convs), 1 - keep_fraction))
+
+
+def imp_rewind(model: nn.Module, state: dict) -> None:
+    """Reset every weight and buffer to ``state`` (saved before pruning), keeping the current masks."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key.endswith("weight_mask"):
+                continue
+            source = key[: -len("_orig")] if key.endswith("weight_orig") else key
+            value.copy_(state[source])
