@@ -91,10 +91,7 @@ def test_resume_continues_at_the_right_epoch(tmp_path, method):
     (["lr=-0.1"], "lr=-0.1 must be > 0"),
     (["tau=1.5"], "tau=1.5 must be in (0, 1)"),
     (["method=dense", "tau=0.1"], "tau=0.1 applies to method=tdlrt or dlrt only"),
-    (["batch_size=0"], "batch_size=0 must be > 0"),
-    (["lr=abc"], "invalid config at lr"),
     (["lrr=0.1"], "Key 'lrr' is not in struct"),
-    (["method.r_min=8", "method.r_max=4"], "method.r_min=8 is larger than method.r_max=4"),
 ])
 def test_bad_values_exit_nonzero_with_a_clear_message(tmp_path, args, message):
     proc = run_tdlrt(["train", *TINY, *args], tmp_path, check=False)

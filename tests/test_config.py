@@ -71,6 +71,11 @@ def test_quick_experiment_preset():
     (["method.augment_every=0"], "method.augment_every=0 must be >= 1"),
     (["data.limit_train=0"], "data.limit_train=0 must be a positive number"),
     (["batch_size=ten"], "invalid config at batch_size"),
+    (["batch_size=0"], "batch_size=0 must be > 0"),
+    (["method.r_min=8", "method.r_max=4"], "method.r_min=8 is larger than method.r_max=4"),
+    (["method=tucker", "method.rank_frac=0.2"], "needs exactly one of method.rank_frac and method.target_cr"),
+    (["method=snip", "method.sparsity=1.0"], "method.sparsity=1.0 must be in (0, 1)"),
+    (["method=imp", "epochs=1"], "method.rewind_epoch=1 below epochs"),
 ])
 def test_bad_values_raise_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:
