@@ -17,8 +17,10 @@ def test_help_lists_subcommands_and_config_groups(tmp_path):
     out = run_tdlrt(["--help"], tmp_path).stdout
     assert "train" in out
     out = run_tdlrt(["train", "--help"], tmp_path).stdout
-    for group in ("model: alexnet, lenet5, resnet18, vgg16", "method: dense, tdlrt", "optimizer: adam, adamw, sgd",
-                  "scheduler: cosine, none, onecycle, plateau, step"):
+    for group in ("model: alexnet, lenet5, resnet18, vgg16", "optimizer: adam, adamw, sgd",
+                  "scheduler: cosine, none, onecycle, plateau, step",
+                  "method: cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tt, tucker",
+                  "data: cifar10, cifar100, fashion_mnist, imagefolder, mnist, synthetic"):
         assert group in out
 
 
