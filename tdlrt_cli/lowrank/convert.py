@@ -8,8 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import LowRankLinear, TuckerConv2d, replace_data
-from .tucker import hosvd
+from .layers import LowRankLinear, TuckerConv2d
 
 
 @dataclass
@@ -74,22 +73,14 @@ class ConversionRules:
     exclude: Sequence[str] = field(default_factory=tuple)  # fnmatch patterns of module names
 
 
-def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, init: str, generator) -> nn.Module:
+def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, generator) -> nn.Module:
     from .baselines import MatrixConv2d
 
     w = conv.weight
     ranks, bounds = policy.layout((w.shape[0], w[0].numel()))
-    new = MatrixConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                       conv.dilation, conv.bias is not None, ranks, bounds, dtype=w.dtype, device=w.device,
-                       generator=generator)
-    if init == "hosvd":
-        core, factors = hosvd(w.reshape(w.shape[0], -1), ranks)
-        replace_data(new.core, core)
-        for i, u in enumerate(factors):
-            new.set_factor(i, u)
-    if conv.bias is not None:
-        new.bias.data = conv.bias.detach().clone()
-    return new
+    return MatrixConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        conv.dilation, conv.bias is not None, ranks, bounds, dtype=w.dtype, device=w.device,
+                        generator=generator)
 
 
 def _eligible_conv(m: nn.Module) -> bool:
@@ -120,32 +111,24 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
         if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
             continue
         if rules.convert_conv and _eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
-            w = module.weight
             if conv_format == "matrix":
-                new = _matrix_conv(module, policy, init, generator)
-            elif init == "hosvd":
-                ranks, bounds = policy.layout(w.shape)
-                new = TuckerConv2d.from_conv(module, ranks, bounds)
+                new = _matrix_conv(module, policy, generator)
             else:
-                ranks, bounds = policy.layout(w.shape)
+                ranks, bounds = policy.layout(module.weight.shape)
                 new = TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                    module.padding, module.dilation, module.bias is not None, ranks, bounds,
-                                   dtype=w.dtype, device=w.device, generator=generator)
-                if module.bias is not None:
-                    new.bias.data = module.bias.detach().clone()
+                                   dtype=module.weight.dtype, device=module.weight.device, generator=generator)
         elif (rules.convert_linear and isinstance(module, nn.Linear) and min(module.weight.shape) > 1
               and (rules.convert_classifier or name != classifier)):
-            w = module.weight
-            ranks, bounds = policy.layout(w.shape)
-            if init == "hosvd":
-                new = LowRankLinear.from_linear(module, ranks, bounds)
-            else:
-                new = LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks,
-                                    bounds, dtype=w.dtype, device=w.device, generator=generator)
-                if module.bias is not None:
-                    new.bias.data = module.bias.detach().clone()
+            ranks, bounds = policy.layout(module.weight.shape)
+            new = LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks, bounds,
+                                dtype=module.weight.dtype, device=module.weight.device, generator=generator)
         else:
             continue
+        if init == "hosvd":
+            new.init_from_dense(module.weight, module.bias)
+        elif module.bias is not None:
+            new.bias.data = module.bias.detach().clone()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         converted.append(name)

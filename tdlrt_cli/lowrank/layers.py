@@ -74,6 +74,17 @@ class LowRankLayer(nn.Module):
         """Current rank of every mode (the full size for a mode that is not adapted)."""
         return tuple(int(s) for s in self.core.shape)
 
+    def init_from_dense(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "LowRankLayer":
+        """Truncated HOSVD of a dense weight (reshaped to ``full_shape``) at the current ranks; bias copied."""
+        ranks = [None if u is None else u.shape[1] for u in self.factors]
+        core, factors = hosvd(weight.detach().reshape(self.full_shape), ranks)
+        replace_data(self.core, core)
+        for i, u in enumerate(factors):
+            self.set_factor(i, u)
+        if bias is not None:
+            self.bias.data = bias.detach().clone()
+        return self
+
     def weight_full(self) -> torch.Tensor:
         """The dense weight this layer represents (for tests, export and diagnostics; not used in forward)."""
         return reconstruct(self.core, self.factors)
@@ -168,13 +179,7 @@ class TuckerConv2d(LowRankLayer):
         w = conv.weight
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, ranks, rank_bounds, dtype=w.dtype, device=w.device)
-        core, factors = hosvd(w, ranks)
-        replace_data(layer.core, core)
-        for i, u in enumerate(factors):
-            layer.set_factor(i, u)
-        if conv.bias is not None:
-            layer.bias.data = conv.bias.detach().clone()
-        return layer
+        return layer.init_from_dense(w, conv.bias)
 
     def small_kernel(self) -> torch.Tensor:
         """The k x k kernel of the middle conv: ``C x_2 U2 x_3 U3`` (shape r0 x r1 x kh x kw)."""
@@ -229,13 +234,7 @@ class LowRankLinear(LowRankLayer):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, ranks, rank_bounds,
                     dtype=w.dtype, device=w.device)
-        core, factors = hosvd(w, ranks)
-        replace_data(layer.core, core)
-        for i, u in enumerate(factors):
-            layer.set_factor(i, u)
-        if linear.bias is not None:
-            layer.bias.data = linear.bias.detach().clone()
-        return layer
+        return layer.init_from_dense(w, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.U1 is None else F.linear(x, self.U1.transpose(0, 1).to(x.dtype))
