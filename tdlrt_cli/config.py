@@ -114,6 +114,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     log_every_n_steps: int = 50
     progress: bool = True
+    nan_policy: str = "stop"   # stop: end the run at a NaN/Inf loss; skip: skip such steps
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -129,6 +130,7 @@ class TrainConfig:
         one_of("optimizer", self.optimizer.name, OPTIMIZERS)
         one_of("scheduler", self.scheduler.name, SCHEDULERS)
         one_of("precision", self.precision, PRECISIONS)
+        one_of("nan_policy", self.nan_policy, ("stop", "skip"))
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device={self.device} is not one of: auto, cpu, cuda, cuda:N")
         need(self.lr > 0, f"lr={self.lr} must be > 0")

@@ -114,10 +114,32 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
                               f"{str(exc).splitlines()[0][:200]}") from None
 
 
+class Diverged(UserError):
+    """The training loss became NaN or Inf."""
+
+    def __init__(self, step: int, epoch: int, checkpoint: Optional[Path] = None):
+        self.step, self.epoch = step, epoch
+        keep = (f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet")
+        super().__init__(f"the training loss became NaN/Inf at step {step} (epoch {epoch + 1}); stopped, {keep} "
+                         f"(nan_policy=skip skips such steps instead)")
+
+
+class _Faults:
+    """Fault injection for tests: TDLRT_FAULT_KILL_AT_STEP=N dies like kill -9 after step N;
+    TDLRT_FAULT_NAN_AT_STEP=N makes the loss of step N NaN."""
+
+    def __init__(self):
+        self.kill_at_step = int(os.environ.get("TDLRT_FAULT_KILL_AT_STEP", 0))
+        self.nan_at_step = int(os.environ.get("TDLRT_FAULT_NAN_AT_STEP", 0))
+
+
+faults = _Faults()
+
+
 # --------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
-                    log_every) -> dict:
+                    log_every, nan_policy="stop") -> dict:
     """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``."""
     from tqdm import tqdm
 
@@ -128,6 +150,8 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
     seen, t0 = 0, time.perf_counter()
     per_step_sched = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     stepper = integrator if integrator is not None else optimizer
+    bad_step = torch.full((), -1, dtype=torch.long, device=loss_sum.device)  # first non-finite loss, no sync
+    skipped = 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(loss_sum.device, non_blocking=True), y.to(loss_sum.device, non_blocking=True)
@@ -135,15 +159,32 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         with amp():
             out = model(x)
             loss = F.cross_entropy(out, y)
+        if faults.nan_at_step == global_step + 1:
+            loss = loss * float("nan")
+        finite = torch.isfinite(loss.detach())
+        if nan_policy == "skip" and not bool(finite):  # costs one host synchronisation per step
+            skipped += 1
+            global_step += 1
+            continue
+        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, global_step + 1))
         loss.backward()
-        stepper.step()
+        try:
+            stepper.step()
+        except RuntimeError:  # a decomposition of a NaN core fails: report the loss, not the linear algebra
+            if int(bad_step) >= 0:
+                raise Diverged(int(bad_step), epoch) from None
+            raise
         if per_step_sched:
             scheduler.step()
+        if faults.kill_at_step == global_step + 1:
+            os._exit(137)  # fault injection: die like kill -9, no cleanup
         loss_sum += loss.detach().float() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         seen += len(y)
         global_step += 1
         if global_step % log_every == 0 or i == len(loader) - 1:
+            if int(bad_step) >= 0:
+                raise Diverged(int(bad_step), epoch)
             rate = seen / (time.perf_counter() - t0)
             values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"]}
             postfix = {"loss": f"{float(loss_sum) / seen:.3f}", "acc": f"{100 * float(correct) / seen:.1f}",
@@ -165,8 +206,10 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             bar.set_postfix(postfix)
     bar.close()
     dt = time.perf_counter() - t0
+    if skipped:
+        print(f"tdlrt: warning: skipped {skipped} step(s) with a non-finite loss in epoch {epoch + 1}", file=sys.stderr)
     return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1),
-            "epoch_time_s": dt, "images_per_s": seen / dt, "global_step": global_step}
+            "epoch_time_s": dt, "images_per_s": seen / max(dt, 1e-9), "global_step": global_step}
 
 
 def lowrank_named(model):
@@ -246,8 +289,13 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
             optimizer = build_optimizer(cfg, model)
             scheduler = build_scheduler(cfg, optimizer, len(data.train))
             best_acc = -1.0  # the best checkpoint is the best of the pruned network
-        stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger, cfg.progress, epoch,
-                                global_step, cfg.log_every_n_steps)
+        try:
+            stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger, cfg.progress,
+                                    epoch, global_step, cfg.log_every_n_steps, cfg.nan_policy)
+        except Diverged as exc:
+            last = ckpt_dir / "last.pt"
+            logger.close()
+            raise Diverged(exc.step, exc.epoch, last if last.is_file() else None) from None
         global_step = stats.pop("global_step")
         test_loss, test_acc = evaluate(model, data.test, amp, device)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -337,6 +385,7 @@ def main() -> None:
 
     from .config import from_dictconfig
 
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"tdlrt: warning: {message}\n"
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")

@@ -1,0 +1,61 @@
+"""Faults: a run killed mid-epoch resumes to the same result; a NaN loss stops cleanly or is skipped."""
+import json
+
+import torch
+
+from conftest import TINY, run_dirs, run_tdlrt
+
+
+def final_state(run):
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path):
+    args = ["train", *TINY, "method=tdlrt", "epochs=3", "deterministic=true"]
+    run_tdlrt(args + ["task_name=straight"], tmp_path)
+    killed = run_tdlrt(args + ["task_name=killed"], tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "6"}, check=False)
+    assert killed.returncode == 137
+    (run,) = run_dirs(tmp_path / "outputs" / "killed")
+    assert final_state(run)["epoch"] == 1  # 4 steps per epoch: killed inside epoch 2
+    run_tdlrt(args + ["task_name=killed", f"ckpt_path={run / 'checkpoints' / 'last.pt'}"], tmp_path)
+    (straight,) = run_dirs(tmp_path / "outputs" / "straight")
+    a, b = final_state(straight), final_state(run)
+    assert a["ranks"] == b["ranks"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    assert (sa["test_acc"], sa["test_loss"], sa["steps"]) == (sb["test_acc"], sb["test_loss"], sb["steps"])
+    epochs = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == [1, 2, 3]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = run_tdlrt(["train", *TINY, "method=tdlrt", "epochs=3"], tmp_path, env={"TDLRT_FAULT_NAN_AT_STEP": "6"},
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "NaN/Inf at step 6 (epoch 2)" in line and "last.pt" in line
+    (run,) = run_dirs(tmp_path / "outputs")
+    state = final_state(run)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_skipped_when_configured(tmp_path):
+    proc = run_tdlrt(["train", *TINY, "method=dense", "nan_policy=skip"], tmp_path, env={"TDLRT_FAULT_NAN_AT_STEP": "2"})
+    assert "skipped 1 step(s) with a non-finite loss" in proc.stderr
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert json.loads((run / "summary.json").read_text())["test_loss"] < 1e3
+
+
+def test_two_runs_never_share_a_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    args = [*cmd, "train", *[a for a in TINY if not a.startswith("epochs")], "epochs=0", "method=dense"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert len(run_dirs(tmp_path / "outputs")) == 2
