@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .lowrank import ConversionRules, RankPolicy, convert_to_lowrank
 from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
                                 magnitude_scores, make_fixed, prunable_convs, snip_scores)
-from .lowrank.convert import _eligible_conv
+from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
 
 INTEGRATED = ("tdlrt", "dlrt")
@@ -27,7 +27,7 @@ PRUNING = ("snip", "grasp", "imp")
 def _convs_to_factorise(model: nn.Module, convert_first: bool):
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     first = convs[0][0] if convs else None
-    return [(n, m) for n, m in convs if _eligible_conv(m) and (convert_first or n != first)]
+    return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first)]
 
 
 def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator) -> None:

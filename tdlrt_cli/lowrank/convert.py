@@ -83,7 +83,7 @@ def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, generator) -> nn.Module:
                         generator=generator)
 
 
-def _eligible_conv(m: nn.Module) -> bool:
+def eligible_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(m.padding, tuple)
             and m.padding_mode == "zeros" and min(m.in_channels, m.out_channels) > 1)
 
@@ -110,7 +110,7 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
     for name, module in named:
         if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
             continue
-        if rules.convert_conv and _eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
+        if rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
             if conv_format == "matrix":
                 new = _matrix_conv(module, policy, generator)
             else:
