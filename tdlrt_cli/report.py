@@ -166,6 +166,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
     plt = _plt()
     written = []
@@ -187,11 +194,7 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
         ax.set_title(f"{model} on {data}: accuracy vs compression")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = out / f"acc_vs_cr_{data}_{model}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"acc_vs_cr_{data}_{model}.png"))
     return written
 
 
@@ -221,11 +224,7 @@ def plot_rank_trajectories(rows: List[Row], out: Path) -> List[Path]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=6, ncol=2)
         fig.suptitle(f"{row.model} on {row.data}, {METHOD_LABEL[row.method]} {row.knob} (seed {run.seed})")
-        path = out / f"ranks_{row.data}_{row.model}_{row.method}_{row.knob.replace('=', '')}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out / f"ranks_{row.data}_{row.model}_{row.method}_{row.knob.replace('=', '')}.png"))
     return written
 
 
@@ -270,11 +269,7 @@ def plot_ill_conditioned(runs: List[Run], out: Path) -> List[Path]:
     ax.set_title("ill-conditioned start (core singular values 10^-k)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / "ill_conditioned_loss.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "ill_conditioned_loss.png")]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
