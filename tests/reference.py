@@ -12,7 +12,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from tdlrt_cli.lowrank import LowRankLinear, TuckerConv2d
+from tdlrt_cli.lowrank import TuckerConv2d
 from tdlrt_cli.lowrank.layers import LowRankLayer, replace_data
 
 

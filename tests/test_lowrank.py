@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from reference import two_pass_step
 from tdlrt_cli.lowrank import (TDLRT, ConversionRules, LowRankLinear, RankPolicy, TuckerConv2d, augment,
-                               augment_basis, basis_gradients, convert_to_lowrank, galerkin_gradient, hosvd,
-                               reconstruct, truncate, truncation_rank, unfold)
+                               basis_gradients, convert_to_lowrank, galerkin_gradient, reconstruct, truncate, truncation_rank, unfold)
 from tdlrt_cli.lowrank.integrator import mode_spectrum, truncate_layers
 from tdlrt_cli.models import build_model
 

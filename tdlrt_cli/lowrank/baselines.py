@@ -55,7 +55,7 @@ class MatrixConv2d(LowRankLayer):
     def forward(self, x):
         h = self._first(x, self.U1)
         h = F.conv2d(h, self.core[:, :, None, None].to(h.dtype))
-        out = F.conv2d(h, self.U0[:, :, None, None].to(h.dtype), None if self.bias is None else self.bias.to(h.dtype))
+        out = self._expand_out(h)
         self._record(x, out)
         return out
 

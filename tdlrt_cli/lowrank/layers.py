@@ -102,6 +102,13 @@ class LowRankLayer(nn.Module):
         return math.prod(aug) + sum(n * r for n, r, a in zip(self.full_shape, aug, self.adapted) if a)
 
     # ------------------------------------------------------------------ gradient capture
+    def _expand_out(self, h: torch.Tensor) -> torch.Tensor:
+        """The last stage of a factorised conv: a 1x1 conv with U0 (r0 -> out channels) plus the bias, once."""
+        bias = None if self.bias is None else self.bias.to(h.dtype)
+        if self.U0 is None:
+            return h if bias is None else h + bias[:, None, None]
+        return F.conv2d(h, self.U0[:, :, None, None].to(h.dtype), bias)
+
     def _record(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.capture and self.training and out.requires_grad:
             self._x = x.detach()
@@ -189,11 +196,7 @@ class TuckerConv2d(LowRankLayer):
         h = x if self.U1 is None else _one_by_one(x, self.U1)
         kernel = self.small_kernel()
         h = F.conv2d(h, kernel.to(h.dtype), None, self.stride, self.padding, self.dilation)
-        if self.U0 is None:
-            out = h if self.bias is None else h + self.bias.to(h.dtype)[:, None, None]
-        else:
-            u0 = self.U0[:, :, None, None].to(h.dtype)
-            out = F.conv2d(h, u0, None if self.bias is None else self.bias.to(h.dtype))
+        out = self._expand_out(h)
         self._record(x, out)
         return out
 
