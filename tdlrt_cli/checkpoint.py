@@ -1,12 +1,14 @@
 """Atomic checkpoint files, read back with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .faults import faults
 
 FORMAT = "tdlrt-checkpoint-1"
 
@@ -17,11 +19,24 @@ def save_checkpoint(state: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faults.checkpoints_written += 1
     with open(tmp, "wb") as fh:
+        if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write
+            buffer = io.BytesIO()
+            torch.save({"format": FORMAT, **state}, buffer)
+            fh.write(buffer.getvalue()[: buffer.tell() // 2])
+            fh.flush()
+            faults.die()
         torch.save({"format": FORMAT, **state}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the half-written temporaries a killed run left behind (never a finished checkpoint)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path) -> dict:

@@ -5,7 +5,12 @@ launchers work as in any Hydra application.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -39,6 +44,57 @@ def _resume_overrides(args: List[str]) -> List[str]:
     return [f"hydra.run.dir='{run_dir}'", f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
+def _rank_overrides(args: List[str]) -> List[str]:
+    """Under ``torchrun`` only the first process writes a run folder; the others get a scratch one."""
+    if int(os.environ.get("RANK", "0")) == 0 or any(a in ("-m", "--multirun") for a in args):
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"tdlrt-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir='{scratch}'", "hydra.output_subdir=null"]
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's composition and parsing errors as one line naming the option and the choices."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']*)/([^']*)'", text)
+    if missing:
+        group, option = missing.groups()
+        listed = text.split(f"Available options in '{group}':", 1)
+        options = re.findall(r"^\t(\S+)$", listed[1].split("Config search path:")[0], re.M) if len(listed) > 1 else []
+        choices = f"; choose one of: {', '.join(options)}" if options else ""
+        return f"unknown {group} {option!r}{choices}"
+    override = re.match(r"Could not override '([^']*)'", text)
+    if override:
+        key = override.group(1)
+        return (f"unknown option {key!r}: no such config key (`tdlrt train --cfg job` lists the keys; "
+                f"+{key}=... adds a new one)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("See https")]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    head = "cannot parse the command line: " if type(exc).__name__ == "OverrideParseException" else ""
+    return head + ("; ".join(lines[:2]) or type(exc).__name__)
+
+
+def _run_hydra(entry) -> None:
+    """Run a Hydra entry point; configuration errors end as one line on stderr and exit status 2
+    (TDLRT_DEBUG=1 shows the traceback instead)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import UserError
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
+    try:
+        entry()
+    except (HydraException, OmegaConfBaseException, UserError) as exc:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        message = str(exc) if isinstance(exc, UserError) else one_line(exc)
+        print(f"tdlrt: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -58,12 +114,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .report import main as report_main
 
         return report_main(rest)
-    sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest)
+    sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest) + _rank_overrides(rest)
     if command == "train":
         from .train import main as entry
     else:
         from .bench import main as entry
-    entry()
+    _run_hydra(entry)
 
 
 if __name__ == "__main__":

@@ -92,12 +92,18 @@ class SchedulerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0     # > 0: also write last.pt every N training steps (mid-epoch resume)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     task_name: str = "train"
     tau: Optional[float] = None
     lr: float = 0.05
@@ -139,6 +145,8 @@ class TrainConfig:
         need(self.epochs >= 0, f"epochs={self.epochs} must be >= 0")
         need(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
         need(self.eval_batch_size > 0, f"eval_batch_size={self.eval_batch_size} must be > 0")
+        need(self.checkpoint.every_n_steps >= 0,
+             f"checkpoint.every_n_steps={self.checkpoint.every_n_steps} must be >= 0 (0: per epoch only)")
         need(self.log_every_n_steps > 0, f"log_every_n_steps={self.log_every_n_steps} must be > 0")
         need(self.model.width_mult > 0, f"model.width_mult={self.model.width_mult} must be > 0")
         for key in ("limit_train", "limit_test"):

@@ -64,10 +64,6 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
         except Exception as exc:  # no network, disk full, ...
             raise DataError(f"could not download {name} into {root} ({type(exc).__name__}: {exc}); "
                             f"put the dataset there by hand (data.root=DIR, data.download=false)") from None
-    bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
-    if bad:
-        warnings.warn(f"{name} files in {folder} differ from the originals (checksum of {', '.join(bad)}); "
-                      "reading them anyway", stacklevel=2)
     label_key = "labels" if name == "cifar10" else "fine_labels"
 
     def read(entries):
@@ -82,7 +78,12 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
                 raise DataError(f"cannot read {folder / f} ({type(exc).__name__}: {exc})") from None
         return ImageTensors(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
 
-    return read(cls.train_list), read(cls.test_list), 10 if name == "cifar10" else 100
+    train, test = read(cls.train_list), read(cls.test_list)
+    bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
+    if bad:
+        warnings.warn(f"{name} files in {folder} differ from the originals (checksum of {', '.join(bad)}); "
+                      "read them anyway", stacklevel=2)
+    return train, test, 10 if name == "cifar10" else 100
 
 
 def _mnist(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTensors, int]:
@@ -140,8 +141,11 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
 class DeviceLoader:
     """Batches of an in-memory uint8 dataset kept on ``device``, normalised (and augmented) there.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
+    The order of epoch ``e`` depends only on ``(seed, e)`` and the crops of batch ``b`` only on
+    ``(seed, e, b)``, so a run resumed mid-epoch (``set_epoch(e, start_batch=b)``) sees the same batches.
     Training batches drop the last incomplete batch (BatchNorm cannot take a batch of one).
+    With ``shard(rank, world)`` (data parallel), global batch ``b`` of ``world * batch_size`` examples is
+    split in ``world`` parts and this process takes part ``rank``; test batches are dealt round robin.
     """
 
     def __init__(self, data: ImageTensors, batch_size: int, device: torch.device, mean: Sequence[float],
@@ -152,29 +156,43 @@ class DeviceLoader:
         self.device, self.train, self.augment, self.seed, self.pad = device, train, augment, seed, pad
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-        self.epoch = 0
+        self.epoch, self.start_batch, self.rank, self.world = 0, 0, 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        if self.train and len(self.labels) < world * self.batch_size:
+            raise DataError(f"{len(self.labels)} training examples cannot fill one batch of {self.batch_size} "
+                            f"on each of {world} processes; lower batch_size")
+        self.rank, self.world = rank, world
+
+    def _global_batches(self) -> int:
+        n = len(self.labels)
+        return n // (self.batch_size * self.world) if self.train else -(-n // self.batch_size)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        total = self._global_batches()
+        return total if self.train else len(range(self.rank, total, self.world))
 
     @property
     def num_examples(self) -> int:
         return len(self) * self.batch_size if self.train else len(self.labels)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order[sl] if order is not None else None
-            x = self.images[idx] if idx is not None else self.images[sl]
-            y = self.labels[idx] if idx is not None else self.labels[sl]
+        if not self.train:
+            for b in range(self.rank, self._global_batches(), self.world):
+                sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                yield (self.images[sl].float() - self.mean) / self.std, self.labels[sl]
+            return
+        key = self.seed * 100_003 + self.epoch
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(key)).to(self.device)
+        for b in range(self.start_batch, len(self)):
+            first = (b * self.world + self.rank) * self.batch_size
+            idx = order[first:first + self.batch_size]
+            x, y = self.images[idx], self.labels[idx]
             if self.augment:
+                g = torch.Generator().manual_seed((key * 1_000_003 + b) * 64 + self.rank)
                 x = random_crop_flip(x, self.pad, g)
             yield (x.float() - self.mean) / self.std, y
 
@@ -199,28 +217,38 @@ class FolderLoader:
         self.num_classes = len(ds.classes)
         if limit is not None:
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-        self.dataset, self.train, self.seed, self.epoch = ds, train, seed, 0
+        self.dataset, self.train, self.seed, self.epoch, self.start_batch = ds, train, seed, 0, 0
+        self.rank, self.world = 0, 1
         self.batch_size = batch_size
         self.num_workers = cfg.num_workers
         self.in_channels, self.image_size = 3, size
 
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
     def __len__(self) -> int:
         n = len(self.dataset)
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+        if self.train:
+            return max(1, n // (self.batch_size * self.world))
+        return len(range(self.rank, -(-n // self.batch_size), self.world))
 
     @property
     def num_examples(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
-            drop_last=self.train and len(self.dataset) >= self.batch_size, num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        """This process's batches from ``start_batch`` on; the order depends only on (seed, epoch)."""
+        n, bs = len(self.dataset), self.batch_size
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            batches = [order[(b * self.world + self.rank) * bs:][:bs].tolist() for b in range(self.start_batch, len(self))]
+        else:
+            batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(self.rank, -(-n // bs), self.world)]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
         return iter(loader)
 
 

@@ -23,13 +23,17 @@ def _truncate_csv(path: Path, max_epoch: int) -> None:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, resume_epoch: Optional[int] = None, tensorboard: bool = True):
-        self.dir = Path(run_dir)
+    def __init__(self, run_dir: Path, resume_epoch: Optional[int] = None, tensorboard: bool = True,
+                 write: bool = True):
+        """``write=False``: log nothing (the other processes of a data-parallel run)."""
+        self.dir, self.write = Path(run_dir), write
+        self.tb = None
+        if not write:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume_epoch is not None:
             for name in ("metrics.csv", "ranks.csv"):
                 _truncate_csv(self.dir / name, resume_epoch)
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -41,6 +45,8 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
 
     def _append(self, name: str, rows: List[dict]) -> None:
+        if not self.write:
+            return
         path = self.dir / name
         new = not path.is_file() or path.stat().st_size == 0
         if not new:
@@ -67,6 +73,8 @@ class RunLogger:
             self._append("ranks.csv", rows)
 
     def summary(self, data: dict) -> None:
+        if not self.write:
+            return
         path = self.dir / "summary.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str))

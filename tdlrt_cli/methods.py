@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .lowrank import ConversionRules, RankPolicy, convert_to_lowrank
 from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
                                 magnitude_scores, make_fixed, prunable_convs, snip_scores)
@@ -37,8 +38,12 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator) ->
     if m.name in INTEGRATED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
-        convert_to_lowrank(model, policy, rules, init=init, generator=generator,
-                           conv_format="tucker" if m.name == "tdlrt" else "matrix")
+        try:
+            convert_to_lowrank(model, policy, rules, init=init, generator=generator,
+                               conv_format="tucker" if m.name == "tdlrt" else "matrix")
+        except ValueError as exc:
+            raise ConfigError(f"{exc}: method.init_rank and method.r_min are absolute ranks "
+                              f"(method.init_rank_frac sets a fraction of each layer)") from None
     elif m.name in FIXED:
         convs = _convs_to_factorise(model, m.convert_first_conv)
         frac = m.rank_frac

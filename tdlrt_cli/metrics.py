@@ -58,6 +58,7 @@ def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]
 
     was_training = model.training
     x = example[:2]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # the training-mode pass must not move BN statistics
     model.eval()
     try:
         with FlopCounterMode(display=False) as fwd, torch.no_grad():
@@ -72,5 +73,9 @@ def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]
                 m.clear_capture()
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
     n = x.shape[0]
     return {"flops_forward": fwd.get_total_flops() / n, "flops_train": both.get_total_flops() / n}

@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import TrainConfig
 from .data import build_data
+from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, UserError
+from .faults import faults
 from .logs import RunLogger
 from .lowrank import TDLRT, LowRankLayer, orthonormality_error
 from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
@@ -124,37 +126,39 @@ class Diverged(UserError):
                          f"(nan_policy=skip skips such steps instead)")
 
 
-class _Faults:
-    """Fault injection for tests: TDLRT_FAULT_KILL_AT_STEP=N dies like kill -9 after step N;
-    TDLRT_FAULT_NAN_AT_STEP=N makes the loss of step N NaN."""
-
-    def __init__(self):
-        self.kill_at_step = int(os.environ.get("TDLRT_FAULT_KILL_AT_STEP", 0))
-        self.nan_at_step = int(os.environ.get("TDLRT_FAULT_NAN_AT_STEP", 0))
-
-
-faults = _Faults()
-
-
 # --------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
-                    log_every, nan_policy="stop") -> dict:
-    """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``."""
+                    log_every, nan_policy="stop", start: Optional[dict] = None, save_every: int = 0,
+                    save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed()) -> dict:
+    """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
+
+    ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums; every
+    ``save_every`` steps ``save(position)`` writes a checkpoint that can resume here.
+    """
     from tqdm import tqdm
 
     model.train()
-    loader.set_epoch(epoch)
-    loss_sum = torch.zeros((), device=loader_device(loader))
-    correct = torch.zeros((), device=loss_sum.device)
-    seen, t0 = 0, time.perf_counter()
+    start = start or {}
+    first = int(start.get("batch", 0))
+    loader.set_epoch(epoch, first)
+    device = loader_device(loader)
+    loss_sum = start["loss_sum"].to(device) if "loss_sum" in start else torch.zeros((), device=device)
+    correct = start["correct"].to(device) if "correct" in start else torch.zeros((), device=device, dtype=torch.long)
+    seen, skipped, t0 = int(start.get("seen", 0)), int(start.get("skipped", 0)), time.perf_counter()
+    seen_here = 0
     per_step_sched = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     stepper = integrator if integrator is not None else optimizer
-    bad_step = torch.full((), -1, dtype=torch.long, device=loss_sum.device)  # first non-finite loss, no sync
-    skipped = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar):
-        x, y = x.to(loss_sum.device, non_blocking=True), y.to(loss_sum.device, non_blocking=True)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, no sync
+
+    def check_finite():
+        if int(dist.max_(bad_step.clone())) >= 0:
+            raise Diverged(int(dist.max_(bad_step.clone())), epoch)
+
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True,
+               initial=first, total=len(loader))
+    for i, (x, y) in enumerate(bar, start=first):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         stepper.zero_grad(set_to_none=True)
         with amp():
             out = model(x)
@@ -162,12 +166,17 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         if faults.nan_at_step == global_step + 1:
             loss = loss * float("nan")
         finite = torch.isfinite(loss.detach())
-        if nan_policy == "skip" and not bool(finite):  # costs one host synchronisation per step
+        if nan_policy == "skip" and bool(dist.max_((~finite).long())):  # one host sync per step
             skipped += 1
             global_step += 1
             continue
         bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, global_step + 1))
         loss.backward()
+        if integrator is None:
+            dist.mean_([p.grad for p in model.parameters() if p.grad is not None])
+        elif faults.kill_now(global_step + 1, "rank_change"):
+            integrator.prepare_step()  # bases augmented to 2r, then killed before the update and truncation
+            faults.die()
         try:
             stepper.step()
         except RuntimeError:  # a decomposition of a NaN core fails: report the loss, not the linear algebra
@@ -176,19 +185,19 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             raise
         if per_step_sched:
             scheduler.step()
-        if faults.kill_at_step == global_step + 1:
-            os._exit(137)  # fault injection: die like kill -9, no cleanup
         loss_sum += loss.detach().float() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         seen += len(y)
+        seen_here += len(y)
         global_step += 1
+        if faults.kill_now(global_step, "after"):
+            faults.die()  # fault injection: like kill -9, no clean-up
         if global_step % log_every == 0 or i == len(loader) - 1:
-            if int(bad_step) >= 0:
-                raise Diverged(int(bad_step), epoch)
-            rate = seen / (time.perf_counter() - t0)
+            check_finite()
+            rate = seen_here / (time.perf_counter() - t0)
             values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"]}
             postfix = {"loss": f"{float(loss_sum) / seen:.3f}", "acc": f"{100 * float(correct) / seen:.1f}",
-                       "img/s": f"{rate:.0f}"}
+                       "img/s": f"{rate * dist.world:.0f}"}
             if integrator is not None:
                 report = parameter_report(model)
                 values["compression/rate"] = report["compression_rate"]
@@ -204,12 +213,19 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
                         values[f"diag/min_sigma/{name}/{mode}"] = s
             logger.scalars(global_step, values)
             bar.set_postfix(postfix)
+        if save is not None and save_every and global_step % save_every == 0 and i + 1 < len(loader):
+            check_finite()  # a checkpoint is only written from finite weights
+            save({"epoch": epoch, "batch": i + 1, "global_step": global_step, "loss_sum": loss_sum.detach().cpu(),
+                  "correct": correct.detach().cpu(), "seen": seen, "skipped": skipped})
     bar.close()
     dt = time.perf_counter() - t0
     if skipped:
         print(f"tdlrt: warning: skipped {skipped} step(s) with a non-finite loss in epoch {epoch + 1}", file=sys.stderr)
-    return {"train_loss": float(loss_sum) / max(seen, 1), "train_acc": 100.0 * float(correct) / max(seen, 1),
-            "epoch_time_s": dt, "images_per_s": seen / max(dt, 1e-9), "global_step": global_step}
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
+                                                                            dtype=torch.float64)])
+    loss_total, correct_total, seen_total = dist.sum_(totals).tolist()
+    return {"train_loss": loss_total / max(seen_total, 1), "train_acc": 100.0 * correct_total / max(seen_total, 1),
+            "epoch_time_s": dt, "images_per_s": seen_here * dist.world / max(dt, 1e-9), "global_step": global_step}
 
 
 def lowrank_named(model):
@@ -221,19 +237,19 @@ def loader_device(loader) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp, device) -> tuple:
+def evaluate(model, loader, amp, device, dist: Distributed = Distributed()) -> tuple:
+    """Test loss and accuracy (%); data parallel processes evaluate their share and add up."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    n = 0
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, examples
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with amp():
             out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
-    return float(loss_sum) / max(n, 1), 100.0 * float(correct) / max(n, 1)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
+    loss, correct, n = dist.sum_(sums).tolist()
+    return loss / max(n, 1), 100.0 * correct / max(n, 1)
 
 
 # --------------------------------------------------------------------------- the run
@@ -241,10 +257,15 @@ def evaluate(model, loader, amp, device) -> tuple:
 def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -> dict:
     start_time = time.time()
     device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed, cfg.deterministic)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
 
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)
+    data.train.shard(dist.rank, dist.world)
+    data.test.shard(dist.rank, dist.world)
     try:
         model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
     except ValueError as exc:
@@ -259,8 +280,13 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     model.to(device)
     if cfg.method.name in ("snip", "grasp") and resume is None:
         prune_at_init(cfg, model, next(iter(data.train)))
+    dist.sync_model(model)  # every replica starts from process 0's weights (and pruning masks)
     optimizer = build_optimizer(cfg, model)
-    integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every) if cfg.method.name in INTEGRATED else None
+    integrator = None
+    if cfg.method.name in INTEGRATED:
+        integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every,
+                           average=dist.mean_ if dist.enabled else None,
+                           broadcast=dist.broadcast_ if dist.enabled else None)
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     # iterative magnitude pruning: `rounds` prunings, each followed by retraining from the rewound weights
@@ -270,12 +296,23 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if imp and resume is not None:
         raise ConfigError("method=imp runs cannot be resumed (masks and rewind point are not checkpointed)")
 
-    start_epoch, global_step, best_acc = 0, 0, -1.0
+    start_epoch, global_step, best_acc, position = 0, 0, -1.0, None
     if resume is not None:
-        start_epoch, global_step, best_acc = restore(resume, cfg, model, optimizer, integrator, scheduler)
-        print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}", file=sys.stderr)
-    logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
+        start_epoch, global_step, best_acc, position = restore(resume, cfg, model, optimizer, integrator, scheduler)
+        where = f" step {global_step}" if position else ""
+        print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}", file=sys.stderr)
     ckpt_dir = run_dir / "checkpoints"
+    if dist.main:
+        logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
+        remove_stale_temporaries(ckpt_dir)
+    else:  # data parallel: only the first process writes logs and checkpoints
+        logger = RunLogger(run_dir, tensorboard=False, write=False)
+
+    def save_position(pos: dict) -> None:
+        if dist.main:
+            save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
+                                             pos["global_step"], best_acc, pos), ckpt_dir / "last.pt")
+
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
     for epoch in range(start_epoch, total_epochs):
@@ -290,14 +327,17 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
             scheduler = build_scheduler(cfg, optimizer, len(data.train))
             best_acc = -1.0  # the best checkpoint is the best of the pruned network
         try:
-            stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger, cfg.progress,
-                                    epoch, global_step, cfg.log_every_n_steps, cfg.nan_policy)
+            stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger,
+                                    cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
+                                    cfg.nan_policy, start=position if epoch == start_epoch else None,
+                                    save_every=cfg.checkpoint.every_n_steps, save=save_position, dist=dist)
         except Diverged as exc:
             last = ckpt_dir / "last.pt"
             logger.close()
             raise Diverged(exc.step, exc.epoch, last if last.is_file() else None) from None
         global_step = stats.pop("global_step")
-        test_loss, test_acc = evaluate(model, data.test, amp, device)
+        dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
+        test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(test_loss)
         report = parameter_report(model)
@@ -316,17 +356,20 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         best_acc = max(best_acc, test_acc)
         state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
                                  best_acc)
-        save_checkpoint(state, ckpt_dir / "last.pt")
-        if improved:
-            save_checkpoint(state, ckpt_dir / "best.pt")
-        print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% | "
-              f"test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
-              + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""), file=sys.stderr)
+        if dist.main:
+            save_checkpoint(state, ckpt_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, ckpt_dir / "best.pt")
+        if dist.main:
+                print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
+                  f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
+                  + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
+                  file=sys.stderr)
 
     if math.isnan(test_acc) and total_epochs > 0 or resume is not None and start_epoch >= total_epochs:
-        test_loss, test_acc = evaluate(model, data.test, amp, device)
+        test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
     report = parameter_report(model)
-    example = next(iter(data.test))[0].to(device)
+    example = next(iter(data.train))[0][:2].to(device)
     summary = {
         "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best_acc, test_acc),
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
@@ -334,16 +377,28 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
     }
+    if dist.enabled:
+        prints = dist.fingerprints(model)
+        summary["data_parallel"] = {"world_size": dist.world, "replicas_identical": len(set(prints)) == 1,
+                                    "fingerprints": prints}
+        if len(set(prints)) != 1:
+            warnings.warn(f"data-parallel replicas differ at the end of the run (fingerprints {prints})")
     logger.summary(summary)
     logger.close()
+    dist.close()
+    if not dist.main:
+        return summary
     print(f"done: test acc {test_acc:.2f}% (best {summary['best_test_acc']:.2f}%), "
           f"c.r. {report['compression_rate']:.1f}%, outputs in {run_dir}", file=sys.stderr)
     return summary
 
 
-def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc) -> dict:
+def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc,
+                     position: Optional[dict] = None) -> dict:
+    """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
+    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
     return {
-        "epoch": epoch, "global_step": global_step, "best_test_acc": best_acc,
+        "epoch": epoch, "global_step": global_step, "best_test_acc": best_acc, "position": position,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "integrator": {"steps": integrator.steps, "frozen": integrator.frozen} if integrator else None,
@@ -373,7 +428,7 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["epoch"]), int(state["global_step"]), float(state["best_test_acc"])
+    return int(state["epoch"]), int(state["global_step"]), float(state["best_test_acc"]), state.get("position")
 
 
 # --------------------------------------------------------------------------- Hydra entry point

@@ -28,6 +28,13 @@ class RankPolicy:
     init_rank_frac: Optional[float] = None
     adapted_modes: str = "channels"  # "channels" (out, in) or "all"
 
+    def check(self, n: int) -> None:
+        """Explicit ranks must fit a mode of size ``n`` (``r_max`` is a cap and is clipped to n)."""
+        for key in ("init_rank", "r_min"):
+            value = getattr(self, key)
+            if value is not None and value > n:
+                raise ValueError(f"{key}={value} is larger than the layer (a mode of size {n})")
+
     def bounds(self, n: int) -> Tuple[int, int]:
         hi = self.r_max if self.r_max is not None else int(self.r_max_frac * n)
         hi = max(1, min(hi, n))
@@ -47,10 +54,12 @@ class RankPolicy:
         """Starting ranks (None: mode kept full) and rank bounds for a weight of ``full_shape``."""
         if len(full_shape) == 2:  # a matrix: both modes share its rank
             n = min(full_shape)
+            self.check(n)
             return [self.initial(n)] * 2, [self.bounds(n)] * 2
         ranks, bounds = [], []
         for i, n in enumerate(full_shape):
             if i < 2:
+                self.check(n)
                 ranks.append(self.initial(n))
                 bounds.append(self.bounds(n))
             elif self.adapted_modes == "all":
@@ -108,22 +117,11 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
     classifier = linears[-1] if linears else None
     converted = []
     for name, module in named:
-        if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
-            continue
-        if rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
-            if conv_format == "matrix":
-                new = _matrix_conv(module, policy, generator)
-            else:
-                ranks, bounds = policy.layout(module.weight.shape)
-                new = TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                   module.padding, module.dilation, module.bias is not None, ranks, bounds,
-                                   dtype=module.weight.dtype, device=module.weight.device, generator=generator)
-        elif (rules.convert_linear and isinstance(module, nn.Linear) and min(module.weight.shape) > 1
-              and (rules.convert_classifier or name != classifier)):
-            ranks, bounds = policy.layout(module.weight.shape)
-            new = LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks, bounds,
-                                dtype=module.weight.dtype, device=module.weight.device, generator=generator)
-        else:
+        try:
+            new = _lowrank_like(name, module, policy, rules, first_conv, classifier, conv_format, generator)
+        except ValueError as exc:
+            raise ValueError(f"layer {name}: {exc}") from None
+        if new is None:
             continue
         if init == "hosvd":
             new.init_from_dense(module.weight, module.bias)
@@ -133,3 +131,23 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         converted.append(name)
     return converted
+
+
+def _lowrank_like(name: str, module: nn.Module, policy: RankPolicy, rules: ConversionRules, first_conv, classifier,
+                  conv_format: str, generator) -> Optional[nn.Module]:
+    """The low-rank replacement of ``module`` (at the policy's starting ranks), or None to keep it dense."""
+    if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
+        return None
+    if rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
+        if conv_format == "matrix":
+            return _matrix_conv(module, policy, generator)
+        ranks, bounds = policy.layout(module.weight.shape)
+        return TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.bias is not None, ranks, bounds,
+                            dtype=module.weight.dtype, device=module.weight.device, generator=generator)
+    if (rules.convert_linear and isinstance(module, nn.Linear) and min(module.weight.shape) > 1
+            and (rules.convert_classifier or name != classifier)):
+        ranks, bounds = policy.layout(module.weight.shape)
+        return LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks, bounds,
+                             dtype=module.weight.dtype, device=module.weight.device, generator=generator)
+    return None

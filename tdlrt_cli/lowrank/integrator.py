@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -151,7 +151,8 @@ def mode_spectrum(core: torch.Tensor, mode: int):
 
 
 def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> List[TruncationInfo]:
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    broadcast: Optional[Callable[[torch.Tensor], None]] = None) -> List[TruncationInfo]:
     """Step 4 on many layers at once: truncate every adapted mode of each stepped core by ``tau``.
 
     For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors, the smallest k_i with
@@ -162,7 +163,8 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
 
     Cost: the spectra come from the small Gram matrices ``Mat_i(C_hat) Mat_i(C_hat)^T`` (r_hat x r_hat) in
     one batched eigen-decomposition; ranks are decided on the device and read back in one host
-    synchronisation for all layers.
+    synchronisation for all layers. ``broadcast`` (data parallel) replaces the decisions, in place, by
+    those of the first process, so that every replica keeps the same ranks.
     """
     if not layers:
         return []
@@ -182,7 +184,10 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
         k = (tails > tau * tau * norm_sq[li]).sum().clamp(max(min(lo, n), 1), max(min(hi, n), 1))
         tails = torch.cat([tails, tails.new_zeros(1)])
         decisions.append(torch.stack([k.to(torch.float64), tails[k], lam[k - 1].sqrt()]))
-    host = torch.stack(decisions).tolist()  # the one host synchronisation
+    decided = torch.stack(decisions)
+    if broadcast is not None:
+        broadcast(decided)
+    host = decided.tolist()  # the one host synchronisation
     norms = {li: v for li, v in zip(norm_sq, torch.stack(list(norm_sq.values())).tolist())}
 
     maps: List[List[Optional[torch.Tensor]]] = [[None] * layer.order for layer in layers]
@@ -284,14 +289,21 @@ class TDLRT:
     fixed bases. Factors are buffers: the optimizer never sees them, and weight decay on a core equals
     weight decay on W because the factors are orthonormal. Gradient clipping must be applied by the
     caller to the gradients set by :meth:`prepare_step` (or not at all): ``step()`` replaces core gradients.
+
+    Data parallel: ``average(tensors)`` averages a list of tensors over the processes in place (it is
+    called on the basis gradients before augmentation, then on all gradients before the optimizer step);
+    ``broadcast(tensor)`` gives every process the first one's truncation decisions.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1,
+                 average: Optional[Callable[[List[torch.Tensor]], None]] = None,
+                 broadcast: Optional[Callable[[torch.Tensor], None]] = None):
         if not 0 < tau < 1:
             raise ValueError(f"tau must be in (0, 1), got {tau}")
         if augment_every < 1:
             raise ValueError(f"augment_every must be >= 1, got {augment_every}")
         self.model, self.optimizer, self.tau, self.augment_every = model, optimizer, tau, augment_every
+        self.average, self.broadcast = average, broadcast
         self.layers = lowrank_layers(model)
         self.steps = 0
         self.frozen = False
@@ -330,19 +342,24 @@ class TDLRT:
             return []
         ready = [layer for layer in self.layers if layer.has_capture]
         with torch.no_grad():
-            for layer in ready:
-                grads = basis_gradients(layer)
-                augment(layer, grads, self.optimizer)
+            grads = [basis_gradients(layer) for layer in ready]
+            if self.average is not None:
+                self.average([g for per_layer in grads for g in per_layer.values()])
+            for layer, per_layer in zip(ready, grads):
+                augment(layer, per_layer, self.optimizer)
                 layer.core.grad = galerkin_gradient(layer)
                 layer.clear_capture()
         return ready
 
     def step(self) -> None:
         ready = self.prepare_step()
+        if self.average is not None:
+            self.average([p.grad for group in self.optimizer.param_groups for p in group["params"]
+                          if p.grad is not None])
         self.optimizer.step()
         t0 = self._clock() if self.timing else 0.0
         with torch.no_grad():
-            infos = truncate_layers(ready, self.tau, self.optimizer)
+            infos = truncate_layers(ready, self.tau, self.optimizer, self.broadcast)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
         self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}

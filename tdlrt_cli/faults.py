@@ -1,0 +1,31 @@
+"""Fault injection for the tests of crash safety, read from environment variables once at import.
+
+TDLRT_FAULT_KILL_AT_STEP=N       the process dies like ``kill -9`` (exit 137, no clean-up) at step N;
+TDLRT_FAULT_KILL_PHASE=P         where in step N: ``after`` (default, once the step is done) or
+                                 ``rank_change`` (TDLRT: bases augmented to 2r, before the update and
+                                 truncation of that step);
+TDLRT_FAULT_KILL_IN_CHECKPOINT=N the N-th checkpoint write dies with half of the file written;
+TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN.
+"""
+from __future__ import annotations
+
+import os
+
+
+class Faults:
+    def __init__(self, env=os.environ):
+        self.kill_at_step = int(env.get("TDLRT_FAULT_KILL_AT_STEP", 0))
+        self.kill_phase = env.get("TDLRT_FAULT_KILL_PHASE", "after")
+        self.kill_in_checkpoint = int(env.get("TDLRT_FAULT_KILL_IN_CHECKPOINT", 0))
+        self.nan_at_step = int(env.get("TDLRT_FAULT_NAN_AT_STEP", 0))
+        self.checkpoints_written = 0
+
+    def kill_now(self, step: int, phase: str) -> bool:
+        return self.kill_at_step == step and self.kill_phase == phase
+
+    @staticmethod
+    def die() -> None:
+        os._exit(137)
+
+
+faults = Faults()

@@ -1,0 +1,148 @@
+"""Bad input through the real CLI: each ends with exit status 2 and exactly one line on stderr,
+`tdlrt: error: ...`, naming what is wrong, without a traceback; files a run wrote before are untouched."""
+import pickle
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, run_tdlrt
+
+
+def one_error_line(tmp_path, args, *needles, base=TINY):
+    proc = run_tdlrt(["train", *base, *args], tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("tdlrt: error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0]
+    assert not list(tmp_path.rglob("*.pt")) or any("ckpt" in a for a in args)
+    return lines[0]
+
+
+def test_unknown_model(tmp_path):
+    one_error_line(tmp_path, ["model=resnet99"], "unknown model 'resnet99'", "vgg16", "lenet5")
+
+
+def test_unknown_data(tmp_path):
+    one_error_line(tmp_path, ["data=imagenet21k"], "unknown data 'imagenet21k'", "cifar10")
+
+
+def test_unknown_method(tmp_path):
+    one_error_line(tmp_path, ["method=magic"], "unknown method 'magic'", "tdlrt", "dense")
+
+
+def test_unknown_optimizer(tmp_path):
+    one_error_line(tmp_path, ["optimizer=lion"], "unknown optimizer 'lion'", "sgd", "adamw")
+
+
+def test_unknown_scheduler(tmp_path):
+    one_error_line(tmp_path, ["scheduler=warmup"], "unknown scheduler 'warmup'", "cosine")
+
+
+def test_tau_zero(tmp_path):
+    one_error_line(tmp_path, ["method=tdlrt", "tau=0"], "tau=0", "must be in (0, 1)")
+
+
+def test_tau_one(tmp_path):
+    one_error_line(tmp_path, ["method=tdlrt", "tau=1.0"], "tau=1.0", "must be in (0, 1)")
+
+
+def test_r_min_above_r_max(tmp_path):
+    one_error_line(tmp_path, ["method=tdlrt", "method.r_min=8", "method.r_max=4"],
+                   "method.r_min=8 is larger than method.r_max=4")
+
+
+def test_rank_larger_than_the_layer(tmp_path):
+    # the 1/8-width VGG16's second conv has 8 channels
+    one_error_line(tmp_path, ["method=tdlrt", "method.init_rank=100"], "init_rank=100 is larger than the layer",
+                   "features.3", "size 8")
+
+
+def test_batch_size_zero(tmp_path):
+    one_error_line(tmp_path, ["batch_size=0"], "batch_size=0 must be > 0")
+
+
+def test_negative_epochs(tmp_path):
+    one_error_line(tmp_path, ["epochs=-1"], "epochs=-1 must be >= 0")
+
+
+def test_value_of_the_wrong_type(tmp_path):
+    one_error_line(tmp_path, ["lr=fast"], "lr", "'fast'")
+
+
+def test_missing_data_with_download_off(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    one_error_line(tmp_path, [f"data.root={nowhere}", "data.download=false"], str(nowhere), "data.download=true",
+                   base=["model=lenet5", "data=mnist", "epochs=1", "device=cpu"])
+
+
+def test_unreadable_data_files(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps({"data": "not images"}))
+    one_error_line(tmp_path, [f"data.root={tmp_path}", "data.download=false"], "cannot read", "data_batch_1",
+                   base=["model=vgg16", "data=cifar10", "epochs=1", "device=cpu"])
+
+
+def test_image_size_the_model_cannot_take(tmp_path):
+    one_error_line(tmp_path, ["model=alexnet", "data.image_size=16"], "model=alexnet needs images of at least 32x32",
+                   "16x16")
+
+
+def test_cuda_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    one_error_line(tmp_path, ["device=cuda"], "device=cuda but no CUDA GPU is visible")
+
+
+def test_unknown_device(tmp_path):
+    one_error_line(tmp_path, ["device=tpu"], "device=tpu is not one of")
+
+
+def test_checkpoint_missing(tmp_path):
+    one_error_line(tmp_path, [f"ckpt_path={tmp_path / 'gone.pt'}"], "checkpoint not found", "gone.pt")
+
+
+def test_checkpoint_corrupt(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    one_error_line(tmp_path, [f"ckpt_path={bad}"], "cannot read checkpoint", str(bad))
+    assert bad.read_bytes() == b"not a checkpoint"
+
+
+def test_checkpoint_from_another_model(tmp_path):
+    from tdlrt_cli.checkpoint import save_checkpoint
+
+    other = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model_name": "lenet5", "method": "tdlrt", "epoch": 1, "model": {}}, other)
+    before = other.read_bytes()
+    one_error_line(tmp_path, ["method=tdlrt", f"ckpt_path={other}"], "written by model=lenet5", "model=vgg16")
+    assert other.read_bytes() == before
+
+
+def test_unknown_key(tmp_path):
+    one_error_line(tmp_path, ["lrr=0.1"], "unknown option 'lrr'", "+lrr=")
+
+
+def test_unknown_nested_key(tmp_path):
+    one_error_line(tmp_path, ["method.tau_max=0.5"], "unknown option 'method.tau_max'")
+
+
+def test_tau_with_a_method_that_has_none(tmp_path):
+    one_error_line(tmp_path, ["method=dense", "tau=0.1"], "tau=0.1 applies to method=tdlrt or dlrt only")
+
+
+def test_override_that_does_not_parse(tmp_path):
+    one_error_line(tmp_path, ["tau=[0.1"], "cannot parse the command line")
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "TDLRT_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tdlrt_cli", "train", *TINY, "batch_size=0"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0 must be > 0" in proc.stderr
