@@ -62,7 +62,8 @@ def one_line(exc: BaseException) -> str:
         listed = text.split(f"Available options in '{group}':", 1)
         options = re.findall(r"^\t(\S+)$", listed[1].split("Config search path:")[0], re.M) if len(listed) > 1 else []
         choices = f"; choose one of: {', '.join(options)}" if options else ""
-        return f"unknown {group} {option!r}{choices}"
+        hint = ' (the slurm and local launchers need: pip install "tdlrt[cluster]")' if "launcher" in group else ""
+        return f"unknown {group} {option!r}{choices}{hint}"
     override = re.match(r"Could not override '([^']*)'", text)
     if override:
         key = override.group(1)

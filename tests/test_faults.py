@@ -1,6 +1,7 @@
 """Faults: a run killed mid-epoch resumes to the same result; a NaN loss stops cleanly or is skipped."""
 import json
 
+import pytest
 import torch
 
 from conftest import TINY, run_dirs, run_tdlrt
@@ -10,24 +11,49 @@ def final_state(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
 
 
-def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path):
-    args = ["train", *TINY, "method=tdlrt", "epochs=3", "deterministic=true"]
-    run_tdlrt(args + ["task_name=straight"], tmp_path)
-    killed = run_tdlrt(args + ["task_name=killed"], tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "6"}, check=False)
+ARGS = ["train", *TINY, "method=tdlrt", "epochs=3", "deterministic=true", "tau=0.3", "lr=0.1"]  # ranks move
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run (12 steps, 4 per epoch) every killed run must reproduce."""
+    base = tmp_path_factory.mktemp("straight")
+    run_tdlrt(ARGS, base)
+    (run,) = run_dirs(base / "outputs")
+    return run
+
+
+@pytest.mark.parametrize("extra, env, resumed_at", [
+    ([], {"TDLRT_FAULT_KILL_AT_STEP": "6"}, (1, 4)),
+    (["checkpoint.every_n_steps=3"], {"TDLRT_FAULT_KILL_AT_STEP": "7"}, (1, 6)),
+    (["checkpoint.every_n_steps=3"], {"TDLRT_FAULT_KILL_AT_STEP": "7", "TDLRT_FAULT_KILL_PHASE": "rank_change"}, (1, 6)),
+    # writes: step 2 last.pt, step 4 last.pt and best.pt, step 6 last.pt <- killed half-way through it
+    (["checkpoint.every_n_steps=2"], {"TDLRT_FAULT_KILL_IN_CHECKPOINT": "4"}, (1, 4)),
+], ids=["after-step-epoch-checkpoints", "after-step-mid-epoch-checkpoint", "during-rank-change",
+        "during-checkpoint-write"])
+def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path, straight, extra, env, resumed_at):
+    killed = run_tdlrt(ARGS + extra, tmp_path, env=env, check=False)
     assert killed.returncode == 137
-    (run,) = run_dirs(tmp_path / "outputs" / "killed")
-    assert final_state(run)["epoch"] == 1  # 4 steps per epoch: killed inside epoch 2
-    run_tdlrt(args + ["task_name=killed", f"ckpt_path={run / 'checkpoints' / 'last.pt'}"], tmp_path)
-    (straight,) = run_dirs(tmp_path / "outputs" / "straight")
+    (run,) = run_dirs(tmp_path / "outputs")
+    state = final_state(run)
+    assert (state["epoch"], state["global_step"]) == resumed_at
+    assert (state["position"] is not None) == (resumed_at[1] % 4 != 0)
+    leftovers = list((run / "checkpoints").glob(".*.tmp"))
+    assert bool(leftovers) == ("TDLRT_FAULT_KILL_IN_CHECKPOINT" in env)
+    proc = run_tdlrt(ARGS + extra + [f"ckpt_path={run / 'checkpoints' / 'last.pt'}"], tmp_path)
+    assert f"at epoch 2" in proc.stderr
+    assert not list((run / "checkpoints").glob(".*.tmp"))
     a, b = final_state(straight), final_state(run)
-    assert a["ranks"] == b["ranks"]
+    assert a["ranks"] == b["ranks"] and a["global_step"] == b["global_step"] == 12
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     sa = json.loads((straight / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
     assert (sa["test_acc"], sa["test_loss"], sa["steps"]) == (sb["test_acc"], sb["test_loss"], sb["steps"])
-    epochs = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert epochs == [1, 2, 3]
+    assert (straight / "metrics.csv").read_text().count("\n") == 4
+    rows_a = [line.split(",")[:4] for line in (straight / "metrics.csv").read_text().splitlines()]
+    rows_b = [line.split(",")[:4] for line in (run / "metrics.csv").read_text().splitlines()]
+    assert rows_a == rows_b  # epoch, step, train loss, train accuracy: the same numbers, no duplicate rows
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
