@@ -18,6 +18,8 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "train": "train a network (Hydra overrides: model=vgg16 tau=0.1 ...; -m to sweep; --help for config groups)",
     "report": "tables (md, csv, tex) and plots from run folders: tdlrt report outputs/... [out=DIR]",
+    "export": "the trained network as plain PyTorch (.pt2) or ONNX: tdlrt export <run folder> [out=FILE]",
+    "eval": "test accuracy and the cost report of a run, checkpoint or export: tdlrt eval <path> [data=...]",
     "bench": "time a training step: dense vs fixed-rank Tucker vs TDLRT (model=vgg16 batch_size=128 format=json)",
 }
 
@@ -115,6 +117,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .report import main as report_main
 
         return report_main(rest)
+    if command == "export":
+        from .export import main as export_main
+
+        return export_main(rest)
+    if command == "eval":
+        from .evaluate import main as eval_main
+
+        return eval_main(rest)
     sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest) + _rank_overrides(rest)
     if command == "train":
         from .train import main as entry

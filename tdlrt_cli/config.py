@@ -121,6 +121,8 @@ class TrainConfig:
     log_every_n_steps: int = 50
     progress: bool = True
     nan_policy: str = "stop"   # stop: end the run at a NaN/Inf loss; skip: skip such steps
+    cost_report: bool = True   # summary.json gets the cost report (FLOPs, peak memory, latency b1/b128)
+    cost_repeat: int = 10      # timed repetitions per latency figure
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -147,6 +149,7 @@ class TrainConfig:
         need(self.eval_batch_size > 0, f"eval_batch_size={self.eval_batch_size} must be > 0")
         need(self.checkpoint.every_n_steps >= 0,
              f"checkpoint.every_n_steps={self.checkpoint.every_n_steps} must be >= 0 (0: per epoch only)")
+        need(self.cost_repeat >= 1, f"cost_repeat={self.cost_repeat} must be >= 1")
         need(self.log_every_n_steps > 0, f"log_every_n_steps={self.log_every_n_steps} must be > 0")
         need(self.model.width_mult > 0, f"model.width_mult={self.model.width_mult} must be > 0")
         for key in ("limit_train", "limit_test"):

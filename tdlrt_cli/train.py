@@ -302,6 +302,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         where = f" step {global_step}" if position else ""
         print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}", file=sys.stderr)
     ckpt_dir = run_dir / "checkpoints"
+    shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
         logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
         remove_stale_temporaries(ckpt_dir)
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     def save_position(pos: dict) -> None:
         if dist.main:
             save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
-                                             pos["global_step"], best_acc, pos), ckpt_dir / "last.pt")
+                                             pos["global_step"], best_acc, pos, shape), ckpt_dir / "last.pt")
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
@@ -355,7 +356,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         improved = test_acc > best_acc
         best_acc = max(best_acc, test_acc)
         state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                 best_acc)
+                                 best_acc, data_shape=shape)
         if dist.main:
             save_checkpoint(state, ckpt_dir / "last.pt")
             if improved:
@@ -377,6 +378,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
     }
+    if cfg.cost_report and dist.main:
+        summary["cost"] = run_cost_report(cfg, model, data, device, report)
     if dist.enabled:
         prints = dist.fingerprints(model)
         summary["data_parallel"] = {"world_size": dist.world, "replicas_identical": len(set(prints)) == 1,
@@ -393,12 +396,29 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     return summary
 
 
+def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.device, params: dict) -> dict:
+    """The cost report of the trained network against the dense one of the same architecture (`tdlrt eval`
+    prints the same report for any run, checkpoint or export)."""
+    from .cost import cost_report
+
+    rng = torch.get_rng_state()
+    torch.manual_seed(0)  # the dense network's random weights do not affect its costs; keep the run's RNG
+    dense = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size,
+                        cfg.model.width_mult).to(device).eval()
+    example = next(iter(data.test))[0][:128].to(device)
+    try:
+        return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat)
+    finally:
+        torch.set_rng_state(rng)
+
+
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc,
-                     position: Optional[dict] = None) -> dict:
+                     position: Optional[dict] = None, data_shape: Optional[tuple] = None) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
     the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
     return {
         "epoch": epoch, "global_step": global_step, "best_test_acc": best_acc, "position": position,
+        "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "integrator": {"steps": integrator.steps, "frozen": integrator.frozen} if integrator else None,

@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Under pytest-xdist every worker gets one core: one thread per process avoids oversubscribing them.
+PARALLEL = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL:
+    import torch
+
+    torch.set_num_threads(1)
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # A tiny, fast configuration for CLI runs: VGG16 at 1/8 width on synthetic 32x32 images.
@@ -15,7 +21,7 @@ TINY = ["model=vgg16", "model.width_mult=0.125", "data=synthetic", "data.train_s
 
 def run_tdlrt(args, cwd, env=None, check=True, timeout=600):
     """Run the real console entry point in a subprocess; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if PARALLEL else {}), **(env or {})}
     full_env.pop("TDLRT_DEBUG", None)
     exe = Path(sys.executable).parent / "tdlrt"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]

@@ -117,6 +117,9 @@ class FixedTuckerConv2d(_Factorised):
         self.core, self.U0, self.U1 = nn.Parameter(core), nn.Parameter(u0), nn.Parameter(u1)
         self._ranks = [r_out, r_in, *self.kernel_size]
 
+    def weight_full(self) -> torch.Tensor:
+        return torch.einsum("oa,abhw,ib->oihw", self.U0, self.core, self.U1)
+
     def forward(self, x):
         h = F.conv2d(x, self.U1.t()[:, :, None, None])
         h = F.conv2d(h, self.core, None, self.stride, self.padding, self.dilation)
@@ -175,6 +178,10 @@ class TTConv2d(_Factorised):
         self.G4 = rnd((self.out_channels, rank, 1, 1), rank)
         self._ranks = [rank, rank, rank]
 
+    def weight_full(self) -> torch.Tensor:
+        return torch.einsum("oc,cbw,bah,ai->oihw", self.G4[:, :, 0, 0], self.G3[:, :, 0, :], self.G2[:, :, :, 0],
+                            self.G1[:, :, 0, 0])
+
     def forward(self, x):
         h = F.conv2d(x, self.G1)
         h = F.conv2d(h, self.G2, None, (self.stride[0], 1), (self.padding[0], 0), (self.dilation[0], 1))
@@ -196,6 +203,9 @@ class MatrixFixedConv2d(_Factorised):
         self.U = nn.Parameter(torch.randn(self.out_channels, rank, 1, 1, generator=generator, dtype=torch.float64)
                               .mul(math.sqrt(2.0 / rank)).to(dtype))
         self._ranks = [rank]
+
+    def weight_full(self) -> torch.Tensor:
+        return torch.einsum("or,rihw->oihw", self.U[:, :, 0, 0], self.V)
 
     def forward(self, x):
         h = F.conv2d(x, self.V, None, self.stride, self.padding, self.dilation)

@@ -1,0 +1,208 @@
+"""What a network costs: parameters, FLOPs, peak memory and measured latency, dense and low-rank side by side."""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class _AllocationTracker(TorchDispatchMode):
+    """Bytes of the tensor storages created by the operators run inside it, live and at their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, list] = {}  # storage pointer -> [bytes, tensors alive]
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if not key:
+                    continue
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [storage.nbytes(), 1]
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], object], model: nn.Module, inputs: torch.Tensor) -> int:
+    """Peak memory of ``fn()``: the CUDA allocator's peak on a GPU; on the CPU the weights and inputs plus
+    the peak of the tensors created while it runs (activations, saved tensors, gradients)."""
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(inputs.device)
+        start = torch.cuda.memory_allocated(inputs.device)
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(inputs.device) - start + _state_bytes(model) + inputs.nbytes)
+    tracker = _AllocationTracker()
+    with tracker:
+        result = fn()
+    del result
+    return int(tracker.peak + _state_bytes(model) + inputs.nbytes)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def latency_ms(module: nn.Module, x: torch.Tensor, repeat: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock milliseconds of ``module(x)`` under inference mode (synchronised on GPUs)."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeat):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            module(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def weight_counts(model: nn.Module) -> Dict[str, int]:
+    """Parameters of a plain network (export or dense): conv kernels (4-d weights) and all."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and "running_" not in k}
+    return {"conv": sum(v.numel() for v in state.values() if v.ndim == 4),
+            "total": sum(v.numel() for v in state.values())}
+
+
+def flops(model: nn.Module, x: torch.Tensor, train: bool) -> float:
+    """FLOPs per image of a forward pass, or with ``train`` of forward and backward (a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    model.train(train)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if train:
+                params = [p for p in model.parameters() if p.requires_grad]
+                out = model(x)
+                if params:
+                    torch.autograd.grad(F.cross_entropy(out.float(), out.argmax(1)), params, allow_unused=True)
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m in model.modules():
+            if hasattr(m, "clear_capture"):
+                m.clear_capture()
+    return counter.get_total_flops() / x.shape[0]
+
+
+def training_peak_memory(model: nn.Module, x: torch.Tensor) -> int:
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    model.train()
+
+    def step():
+        out = model(x)
+        return torch.autograd.grad(F.cross_entropy(out.float(), out.argmax(1)), params, allow_unused=True)
+
+    try:
+        return peak_memory_bytes(step, model, x)
+    finally:
+        model.eval()
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m in model.modules():
+            if hasattr(m, "clear_capture"):
+                m.clear_capture()
+
+
+def side_by_side(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, batches=(1, 128),
+                 repeat: int = 20, trainable: bool = True) -> Dict[str, dict]:
+    """The cost report's measured half for both networks: FLOPs per image (forward; forward and backward),
+    peak memory (inference at the largest batch; a training step at it), latency at each batch size (ms).
+
+    ``trainable=False`` (an exported program): no training figures for the low-rank side.
+    """
+    out = {}
+    for name, model in (("dense", dense), ("lowrank", lowrank)):
+        model.eval()
+        big = example[:1].expand(max(batches), *example.shape[1:]).contiguous()
+        row = {"flops_forward": flops(model, example[:2].contiguous(), train=False)}
+        can_train = trainable or name == "dense"
+        row["flops_train"] = flops(model, example[:2].contiguous(), train=True) if can_train else None
+        with torch.inference_mode():
+            row["peak_memory_inference_mb"] = peak_memory_bytes(lambda: model(big), model, big) / 2 ** 20
+        row["peak_memory_train_mb"] = training_peak_memory(model, big) / 2 ** 20 if can_train else None
+        for b in batches:
+            row[f"latency_ms_batch{b}"] = latency_ms(model, big[:b], repeat=repeat)
+        out[name] = row
+    return out
+
+
+def cost_report(lowrank: nn.Module, dense: nn.Module, example: torch.Tensor, parameters: dict,
+                batches=(1, 128), repeat: int = 10, trainable: bool = True) -> dict:
+    """The whole report: ``parameters`` (counts and compression rates) and the measured figures of both
+    networks on ``example``'s device."""
+    measured = side_by_side(dense, lowrank, example, batches, repeat, trainable)
+    device = torch.cuda.get_device_name(example.device) if example.is_cuda else "cpu"
+    return {"parameters": parameters, "dense": measured["dense"], "lowrank": measured["lowrank"],
+            "device": device, "threads": torch.get_num_threads()}
+
+
+def format_report(report: dict) -> str:
+    """The cost report as a text table: dense, low-rank and their ratio side by side."""
+    p = report["parameters"]
+    lines = [f"{'':<30} {'dense':>14} {'low-rank':>14} {'ratio':>8}"]
+
+    def row(label, a, b, fmt="{:,.0f}"):
+        ratio = f"{b / a:8.3f}" if a and b is not None else f"{'-':>8}"
+        shown = (fmt.format(b) if b is not None else "-")
+        lines.append(f"{label:<30} {fmt.format(a):>14} {shown:>14} {ratio}")
+
+    row("parameters (all)", p["params_dense"], p["params"])
+    row("parameters (conv kernels)", p["conv_params_dense"], p["conv_params"])
+    if p.get("params_train") is not None:
+        row("parameters (during training)", p["params_dense"], p["params_train"])
+    d, lr = report["dense"], report["lowrank"]
+    row("inference MFLOPs / image", d["flops_forward"] / 1e6, lr["flops_forward"] / 1e6, "{:,.2f}")
+    row("training MFLOPs / image", d["flops_train"] / 1e6,
+        lr["flops_train"] / 1e6 if lr["flops_train"] is not None else None, "{:,.2f}")
+    big = max(int(k.rsplit("batch", 1)[1]) for k in d if k.startswith("latency_ms_batch"))
+    row(f"peak memory inference b{big} (MB)", d["peak_memory_inference_mb"], lr["peak_memory_inference_mb"], "{:,.1f}")
+    if lr["peak_memory_train_mb"] is not None:
+        row(f"peak memory train step b{big} (MB)", d["peak_memory_train_mb"], lr["peak_memory_train_mb"], "{:,.1f}")
+    for key in sorted((k for k in d if k.startswith("latency_ms_batch")), key=lambda k: int(k.rsplit("batch", 1)[1])):
+        row(f"latency batch {key.rsplit('batch', 1)[1]} (ms)", d[key], lr[key], "{:,.2f}")
+    cr = (f"compression rate: conv {p['compression_rate']:.1f}%, whole network {p['compression_rate_total']:.1f}%"
+          + (f", during training {p['compression_rate_train']:.1f}%" if p.get("compression_rate_train") is not None
+             else ""))
+    lines.append(cr)
+    lines.append(f"measured on {report['device']} ({report['threads']} threads)")
+    return "\n".join(lines)

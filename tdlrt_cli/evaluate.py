@@ -1,0 +1,182 @@
+"""`tdlrt eval <run folder, checkpoint or export> [data=NAME] [data.KEY=VALUE ...] [device=...]`:
+test accuracy and the cost report (dense and low-rank side by side)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .errors import CheckpointError, ConfigError, UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class EvalOptions:
+    source: str
+    checkpoint: str = "last"
+    device: str = "auto"
+    batch_size: int = 1024
+    repeat: int = 10
+    latency: bool = True
+    out: Optional[str] = None   # also write the report as JSON here
+
+
+class ExportedNetwork(torch.nn.Module):
+    """A loaded ``torch.export`` program as a module; it is fixed in inference mode, so train()/eval()
+    only set the flag here."""
+
+    def __init__(self, program_module: torch.nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        return self
+
+    def forward(self, x):
+        return self.program(x)
+
+
+def load_export(path: Path):
+    """An exported ``.pt2`` program and the metadata `tdlrt export` stored in it."""
+    import logging
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot load the exported program {path}: not a .pt2 archive")
+    extra = {"tdlrt.json": ""}
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # torch logs a traceback before its own error on archives it cannot read
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the exported program {path} ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    finally:
+        quiet.setLevel(level)
+    if not extra["tdlrt.json"]:
+        raise CheckpointError(f"{path} was not written by `tdlrt export` (no tdlrt.json inside)")
+    return ExportedNetwork(program.module()), json.loads(extra["tdlrt.json"])
+
+
+def data_config(saved: dict, overrides: List[str]) -> dict:
+    """The run's config with ``data=NAME`` (a configs/data preset) and ``data.KEY=VALUE`` applied."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(saved)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key == "data":
+            preset = CONFIG_DIR / "data" / f"{value}.yaml"
+            if not preset.is_file():
+                names = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+                raise ConfigError(f"unknown data {value!r}; choose one of: {', '.join(names)}")
+            cfg.data = OmegaConf.load(preset)
+        else:
+            cfg.merge_with(OmegaConf.from_dotlist([item]))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
+    from omegaconf import OmegaConf
+    from torch.fx.experimental.optimization import fuse
+
+    from .config import from_dictconfig
+    from .cost import cost_report, weight_counts
+    from .data import build_data
+    from .metrics import parameter_report
+    from .models import build_model
+    from .runs import load_trained
+    from .train import evaluate, resolve_device
+
+    device = resolve_device(opts.device)
+    path = Path(opts.source).expanduser()
+    is_export = path.is_file() and path.suffix == ".pt2"
+    if is_export:
+        model, meta = load_export(path)
+        saved, shape = meta["config"], tuple(meta["data_shape"])
+    elif path.suffix == ".onnx":
+        raise ConfigError("tdlrt eval reads .pt2 exports, run folders and checkpoints; run an .onnx file with "
+                          "onnxruntime")
+    else:
+        run = load_trained(opts.source, opts.checkpoint)
+        model, saved, shape = run.model, run.config, run.data_shape
+    cfg = from_dictconfig(OmegaConf.create(data_config(saved, data_overrides)))
+    data = build_data(cfg.data, cfg.batch_size, opts.batch_size, device, cfg.seed)
+    if (data.in_channels, data.num_classes, data.image_size) != tuple(shape):
+        raise ConfigError(f"the data has shape (channels, classes, size) = "
+                          f"{(data.in_channels, data.num_classes, data.image_size)}, the network was trained on "
+                          f"{tuple(shape)}")
+    model = model.to(device).eval()
+    test_loss, test_acc = evaluate(model, data.test, nullcontext, device)
+    result = {"source": str(path), "data": cfg.data.name, "test_acc": test_acc, "test_loss": test_loss,
+              "test_examples": data.test.num_examples}
+    torch.manual_seed(0)
+    dense = build_model(cfg.model.name, *shape, cfg.model.width_mult).eval().to(device)
+    example = next(iter(data.test))[0][:128].to(device)
+    if is_export:
+        dense = fuse(dense)  # compare like with like: BatchNorm folded on both sides
+        mine, ref = weight_counts(model), weight_counts(dense)
+        params = {"params": mine["total"], "params_dense": ref["total"], "conv_params": mine["conv"],
+                  "conv_params_dense": ref["conv"],
+                  "compression_rate": 100 * (1 - mine["conv"] / ref["conv"]),
+                  "compression_rate_total": 100 * (1 - mine["total"] / ref["total"]),
+                  "params_train": None, "compression_rate_train": None}
+    else:
+        params = parameter_report(model)
+    if opts.latency:
+        result["cost"] = cost_report(model, dense, example, params, repeat=opts.repeat, trainable=not is_export)
+    else:
+        result["cost"] = {"parameters": params}
+    return result
+
+
+def parse(argv: List[str]):
+    from .export import parse_args
+
+    data_overrides = [a for a in argv if a.startswith("data=") or a.startswith("data.")]
+    rest = [a for a in argv if a not in data_overrides]
+    opts = parse_args([a for a in rest if not a.startswith("latency=")], EvalOptions, "source")
+    for a in rest:
+        if a.startswith("latency="):
+            opts.latency = a.split("=", 1)[1].lower() in ("1", "true", "yes")
+    return opts, data_overrides
+
+
+USAGE = """usage: tdlrt eval <run folder, checkpoint or .pt2 export> [data=NAME] [data.KEY=VALUE ...]
+                  [checkpoint=last|best] [device=auto|cpu|cuda] [batch_size=1024] [latency=true] [repeat=10]
+                  [out=REPORT.json]
+
+Test accuracy on the run's dataset (or the one given), and the cost report: parameters and compression
+rates, FLOPs per image (inference; training), peak memory and latency at batch 1 and 128, dense and
+low-rank side by side, measured here."""
+
+
+def main(argv: List[str]) -> None:
+    from .cost import format_report
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    try:
+        opts, data_overrides = parse(argv)
+        result = evaluate_source(opts, data_overrides)
+    except UserError as exc:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        print(f"tdlrt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{result['source']}: test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) on "
+          f"{result['test_examples']} {result['data']} test images")
+    if "dense" in result["cost"]:
+        print(format_report(result["cost"]))
+    if opts.out:
+        Path(opts.out).write_text(json.dumps(result, indent=2))

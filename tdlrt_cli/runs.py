@@ -1,0 +1,104 @@
+"""Rebuild the trained network of a run folder or checkpoint (for `tdlrt export` and `tdlrt eval`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError
+
+# (in_channels, num_classes, image_size) of the datasets whose shape the config alone fixes
+KNOWN_SHAPES = {"cifar10": (3, 10, 32), "cifar100": (3, 100, 32), "mnist": (1, 10, 28), "fashion_mnist": (1, 10, 28)}
+
+
+@dataclass
+class TrainedRun:
+    model: nn.Module          # the trained network, eval mode, on the CPU
+    cfg: TrainConfig
+    config: dict              # the run's resolved config, as saved
+    checkpoint: Path
+    data_shape: tuple         # (in_channels, num_classes, image_size)
+
+    def example(self, batch: int = 1, device="cpu") -> torch.Tensor:
+        c, _, size = self.data_shape
+        return torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def find_checkpoint(path: str, which: str = "last") -> Path:
+    """A checkpoint file, or ``<run folder>/checkpoints/<which>.pt``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "checkpoints" / f"{which}.pt"
+        if not p.is_file():
+            raise CheckpointError(f"no checkpoint {p.name} in {p.parent} (is {path} a tdlrt run folder?)")
+    elif not p.is_file():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint")
+    return p
+
+
+def config_of(state: dict, path: Path) -> TrainConfig:
+    from omegaconf import OmegaConf
+
+    from .config import from_dictconfig
+
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path} holds no run configuration (written by an older tdlrt?)")
+    try:
+        return from_dictconfig(OmegaConf.create(state["config"]))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its saved configuration does not validate ({exc})") from None
+
+
+def data_shape_of(state: dict, cfg: TrainConfig) -> tuple:
+    if state.get("data_shape"):
+        return tuple(int(v) for v in state["data_shape"])
+    if cfg.data.name in KNOWN_SHAPES:
+        return KNOWN_SHAPES[cfg.data.name]
+    if cfg.data.name == "synthetic":
+        return cfg.data.channels, cfg.data.num_classes, cfg.data.image_size or 32
+    raise CheckpointError("the checkpoint does not record its input shape; retrain with this tdlrt version")
+
+
+def build_trained(state: dict, cfg: TrainConfig, data_shape: tuple, path: Path) -> nn.Module:
+    """The network of ``cfg`` with the checkpoint's weights: factorised like the run, ranks as saved."""
+    from torch.nn.utils import prune
+
+    from .methods import factorise
+    from .models import build_model
+
+    c, k, size = data_shape
+    model = build_model(cfg.model.name, c, k, size, cfg.model.width_mult)
+    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
+    weights = state["model"]
+    for name, m in model.named_modules():  # pruning baselines store weight_orig and weight_mask
+        if f"{name}.weight_mask" in weights and isinstance(m, nn.Conv2d):
+            prune.identity(m, "weight")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not match model={cfg.model.name} method={cfg.method.name}: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+def load_trained(path: str, which: str = "last") -> TrainedRun:
+    ckpt = find_checkpoint(path, which)
+    state = load_checkpoint(ckpt)
+    cfg = config_of(state, ckpt)
+    shape = data_shape_of(state, cfg)
+    return TrainedRun(build_trained(state, cfg, shape, ckpt), cfg, state["config"], ckpt, shape)
+
+
+def dense_counterpart(run: TrainedRun, init_seed: Optional[int] = None) -> nn.Module:
+    """The dense network of the same architecture (random weights): the baseline of the cost report."""
+    from .models import build_model
+
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    c, k, size = run.data_shape
+    return build_model(run.cfg.model.name, c, k, size, run.cfg.model.width_mult).eval()
