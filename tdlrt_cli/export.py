@@ -22,7 +22,7 @@ import torch.nn as nn
 from .cost import latency_ms
 from .errors import ConfigError, UserError
 from .lowrank.export import conv_chain, is_factorised, merged
-from .runs import TrainedRun, load_trained
+from .runs import load_trained
 
 FORMATS = ("pt2", "onnx")
 MERGE = ("auto", "chain", "dense")

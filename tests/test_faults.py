@@ -41,7 +41,7 @@ def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path, straight,
     leftovers = list((run / "checkpoints").glob(".*.tmp"))
     assert bool(leftovers) == ("TDLRT_FAULT_KILL_IN_CHECKPOINT" in env)
     proc = run_tdlrt(ARGS + extra + [f"ckpt_path={run / 'checkpoints' / 'last.pt'}"], tmp_path)
-    assert f"at epoch 2" in proc.stderr
+    assert "at epoch 2" in proc.stderr
     assert not list((run / "checkpoints").glob(".*.tmp"))
     a, b = final_state(straight), final_state(run)
     assert a["ranks"] == b["ranks"] and a["global_step"] == b["global_step"] == 12
