@@ -24,8 +24,10 @@ def _truncate_csv(path: Path, max_epoch: int) -> None:
 
 class RunLogger:
     def __init__(self, run_dir: Path, resume_epoch: Optional[int] = None, tensorboard: bool = True,
-                 write: bool = True):
-        """``write=False``: log nothing (the other processes of a data-parallel run)."""
+                 write: bool = True, resume_step: Optional[int] = None):
+        """Resuming (``resume_epoch``, ``resume_step``) drops what was logged after the checkpoint: CSV rows
+        of later epochs and TensorBoard events of later steps (every scalar is logged against the global
+        step). ``write=False``: log nothing (the other processes of a data-parallel run)."""
         self.dir, self.write = Path(run_dir), write
         self.tb = None
         if not write:
@@ -37,7 +39,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=None)
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self.tb is not None:

@@ -304,7 +304,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     ckpt_dir = run_dir / "checkpoints"
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
-        logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None)
+        logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
+                           resume_step=global_step if resume is not None else None)
         remove_stale_temporaries(ckpt_dir)
     else:  # data parallel: only the first process writes logs and checkpoints
         logger = RunLogger(run_dir, tensorboard=False, write=False)
@@ -348,7 +349,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
                "compression_rate_total": report["compression_rate_total"]}
         logger.epoch(row)
         logger.ranks(epoch + 1, layer_ranks(model), full_shapes)
-        logger.scalars(epoch + 1, {"epoch/train_loss": stats["train_loss"], "epoch/train_acc": stats["train_acc"],
+        logger.scalars(global_step, {"epoch/epoch": epoch + 1,
+                                     "epoch/train_loss": stats["train_loss"], "epoch/train_acc": stats["train_acc"],
                                    "epoch/test_loss": test_loss, "epoch/test_acc": test_acc,
                                    "epoch/lr": row["lr"], "epoch/time_s": stats["epoch_time_s"],
                                    "epoch/images_per_s": stats["images_per_s"],

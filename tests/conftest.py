@@ -16,7 +16,7 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # A tiny, fast configuration for CLI runs: VGG16 at 1/8 width on synthetic 32x32 images.
 TINY = ["model=vgg16", "model.width_mult=0.125", "data=synthetic", "data.train_size=256", "data.test_size=128",
-        "batch_size=64", "eval_batch_size=128", "epochs=2", "progress=false", "device=cpu"]
+        "batch_size=64", "eval_batch_size=128", "epochs=2", "progress=false", "device=cpu", "cost_repeat=2"]
 
 
 def run_tdlrt(args, cwd, env=None, check=True, timeout=600):

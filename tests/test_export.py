@@ -82,7 +82,7 @@ def test_plain_network_folds_batchnorm_and_matches(model_name):
 def trained_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     run_tdlrt(["train", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=tdlrt",
-               "method.convert_linear=true", "cost_repeat=2"], base)
+               "method.convert_linear=true"], base)
     (run,) = run_dirs(base / "outputs")
     return run
 
