@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
+from contextlib import contextmanager
 from typing import Callable, Dict
 
 import torch
@@ -92,23 +93,15 @@ def weight_counts(model: nn.Module) -> Dict[str, int]:
             "total": sum(v.numel() for v in state.values())}
 
 
-def flops(model: nn.Module, x: torch.Tensor, train: bool) -> float:
-    """FLOPs per image of a forward pass, or with ``train`` of forward and backward (a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+@contextmanager
+def measuring(model: nn.Module, train: bool):
+    """Run ``model`` in train or eval mode for a measurement and leave no trace: BatchNorm statistics
+    restored, captured activations of low-rank layers dropped, the previous mode set back."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training
     model.train(train)
     try:
-        with FlopCounterMode(display=False) as counter:
-            if train:
-                params = [p for p in model.parameters() if p.requires_grad]
-                out = model(x)
-                if params:
-                    torch.autograd.grad(F.cross_entropy(out.float(), out.argmax(1)), params, allow_unused=True)
-            else:
-                with torch.no_grad():
-                    model(x)
+        yield model
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -118,29 +111,33 @@ def flops(model: nn.Module, x: torch.Tensor, train: bool) -> float:
         for m in model.modules():
             if hasattr(m, "clear_capture"):
                 m.clear_capture()
+
+
+def _train_step(model: nn.Module, x: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    if not params:
+        return out
+    return torch.autograd.grad(F.cross_entropy(out.float(), out.argmax(1)), params, allow_unused=True)
+
+
+def flops(model: nn.Module, x: torch.Tensor, train: bool) -> float:
+    """FLOPs per image of a forward pass, or with ``train`` of forward and backward (a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with measuring(model, train), FlopCounterMode(display=False) as counter:
+        if train:
+            _train_step(model, x)
+        else:
+            with torch.no_grad():
+                model(x)
     return counter.get_total_flops() / x.shape[0]
 
 
 def training_peak_memory(model: nn.Module, x: torch.Tensor) -> int:
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    model.train()
-
-    def step():
-        out = model(x)
-        return torch.autograd.grad(F.cross_entropy(out.float(), out.argmax(1)), params, allow_unused=True)
-
-    try:
-        return peak_memory_bytes(step, model, x)
-    finally:
-        model.eval()
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        for m in model.modules():
-            if hasattr(m, "clear_capture"):
-                m.clear_capture()
+    """Peak memory of one forward and backward pass (bytes)."""
+    with measuring(model, True):
+        return peak_memory_bytes(lambda: _train_step(model, x), model, x)
 
 
 def side_by_side(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, batches=(1, 128),

@@ -54,28 +54,7 @@ def layer_ranks(model: nn.Module) -> Dict[str, List[int]]:
 
 def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]:
     """Forward and forward+backward FLOPs per image (torch.utils.flop_counter; a multiply-add is 2 FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from .cost import flops
 
-    was_training = model.training
     x = example[:2]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # the training-mode pass must not move BN statistics
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as fwd, torch.no_grad():
-            model(x)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        with FlopCounterMode(display=False) as both:
-            out = model(x)
-            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-        for m in model.modules():
-            if isinstance(m, LowRankLayer):
-                m.clear_capture()
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-    n = x.shape[0]
-    return {"flops_forward": fwd.get_total_flops() / n, "flops_train": both.get_total_flops() / n}
+    return {"flops_forward": flops(model, x, train=False), "flops_train": flops(model, x, train=True)}
