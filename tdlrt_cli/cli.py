@@ -125,7 +125,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .evaluate import main as eval_main
 
         return eval_main(rest)
-    sys.argv = [f"tdlrt-{command}"] + rest + _resume_overrides(rest) + _rank_overrides(rest)
+    placement = _rank_overrides(rest) or _resume_overrides(rest)
+    sys.argv = [f"tdlrt-{command}"] + rest + placement
     if command == "train":
         from .train import main as entry
     else:

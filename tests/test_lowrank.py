@@ -127,7 +127,7 @@ def test_truncation_is_within_its_error_bound():
                              dtype=f64, generator=g)
         w_hat = layer.weight_full().detach().clone()
         info = truncate(layer, tau)
-        err = float(torch.linalg.norm(layer.weight_full() - w_hat))
+        err = float(torch.linalg.norm(layer.weight_full().detach() - w_hat))
         assert err <= info.rel_error * float(torch.linalg.norm(w_hat)) * (1 + 1e-10) + 1e-12
         assert info.rel_error <= math.sqrt(4) * tau + 1e-12  # |A| tau^2 ||C||^2 when no clamp binds
         assert max(ortho_error(layer.U0), ortho_error(layer.U1)) < 1e-13
