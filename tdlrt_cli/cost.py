@@ -5,7 +5,7 @@ import statistics
 import time
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -140,37 +140,42 @@ def training_peak_memory(model: nn.Module, x: torch.Tensor) -> int:
         return peak_memory_bytes(lambda: _train_step(model, x), model, x)
 
 
-def side_by_side(dense: nn.Module, lowrank: nn.Module, example: torch.Tensor, batches=(1, 128),
-                 repeat: int = 20, trainable: bool = True) -> Dict[str, dict]:
-    """The cost report's measured half for both networks: FLOPs per image (forward; forward and backward),
-    peak memory (inference at the largest batch; a training step at it), latency at each batch size (ms).
+def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: int = 10, trainable: bool = True,
+            opaque_flops: Optional[float] = None) -> dict:
+    """One network's measured costs: FLOPs per image (forward; forward and backward), peak memory
+    (inference at the largest batch; a training step at it), median latency at each batch size (ms).
 
-    ``trainable=False`` (an exported program): no training figures for the low-rank side.
+    ``trainable=False`` (an exported program): no training figures. ``opaque_flops``: a network torch
+    cannot look into (an ONNX Runtime session): its forward FLOPs as recorded at export, no memory figures.
     """
-    out = {}
-    for name, model in (("dense", dense), ("lowrank", lowrank)):
-        model.eval()
-        big = example[:1].expand(max(batches), *example.shape[1:]).contiguous()
-        row = {"flops_forward": flops(model, example[:2].contiguous(), train=False)}
-        can_train = trainable or name == "dense"
-        row["flops_train"] = flops(model, example[:2].contiguous(), train=True) if can_train else None
+    model.eval()
+    big = example[:1].expand(max(batches), *example.shape[1:]).contiguous()
+    small = example[:2].contiguous()
+    row = {"flops_forward": opaque_flops if opaque_flops is not None else flops(model, small, train=False),
+           "flops_train": None, "peak_memory_inference_mb": None, "peak_memory_train_mb": None}
+    if opaque_flops is None:
         with torch.inference_mode():
             row["peak_memory_inference_mb"] = peak_memory_bytes(lambda: model(big), model, big) / 2 ** 20
-        row["peak_memory_train_mb"] = training_peak_memory(model, big) / 2 ** 20 if can_train else None
-        for b in batches:
-            row[f"latency_ms_batch{b}"] = latency_ms(model, big[:b], repeat=repeat)
-        out[name] = row
-    return out
+        if trainable:
+            row["flops_train"] = flops(model, small, train=True)
+            row["peak_memory_train_mb"] = training_peak_memory(model, big) / 2 ** 20
+    for b in batches:
+        row[f"latency_ms_batch{b}"] = latency_ms(model, big[:b], repeat=repeat)
+    return row
 
 
 def cost_report(lowrank: nn.Module, dense: nn.Module, example: torch.Tensor, parameters: dict,
-                batches=(1, 128), repeat: int = 10, trainable: bool = True) -> dict:
+                batches=(1, 128), repeat: int = 10, trainable: bool = True, opaque_flops: Optional[dict] = None,
+                runtime: str = "torch") -> dict:
     """The whole report: ``parameters`` (counts and compression rates) and the measured figures of both
-    networks on ``example``'s device."""
-    measured = side_by_side(dense, lowrank, example, batches, repeat, trainable)
+    networks on ``example``'s device, both run by ``runtime``. ``opaque_flops`` ({"dense": ..., "lowrank":
+    ...}): forward FLOPs of networks torch cannot look into (ONNX Runtime sessions)."""
     device = torch.cuda.get_device_name(example.device) if example.is_cuda else "cpu"
-    return {"parameters": parameters, "dense": measured["dense"], "lowrank": measured["lowrank"],
-            "device": device, "threads": torch.get_num_threads()}
+    opaque = opaque_flops or {}
+    return {"parameters": parameters,
+            "dense": measure(dense, example, batches, repeat, True, opaque.get("dense")),
+            "lowrank": measure(lowrank, example, batches, repeat, trainable, opaque.get("lowrank")),
+            "device": device, "threads": torch.get_num_threads(), "runtime": runtime}
 
 
 def format_report(report: dict) -> str:
@@ -189,10 +194,13 @@ def format_report(report: dict) -> str:
         row("parameters (during training)", p["params_dense"], p["params_train"])
     d, lr = report["dense"], report["lowrank"]
     row("inference MFLOPs / image", d["flops_forward"] / 1e6, lr["flops_forward"] / 1e6, "{:,.2f}")
-    row("training MFLOPs / image", d["flops_train"] / 1e6,
-        lr["flops_train"] / 1e6 if lr["flops_train"] is not None else None, "{:,.2f}")
+    if d["flops_train"] is not None:
+        row("training MFLOPs / image", d["flops_train"] / 1e6,
+            lr["flops_train"] / 1e6 if lr["flops_train"] is not None else None, "{:,.2f}")
     big = max(int(k.rsplit("batch", 1)[1]) for k in d if k.startswith("latency_ms_batch"))
-    row(f"peak memory inference b{big} (MB)", d["peak_memory_inference_mb"], lr["peak_memory_inference_mb"], "{:,.1f}")
+    if d["peak_memory_inference_mb"] is not None and lr["peak_memory_inference_mb"] is not None:
+        row(f"peak memory inference b{big} (MB)", d["peak_memory_inference_mb"], lr["peak_memory_inference_mb"],
+            "{:,.1f}")
     if lr["peak_memory_train_mb"] is not None:
         row(f"peak memory train step b{big} (MB)", d["peak_memory_train_mb"], lr["peak_memory_train_mb"], "{:,.1f}")
     for key in sorted((k for k in d if k.startswith("latency_ms_batch")), key=lambda k: int(k.rsplit("batch", 1)[1])):
@@ -201,5 +209,8 @@ def format_report(report: dict) -> str:
           + (f", during training {p['compression_rate_train']:.1f}%" if p.get("compression_rate_train") is not None
              else ""))
     lines.append(cr)
-    lines.append(f"measured on {report['device']} ({report['threads']} threads)")
+    runtime = report.get("runtime", "torch")
+    lines.append(f"measured on {report['device']} ({report['threads']} torch threads)"
+                 + (f"; both networks run by {runtime} (FLOPs counted by torch at export)" if runtime != "torch"
+                    else ""))
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,51 @@ class ExportedNetwork(torch.nn.Module):
 
     def forward(self, x):
         return self.program(x)
+
+
+class OnnxNetwork(torch.nn.Module):
+    """An ONNX file run by ONNX Runtime on the CPU, called like a module (tensors in, tensors out)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError('evaluating an .onnx file needs onnxruntime: pip install onnxruntime') from None
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise CheckpointError(f"cannot load the ONNX file {path} ({type(exc).__name__})") from None
+        self.input = self.session.get_inputs()[0].name
+        self.path = path
+
+    def forward(self, x):
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().cpu().numpy()})[0])
+
+    def weight_counts(self) -> dict:
+        import onnx
+        from onnx import numpy_helper
+
+        inits = [numpy_helper.to_array(t) for t in onnx.load(str(self.path)).graph.initializer]
+        floats = [a for a in inits if a.dtype.kind == "f"]
+        return {"conv": sum(a.size for a in floats if a.ndim == 4), "total": sum(a.size for a in floats)}
+
+
+def dense_onnx(dense: torch.nn.Module, example: torch.Tensor) -> OnnxNetwork:
+    """The dense network exported to ONNX (in a temporary folder) and loaded into ONNX Runtime."""
+    from .export import save_program
+
+    with tempfile.TemporaryDirectory(prefix="tdlrt-eval-") as folder:
+        path = Path(folder) / "dense.onnx"
+        save_program(dense, example[:2], path, "onnx", {})
+        return OnnxNetwork(path)
+
+
+def load_onnx(path: Path):
+    sidecar = Path(str(path) + ".json")
+    if not sidecar.is_file():
+        raise CheckpointError(f"{sidecar} not found: `tdlrt export ... format=onnx` writes it beside the file")
+    return OnnxNetwork(path), json.loads(sidecar.read_text())
 
 
 def load_export(path: Path):
@@ -90,7 +136,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     from torch.fx.experimental.optimization import fuse
 
     from .config import from_dictconfig
-    from .cost import cost_report, weight_counts
+    from .cost import cost_report, flops, weight_counts
     from .data import build_data
     from .metrics import parameter_report
     from .models import build_model
@@ -99,13 +145,13 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
 
     device = resolve_device(opts.device)
     path = Path(opts.source).expanduser()
-    is_export = path.is_file() and path.suffix == ".pt2"
+    is_onnx = path.is_file() and path.suffix == ".onnx"
+    is_export = path.is_file() and path.suffix == ".pt2" or is_onnx
     if is_export:
-        model, meta = load_export(path)
+        if is_onnx:
+            device = torch.device("cpu")  # ONNX Runtime's CPU provider
+        model, meta = load_onnx(path) if is_onnx else load_export(path)
         saved, shape = meta["config"], tuple(meta["data_shape"])
-    elif path.suffix == ".onnx":
-        raise ConfigError("tdlrt eval reads .pt2 exports, run folders and checkpoints; run an .onnx file with "
-                          "onnxruntime")
     else:
         run = load_trained(opts.source, opts.checkpoint)
         model, saved, shape = run.model, run.config, run.data_shape
@@ -124,7 +170,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     example = next(iter(data.test))[0][:128].to(device)
     if is_export:
         dense = fuse(dense)  # compare like with like: BatchNorm folded on both sides
-        mine, ref = weight_counts(model), weight_counts(dense)
+        mine, ref = model.weight_counts() if is_onnx else weight_counts(model), weight_counts(dense)
         params = {"params": mine["total"], "params_dense": ref["total"], "conv_params": mine["conv"],
                   "conv_params_dense": ref["conv"],
                   "compression_rate": 100 * (1 - mine["conv"] / ref["conv"]),
@@ -133,7 +179,12 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     else:
         params = parameter_report(model)
     if opts.latency:
-        result["cost"] = cost_report(model, dense, example, params, repeat=opts.repeat, trainable=not is_export)
+        opaque = None
+        if is_onnx:  # time the dense network through ONNX Runtime as well: the same runtime on both sides
+            opaque = {"lowrank": meta.get("flops_forward"), "dense": flops(dense, example[:2], train=False)}
+            dense = dense_onnx(dense, example)
+        result["cost"] = cost_report(model, dense, example, params, repeat=opts.repeat, trainable=not is_export,
+                                     opaque_flops=opaque, runtime="onnxruntime" if is_onnx else "torch")
     else:
         result["cost"] = {"parameters": params}
     return result
@@ -151,7 +202,7 @@ def parse(argv: List[str]):
     return opts, data_overrides
 
 
-USAGE = """usage: tdlrt eval <run folder, checkpoint or .pt2 export> [data=NAME] [data.KEY=VALUE ...]
+USAGE = """usage: tdlrt eval <run folder, checkpoint, .pt2 or .onnx export> [data=NAME] [data.KEY=VALUE ...]
                   [checkpoint=last|best] [device=auto|cpu|cuda] [batch_size=1024] [latency=true] [repeat=10]
                   [out=REPORT.json]
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .cost import latency_ms
+from .cost import flops, latency_ms
 from .errors import ConfigError, UserError
 from .lowrank.export import conv_chain, is_factorised, merged
 from .runs import load_trained
@@ -150,7 +150,8 @@ def export(opts: ExportOptions) -> ExportReport:
     with torch.no_grad():
         error = float((net(example) - run.model(example)).abs().max())
     report = ExportReport(str(out), opts.format, opts.merge, str(run.checkpoint), error, choices)
-    metadata = {"tdlrt_export": asdict(report), "data_shape": list(run.data_shape), "config": run.config}
+    metadata = {"tdlrt_export": asdict(report), "data_shape": list(run.data_shape), "config": run.config,
+                "flops_forward": flops(net, example[:2], train=False)}
     tmp = out.with_name(f".tmp-{out.name}")  # same suffix: torch.export wants a .pt2 name
     save_program(net, example, tmp, opts.format, metadata)
     tmp.replace(out)

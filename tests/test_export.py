@@ -156,6 +156,13 @@ def test_onnx_export_matches_the_lowrank_network(trained_run, tmp_path):
     for b, x in ref["x"].items():
         y = session.run(None, {name: x.numpy()})[0]
         assert abs(torch.from_numpy(y) - ref["y"][b]).max() <= 1e-5
+    # tdlrt eval runs it (and the dense network, exported on the fly) through ONNX Runtime
+    run_tdlrt(["eval", str(out), "repeat=2", f"out={tmp_path / 'onnx.json'}"], tmp_path)
+    report = json.loads((tmp_path / "onnx.json").read_text())
+    assert report["test_acc"] == pytest.approx(json.loads((trained_run / "summary.json").read_text())["test_acc"])
+    cost = report["cost"]
+    assert cost["runtime"] == "onnxruntime" and cost["lowrank"]["latency_ms_batch128"] > 0
+    assert 0 < cost["lowrank"]["flops_forward"] < cost["dense"]["flops_forward"]
 
 
 def test_eval_reports_accuracy_and_costs_for_run_and_export(trained_run, tmp_path):
