@@ -46,7 +46,10 @@ class Distributed:
             return
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
         dist.all_reduce(flat)
         flat /= self.world
         offset = 0
