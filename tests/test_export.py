@@ -185,6 +185,11 @@ def test_eval_reports_accuracy_and_costs_for_run_and_export(trained_run, tmp_pat
     run_p, exp_p = reports["run"]["cost"]["parameters"], reports["export"]["cost"]["parameters"]
     assert abs(exp_p["conv_params"] - run_p["conv_params"]) <= 0.02 * run_p["conv_params"]
     assert summary["cost"]["lowrank"]["flops_train"] < summary["cost"]["dense"]["flops_train"]
+    # another test set: data=NAME and data.KEY=VALUE override the run's data config
+    run_tdlrt(["eval", str(trained_run), "data=synthetic", "data.limit_test=100", "latency=false",
+               f"out={tmp_path / 'subset.json'}"], tmp_path)
+    subset = json.loads((tmp_path / "subset.json").read_text())
+    assert subset["test_examples"] == 100 and subset["data"] == "synthetic" and "dense" not in subset["cost"]
 
 
 def test_export_and_eval_bad_input(tmp_path):
