@@ -291,7 +291,7 @@ def train_layer(layer, x, y, steps, lr, tau, optimizer="sgd", **kw):
         loss = F.mse_loss(layer(x), y)
         loss.backward()
         integrator.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses, integrator
 
 
