@@ -94,6 +94,8 @@ class SchedulerConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 0     # > 0: also write last.pt every N training steps (mid-epoch resume)
+    auto_resume: bool = True   # a run folder that already holds checkpoints/last.pt (a requeued or restarted
+                               # job) continues from it; false: such a folder is an error
 
 
 @dataclass

@@ -78,6 +78,16 @@ class Distributed:
 
             dist.broadcast(tensor, src=0)
 
+    def broadcast_object(self, obj):
+        """Process 0's ``obj`` (any picklable value) on every process."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sync_model(self, model: nn.Module) -> None:
         """Process 0's parameters and buffers to every process (shapes agree: ranks are broadcast)."""
         if not self.enabled:

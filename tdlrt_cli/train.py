@@ -261,6 +261,15 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed, cfg.deterministic)
+    last = Path(run_dir) / "checkpoints" / "last.pt"  # (only process 0's run folder is the real one)
+    left_behind = dist.broadcast_object(str(last) if last.is_file() and cfg.ckpt_path is None else None)
+    if left_behind:  # the same job started again in its folder (SLURM requeue, restart)
+        if not cfg.checkpoint.auto_resume:
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); resume it with "
+                              f"ckpt_path={left_behind} or start in another folder")
+        cfg.ckpt_path = str(left_behind)
+        print(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)",
+              file=sys.stderr)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
 
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)

@@ -56,6 +56,19 @@ def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path, straight,
     assert rows_a == rows_b  # epoch, step, train loss, train accuracy: the same numbers, no duplicate rows
 
 
+def test_the_same_job_started_again_continues_its_run(tmp_path, straight):
+    """A requeued cluster job reruns the same command in the same folder: it continues from last.pt."""
+    folder = tmp_path / "job"
+    args = ARGS + ["checkpoint.every_n_steps=3", f"hydra.run.dir={folder}"]
+    assert run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "8"}, check=False).returncode == 137
+    refused = run_tdlrt(args + ["checkpoint.auto_resume=false"], tmp_path, check=False)
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    proc = run_tdlrt(args, tmp_path)
+    assert "continuing that run" in proc.stderr and "at epoch 2 step 6" in proc.stderr
+    a, b = final_state(straight), final_state(folder)
+    assert a["ranks"] == b["ranks"] and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     proc = run_tdlrt(["train", *TINY, "method=tdlrt", "epochs=3"], tmp_path, env={"TDLRT_FAULT_NAN_AT_STEP": "6"},
                      check=False)
