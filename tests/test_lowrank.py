@@ -366,7 +366,7 @@ def plain_gd_on_factors(layer, x, y, steps, lr):
         with torch.no_grad():
             for p, gr in zip(params, grads):
                 p -= lr * gr
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
