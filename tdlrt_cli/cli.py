@@ -109,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"tdlrt {__version__}")
         sys.exit(0)
     command, rest = args[0], args[1:]
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *a, **k: f"tdlrt: warning: {message}\n"
     if command not in SUBCOMMANDS:
         print(f"tdlrt: error: unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)

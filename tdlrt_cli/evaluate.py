@@ -194,11 +194,7 @@ def parse(argv: List[str]):
     from .export import parse_args
 
     data_overrides = [a for a in argv if a.startswith("data=") or a.startswith("data.")]
-    rest = [a for a in argv if a not in data_overrides]
-    opts = parse_args([a for a in rest if not a.startswith("latency=")], EvalOptions, "source")
-    for a in rest:
-        if a.startswith("latency="):
-            opts.latency = a.split("=", 1)[1].lower() in ("1", "true", "yes")
+    opts = parse_args([a for a in argv if a not in data_overrides], EvalOptions, "source")
     return opts, data_overrides
 
 
