@@ -85,17 +85,12 @@ def _run_hydra(entry) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import UserError
+    from .errors import UserError, exit_on_user_error
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
-    try:
+    with exit_on_user_error(HydraException, OmegaConfBaseException,
+                            describe=lambda exc: str(exc) if isinstance(exc, UserError) else one_line(exc)):
         entry()
-    except (HydraException, OmegaConfBaseException, UserError) as exc:
-        if os.environ.get("TDLRT_DEBUG"):
-            raise
-        message = str(exc) if isinstance(exc, UserError) else one_line(exc)
-        print(f"tdlrt: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

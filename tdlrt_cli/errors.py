@@ -1,4 +1,7 @@
 """Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2."""
+import os
+import sys
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -15,3 +18,16 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint missing, corrupt, or written by another model."""
+
+
+@contextmanager
+def exit_on_user_error(*also, describe=str):
+    """Errors a user can fix (``UserError`` and the types in ``also``) end the command as one line on
+    stderr, ``tdlrt: error: <describe(exc)>``, and exit status 2; ``TDLRT_DEBUG=1`` raises them instead."""
+    try:
+        yield
+    except (UserError, *also) as exc:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        print(f"tdlrt: error: {describe(exc)}", file=sys.stderr)
+        sys.exit(2)

@@ -3,7 +3,6 @@ test accuracy and the cost report (dense and low-rank side by side)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -13,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -139,8 +138,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     from .cost import cost_report, flops, weight_counts
     from .data import build_data
     from .metrics import parameter_report
-    from .models import build_model
-    from .runs import load_trained
+    from .runs import dense_reference, load_trained
     from .train import evaluate, resolve_device
 
     device = resolve_device(opts.device)
@@ -165,8 +163,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     test_loss, test_acc = evaluate(model, data.test, nullcontext, device)
     result = {"source": str(path), "data": cfg.data.name, "test_acc": test_acc, "test_loss": test_loss,
               "test_examples": data.test.num_examples}
-    torch.manual_seed(0)
-    dense = build_model(cfg.model.name, *shape, cfg.model.width_mult).eval().to(device)
+    dense = dense_reference(cfg.model.name, shape, cfg.model.width_mult, device)
     example = next(iter(data.test))[0][:128].to(device)
     if is_export:
         dense = fuse(dense)  # compare like with like: BatchNorm folded on both sides
@@ -213,14 +210,9 @@ def main(argv: List[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
-    try:
+    with exit_on_user_error():
         opts, data_overrides = parse(argv)
         result = evaluate_source(opts, data_overrides)
-    except UserError as exc:
-        if os.environ.get("TDLRT_DEBUG"):
-            raise
-        print(f"tdlrt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(f"{result['source']}: test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) on "
           f"{result['test_examples']} {result['data']} test images")
     if "dense" in result["cost"]:

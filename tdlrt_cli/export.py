@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .cost import flops, latency_ms
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, exit_on_user_error
 from .lowrank.export import conv_chain, is_factorised, merged
 from .runs import load_trained
 
@@ -218,16 +218,9 @@ out defaults to <run folder>/model.<format>; FILE.json beside it records the cho
 
 
 def main(argv: List[str]) -> None:
-    import os
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
-    try:
+    with exit_on_user_error():
         report = export(parse_args(argv, ExportOptions, "source"))
-    except UserError as exc:
-        if os.environ.get("TDLRT_DEBUG"):
-            raise
-        print(f"tdlrt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     print_report(report)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -94,11 +93,11 @@ def load_trained(path: str, which: str = "last") -> TrainedRun:
     return TrainedRun(build_trained(state, cfg, shape, ckpt), cfg, state["config"], ckpt, shape)
 
 
-def dense_counterpart(run: TrainedRun, init_seed: Optional[int] = None) -> nn.Module:
-    """The dense network of the same architecture (random weights): the baseline of the cost report."""
+def dense_reference(model_name: str, data_shape: tuple, width_mult: float, device) -> nn.Module:
+    """The dense network of the same architecture, the baseline of the cost report. Its weights (seed 0)
+    do not affect its costs; the caller's random generators are left as they were."""
     from .models import build_model
 
-    if init_seed is not None:
-        torch.manual_seed(init_seed)
-    c, k, size = run.data_shape
-    return build_model(run.cfg.model.name, c, k, size, run.cfg.model.width_mult).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_model(model_name, *data_shape, width_mult).to(device).eval()

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoi
 from .config import TrainConfig
 from .data import build_data
 from .distributed import Distributed, init_distributed
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
 from .faults import faults
 from .logs import RunLogger
 from .lowrank import TDLRT, LowRankLayer, orthonormality_error
@@ -152,8 +152,9 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, no sync
 
     def check_finite():
-        if int(dist.max_(bad_step.clone())) >= 0:
-            raise Diverged(int(dist.max_(bad_step.clone())), epoch)
+        first_bad = int(dist.max_(bad_step.clone()))  # any process's, so all of them stop together
+        if first_bad >= 0:
+            raise Diverged(first_bad, epoch)
 
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True,
                initial=first, total=len(loader))
@@ -411,16 +412,12 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
     """The cost report of the trained network against the dense one of the same architecture (`tdlrt eval`
     prints the same report for any run, checkpoint or export)."""
     from .cost import cost_report
+    from .runs import dense_reference
 
-    rng = torch.get_rng_state()
-    torch.manual_seed(0)  # the dense network's random weights do not affect its costs; keep the run's RNG
-    dense = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size,
-                        cfg.model.width_mult).to(device).eval()
+    dense = dense_reference(cfg.model.name, (data.in_channels, data.num_classes, data.image_size),
+                            cfg.model.width_mult, device)
     example = next(iter(data.test))[0][:128].to(device)
-    try:
-        return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat)
-    finally:
-        torch.set_rng_state(rng)
+    return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat)
 
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc,
@@ -476,15 +473,10 @@ def main() -> None:
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
     def _run(cfg) -> float:
-        try:
+        with exit_on_user_error():
             tc = from_dictconfig(cfg)
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
-        except UserError as exc:
-            if os.environ.get("TDLRT_DEBUG"):
-                raise
-            print(f"tdlrt: error: {exc}", file=sys.stderr)
-            sys.exit(2)
         return summary["test_acc"]
 
     _run()
