@@ -30,6 +30,7 @@ from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
+from .provenance import provenance
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -389,6 +390,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
+        "provenance": provenance(start_time),
     }
     if cfg.cost_report and dist.main:
         summary["cost"] = run_cost_report(cfg, model, data, device, report)
@@ -429,7 +431,7 @@ def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, 
         "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "integrator": {"steps": integrator.steps, "frozen": integrator.frozen} if integrator else None,
+        "integrator": integrator.state_dict(optimizer=False) if integrator else None,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": config_dict,
@@ -450,9 +452,7 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
         raise CheckpointError(f"checkpoint {cfg.ckpt_path} does not match this configuration: "
                               f"{str(exc).splitlines()[0][:200]}") from None
     if integrator is not None and state.get("integrator"):
-        integrator.steps = int(state["integrator"]["steps"])
-        integrator.frozen = bool(state["integrator"]["frozen"])
-        integrator._arm()
+        integrator.load_state_dict(state["integrator"])
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

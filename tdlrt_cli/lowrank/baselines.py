@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import LowRankLayer
+from .layers import LowRankLayer, weight_rms
 from .tucker import hosvd, random_orthonormal
 
 _pair = nn.modules.utils._pair
@@ -34,13 +34,13 @@ class MatrixConv2d(LowRankLayer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True,
                  ranks: Sequence[Optional[int]] = (None, None), rank_bounds=None, dtype=None, device=None,
-                 generator=None):
+                 generator=None, weight_std: Optional[float] = None):
         super().__init__()
         kh, kw = _pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         full = (out_channels, in_channels * kh * kw)
-        self._init_lowrank(full, ranks, rank_bounds or [(1, n) for n in full], dtype, device, generator)
+        self._init_lowrank(full, ranks, rank_bounds or [(1, n) for n in full], dtype, device, generator, weight_std)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     def _first_kernel(self, a: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class FixedTuckerConv2d(_Factorised):
         else:
             u0 = random_orthonormal(self.out_channels, r_out, generator, w.dtype)
             u1 = random_orthonormal(self.in_channels, r_in, generator, w.dtype)
-            std = math.sqrt(2.0 / w[0].numel() * w.numel() / (r_out * r_in * w[0, 0].numel()))
+            std = weight_rms(w) * math.sqrt(w.numel() / (r_out * r_in * w[0, 0].numel()))  # ||W|| = ||C||
             core = torch.randn(r_out, r_in, *self.kernel_size, generator=generator, dtype=torch.float64).mul(std).to(w.dtype)
         self.core, self.U0, self.U1 = nn.Parameter(core), nn.Parameter(u0), nn.Parameter(u1)
         self._ranks = [r_out, r_in, *self.kernel_size]
@@ -135,7 +135,7 @@ class CPConv2d(_Factorised):
         self._conv_args(conv)
         kh, kw = self.kernel_size
         dtype = conv.weight.dtype
-        scale = (2.0 / (self.in_channels * kh * kw * rank)) ** 0.125  # Var(W) = R s^8 = Kaiming
+        scale = (weight_rms(conv.weight) ** 2 / rank) ** 0.125  # Var(W) = R s^8 = Var of the replaced conv
 
         def rnd(*shape):
             return nn.Parameter(torch.randn(*shape, generator=generator, dtype=torch.float64).mul(scale).to(dtype))
@@ -171,11 +171,13 @@ class TTConv2d(_Factorised):
             return nn.Parameter(torch.randn(*shape, generator=generator, dtype=torch.float64)
                                 .mul(math.sqrt(2.0 / fan_in)).to(dtype))
 
-        # Var(W) = r^3 * prod of the cores' variances = 2 / (in kh kw): Kaiming overall
+        # Var(W) = r^3 * prod of the cores' variances = r^3 (1/in) (1/(r kh)) (1/(r kw)) (var_w in kh kw / r)
+        # = var_w, the replaced conv's weight variance
+        var_w = weight_rms(conv.weight) ** 2
         self.G1 = rnd((rank, n_in, 1, 1), 2 * n_in)
         self.G2 = rnd((rank, rank, kh, 1), 2 * rank * kh)
         self.G3 = rnd((rank, rank, 1, kw), 2 * rank * kw)
-        self.G4 = rnd((self.out_channels, rank, 1, 1), rank)
+        self.G4 = rnd((self.out_channels, rank, 1, 1), 2 * rank / (var_w * n_in * kh * kw))
         self._ranks = [rank, rank, rank]
 
     def weight_full(self) -> torch.Tensor:
@@ -198,10 +200,11 @@ class MatrixFixedConv2d(_Factorised):
         kh, kw = self.kernel_size
         dtype = conv.weight.dtype
         fan = self.in_channels * kh * kw
+        var_w = weight_rms(conv.weight) ** 2  # Var(W) = r (1 / fan) (var_w fan / r) = var of the replaced conv
         self.V = nn.Parameter(torch.randn(rank, self.in_channels, kh, kw, generator=generator, dtype=torch.float64)
                               .mul(math.sqrt(1.0 / fan)).to(dtype))
         self.U = nn.Parameter(torch.randn(self.out_channels, rank, 1, 1, generator=generator, dtype=torch.float64)
-                              .mul(math.sqrt(2.0 / rank)).to(dtype))
+                              .mul(math.sqrt(var_w * fan / rank)).to(dtype))
         self._ranks = [rank]
 
     def weight_full(self) -> torch.Tensor:

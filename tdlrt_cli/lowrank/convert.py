@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers import LowRankLinear, TuckerConv2d
+from .layers import LowRankLinear, TuckerConv2d, weight_rms
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, generator) -> nn.Module:
     ranks, bounds = policy.layout((w.shape[0], w[0].numel()))
     return MatrixConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                         conv.dilation, conv.bias is not None, ranks, bounds, dtype=w.dtype, device=w.device,
-                        generator=generator)
+                        generator=generator, weight_std=weight_rms(w))
 
 
 def eligible_conv(m: nn.Module) -> bool:
@@ -104,7 +104,8 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
 
     ``conv_format="tucker"``: :class:`TuckerConv2d`; ``"matrix"``: :class:`MatrixConv2d` (the kernel
     reshaped to out x in*kh*kw, for matrix DLRT).
-    ``init="random"``: orthonormal random factors and a Kaiming-scaled core at the policy's starting ranks.
+    ``init="random"``: orthonormal random factors and a core scaled so that W starts with the replaced
+    layer's weight scale (root mean square), at the policy's starting ranks.
     ``init="hosvd"``: truncated HOSVD of each layer's current weight (compressing a trained network).
     Convs with groups != 1, string padding or non-zero padding modes stay dense.
     """
@@ -144,10 +145,12 @@ def _lowrank_like(name: str, module: nn.Module, policy: RankPolicy, rules: Conve
         ranks, bounds = policy.layout(module.weight.shape)
         return TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                             module.padding, module.dilation, module.bias is not None, ranks, bounds,
-                            dtype=module.weight.dtype, device=module.weight.device, generator=generator)
+                            dtype=module.weight.dtype, device=module.weight.device, generator=generator,
+                            weight_std=weight_rms(module.weight))
     if (rules.convert_linear and isinstance(module, nn.Linear) and min(module.weight.shape) > 1
             and (rules.convert_classifier or name != classifier)):
         ranks, bounds = policy.layout(module.weight.shape)
         return LowRankLinear(module.in_features, module.out_features, module.bias is not None, ranks, bounds,
-                             dtype=module.weight.dtype, device=module.weight.device, generator=generator)
+                             dtype=module.weight.dtype, device=module.weight.device, generator=generator,
+                             weight_std=weight_rms(module.weight))
     return None

@@ -9,7 +9,10 @@ projection of Z that :meth:`LowRankLayer.projected_grad` forms from the captured
 3. :func:`galerkin_gradient`: ``dL/dC_tilde = Z x_i U_hat_i^T``; the optimizer then steps the core.
 4. :func:`truncate`: keep the smallest rank whose discarded tail of Mat_i(C_hat)'s spectrum is at most
    ``tau * ||C_hat||_F``, rotate bases and core, re-orthonormalise.
-5. :func:`pad_optimizer_state` / :func:`map_optimizer_state` keep momentum and Adam moments consistent.
+5. :func:`project_optimizer_state` / :func:`carry_optimizer_state`: the optimizer state of the core stays in the
+   augmented coordinates of the step that made it and is carried to the next augmented bases by
+   ``s <- s x_i (U_hat_new_i^T U_hat_old_i)`` (vector transport), so momentum and Adam moments keep moving
+   the bases instead of being projected away by every truncation.
 
 :class:`TDLRT` wraps a torch optimizer and runs these around its ``step()``.
 """
@@ -80,8 +83,9 @@ def augment_basis(u: torch.Tensor, grad_k: torch.Tensor) -> torch.Tensor:
 
 
 def augment(layer: LowRankLayer, grads: Dict[int, torch.Tensor],
-            optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Augment every adapted basis with its K-step directions and zero-pad the core (W is unchanged)."""
+            optimizer: Optional[torch.optim.Optimizer] = None, stash: Optional["StateStash"] = None) -> None:
+    """Augment every adapted basis with its K-step directions and zero-pad the core (W is unchanged); the
+    core's optimizer state follows into the augmented coordinates (step 5, from ``stash`` when given)."""
     old_shape = tuple(layer.core.shape)
     for i, g in grads.items():
         layer.set_factor(i, augment_basis(layer.factors[i], g))
@@ -90,7 +94,7 @@ def augment(layer: LowRankLayer, grads: Dict[int, torch.Tensor],
     padded[tuple(slice(0, s) for s in old_shape)] = layer.core.detach()
     replace_data(layer.core, padded)
     if optimizer is not None:
-        pad_optimizer_state(optimizer, layer.core, old_shape)
+        carry_optimizer_state(optimizer, layer.core, old_shape, layer.factors, stash)
 
 
 # --------------------------------------------------------------------------- step 3: Galerkin core step
@@ -110,6 +114,7 @@ class TruncationInfo:
     ranks: tuple
     rel_error: float          # sqrt(sum of discarded tails) / ||C_hat||: bounds ||W_new - W_hat|| / ||W_hat||
     min_singular: Dict[int, float] = field(default_factory=dict)  # smallest kept sigma per adapted mode
+    stash: Optional["StateStash"] = None  # the optimizer state of C_hat in the augmented bases (step 5)
 
 
 def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
@@ -158,7 +163,9 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
     For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors, the smallest k_i with
     ``sqrt(sum_{j>k_i} sigma_j^2) <= tau ||C_hat||_F`` clamped to the layer's rank bounds; then
     ``U_i <- U_hat_i P_i`` and ``C <- C_hat x_i P_i^T`` for all i (a truncated HOSVD of C_hat), so that
-    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``. Finally ``U_i = Q_i R_i`` (QR) and
+    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``. A mode that keeps every vector is not rotated
+    (``P_i = I``): nothing is discarded, and the coordinates of the core and of its optimizer state stay
+    put (Adam is not invariant under rotations of its coordinates). Finally ``U_i = Q_i R_i`` (QR) and
     ``C <- C x_i R_i``, which leaves W unchanged and removes round-off drift from orthonormality.
 
     Cost: the spectra come from the small Gram matrices ``Mat_i(C_hat) Mat_i(C_hat)^T`` (r_hat x r_hat) in
@@ -194,12 +201,15 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
     tail_sq = [0.0] * len(layers)
     min_sigma: List[Dict[int, float]] = [{} for _ in layers]
     for (li, i), (_, vecs), (k, tail, smallest) in zip(jobs, spectra, host):
-        maps[li][i] = vecs[:, :int(k)].to(cores[li].dtype)
+        keep = vecs[:, :int(k)] if int(k) < vecs.shape[0] else torch.eye(vecs.shape[0], dtype=vecs.dtype,
+                                                                           device=vecs.device)
+        maps[li][i] = keep.to(cores[li].dtype)
         tail_sq[li] += tail
         min_sigma[li][i] = smallest
     infos = []
     for li, layer in enumerate(layers):
         ranks_before = tuple(cores[li].shape)
+        augmented_bases = list(layer.factors)
         new_core = multi_mode_product(cores[li], maps[li], transpose=True)
         for i, p in enumerate(maps[li]):
             if p is not None:
@@ -207,10 +217,11 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
                 new_core = mode_product(new_core, r, i)
                 layer.set_factor(i, q)
         replace_data(layer.core, new_core.contiguous())
+        stash = None
         if optimizer is not None:
-            map_optimizer_state(optimizer, layer.core, maps[li])
+            stash = project_optimizer_state(optimizer, layer.core, augmented_bases, layer.factors)
         rel = math.sqrt(tail_sq[li] / norms[li]) if norms[li] > 0 else 0.0
-        infos.append(TruncationInfo(ranks_before, layer.ranks, rel, min_sigma[li]))
+        infos.append(TruncationInfo(ranks_before, layer.ranks, rel, min_sigma[li], stash))
     return infos
 
 
@@ -231,38 +242,106 @@ def orthonormality_error(layer: LowRankLayer) -> float:
 
 # --------------------------------------------------------------------------- step 5: optimizer state
 
-def pad_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_shape: Sequence[int]) -> None:
-    """Embed the core's optimizer state in the augmented shape: zeros for first moments and momentum,
-    the mean of v for Adam's second moment (zero there would give steps of lr/eps)."""
+@dataclass
+class StateStash:
+    """The optimizer state of one core in the augmented coordinates of the adapting step that made it.
+
+    ``state[key]`` (shaped like that step's C_hat) represents ``state[key] x_i bases[i]`` in W's space.
+    ``fixed_steps`` counts the optimizer steps on fixed bases since then (``augment_every > 1``): each of
+    them decays the part of the state outside the current bases by the optimizer's own factor (momentum,
+    beta1, beta2), exactly as the optimizer does to coordinates whose gradient is zero.
+    """
+
+    bases: List[Optional[torch.Tensor]]
+    state: Dict[str, torch.Tensor]
+    fixed_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return {"bases": list(self.bases), "state": dict(self.state), "fixed_steps": self.fixed_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StateStash":
+        return cls(list(d["bases"]), dict(d["state"]), int(d["fixed_steps"]))
+
+
+def _transport(value: torch.Tensor, maps: Sequence[Optional[torch.Tensor]], variance: bool) -> torch.Tensor:
+    """``value x_i maps[i]``; for a second moment (a variance) the elementwise squares of the maps, which
+    keep it non-negative and are exact for the diagonal of the transported covariance's basis change."""
+    mats = [None if m is None else (m * m if variance else m).to(value.dtype) for m in maps]
+    return multi_mode_product(value, mats)
+
+
+def _transport_maps(new_bases, old_bases) -> List[Optional[torch.Tensor]]:
+    """``U_new_i^T U_old_i`` per adapted mode: the coordinates of the old basis vectors in the new basis."""
+    return [None if u is None else u.transpose(0, 1) @ b.to(u.dtype) for u, b in zip(new_bases, old_bases)]
+
+
+def state_decay(optimizer: torch.optim.Optimizer, param: nn.Parameter, key: str) -> float:
+    """Per-step decay of optimizer state ``key`` where the gradient is zero (0: not carried across)."""
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
+    if key == "momentum_buffer":
+        return float(group.get("momentum", 0.0))
+    if key == "exp_avg":
+        return float(group.get("betas", (0.0, 0.0))[0])
+    if key == "exp_avg_sq":
+        return float(group.get("betas", (0.0, 0.0))[1])
+    if key == "max_exp_avg_sq":
+        return 1.0
+    return 0.0
+
+
+def project_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
+                            augmented_bases: Sequence[Optional[torch.Tensor]],
+                            bases: Sequence[Optional[torch.Tensor]]) -> Optional[StateStash]:
+    """At truncation: keep the state of C_hat (augmented coordinates) in a :class:`StateStash` for the next
+    augmentation, and give the optimizer its projection onto the truncated bases, ``s x_i (U_i^T U_hat_i)``
+    (squared maps for second moments), for any step on fixed bases before then."""
+    state = optimizer.state.get(param)
+    if not state:
+        return None
+    shape = tuple(param.shape[i] if b is None else b.shape[1] for i, b in enumerate(augmented_bases))
+    maps = _transport_maps(bases, augmented_bases)
+    kept = {}
+    for key, value in list(state.items()):
+        if torch.is_tensor(value) and tuple(value.shape) == shape and value.dim() > 0:
+            kept[key] = value
+            state[key] = _transport(value, maps, key in VARIANCE_STATES).contiguous()
+    return StateStash([None if b is None else b.clone() for b in augmented_bases], kept)
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_shape: Sequence[int],
+                          bases: Sequence[Optional[torch.Tensor]], stash: Optional[StateStash] = None) -> None:
+    """At augmentation: the core's state in the augmented bases ``U_hat_i = [U_i, N_i]``.
+
+    The leading block (the coordinates of U_i) is the optimizer's current state. Every other entry is the
+    stash carried to the new bases, ``s x_i (U_hat_i^T U_hat_old_i)``, times ``decay^fixed_steps``; this is
+    exact vector transport, since the stash's part inside span(U_i) is what the current state evolved from.
+    Without a stash (the first adaptation, or an optimizer key with no known decay) those entries start at
+    zero, and a second moment at the mean of its current values where no history reaches (zero there
+    would give steps of lr/eps once the bias correction has matured).
+    """
     state = optimizer.state.get(param)
     if not state:
         return
+    old_shape = tuple(old_shape)
     block = tuple(slice(0, s) for s in old_shape)
-    for key, value in state.items():
-        if not torch.is_tensor(value) or tuple(value.shape) != tuple(old_shape):
+    maps = None if stash is None else _transport_maps(bases, stash.bases)
+    for key, value in list(state.items()):
+        if not torch.is_tensor(value) or tuple(value.shape) != old_shape or value.dim() == 0:
             continue
-        fill = float(value.mean()) if key in VARIANCE_STATES else 0.0
-        padded = value.new_full(param.shape, fill)
-        padded[block] = value
-        state[key] = padded
-
-
-def map_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
-                        maps: Sequence[Optional[torch.Tensor]]) -> None:
-    """Map the core's optimizer state with the truncation: ``s x_i P_i^T`` for momentum and first moments,
-    ``v x_i (P_i o P_i)^T`` (elementwise squares) for second moments, which keeps them non-negative."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    in_shape = tuple(p.shape[0] if p is not None else param.shape[i] for i, p in enumerate(maps))
-    for key, value in state.items():
-        if not torch.is_tensor(value) or tuple(value.shape) != in_shape:
-            continue
-        if key in VARIANCE_STATES:
-            mats = [None if p is None else (p * p).to(value.dtype) for p in maps]
+        variance = key in VARIANCE_STATES
+        neutral = float(value.mean()) if variance and value.numel() else 0.0
+        decay = state_decay(optimizer, param, key) ** stash.fixed_steps if stash is not None else 0.0
+        if stash is not None and key in stash.state and decay > 0:
+            carried = _transport(stash.state[key], maps, variance) * decay
+            if variance:
+                reach = _transport(torch.ones_like(stash.state[key]), maps, True)
+                carried = carried + (1 - reach).clamp_min(0) * neutral
         else:
-            mats = [None if p is None else p.to(value.dtype) for p in maps]
-        state[key] = multi_mode_product(value, mats, transpose=True).contiguous()
+            carried = value.new_full(tuple(param.shape), neutral)
+        carried = carried.to(value.dtype).contiguous()
+        carried[block] = value
+        state[key] = carried
 
 
 # --------------------------------------------------------------------------- the optimizer-like wrapper
@@ -297,12 +376,17 @@ class TDLRT:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1,
                  average: Optional[Callable[[List[torch.Tensor]], None]] = None,
-                 broadcast: Optional[Callable[[torch.Tensor], None]] = None):
+                 broadcast: Optional[Callable[[torch.Tensor], None]] = None,
+                 tau_warmup_steps: int = 0, tau_warmup_shape: str = "linear"):
         if not 0 < tau < 1:
             raise ValueError(f"tau must be in (0, 1), got {tau}")
         if augment_every < 1:
             raise ValueError(f"augment_every must be >= 1, got {augment_every}")
+        if tau_warmup_steps < 0 or tau_warmup_shape not in ("linear", "hold"):
+            raise ValueError(f"tau warm-up must be >= 0 steps, linear or hold; got {tau_warmup_steps}, "
+                             f"{tau_warmup_shape!r}")
         self.model, self.optimizer, self.tau, self.augment_every = model, optimizer, tau, augment_every
+        self.tau_warmup_steps, self.tau_warmup_shape = int(tau_warmup_steps), tau_warmup_shape
         self.average, self.broadcast = average, broadcast
         self.layers = lowrank_layers(model)
         self.steps = 0
@@ -310,8 +394,20 @@ class TDLRT:
         self.timing = False             # when on, step() measures truncation_seconds (synchronising)
         self.truncation_seconds = 0.0
         self.last_info: Dict[str, TruncationInfo] = {}
+        self.stashes: Dict[int, StateStash] = {}  # layer index -> its core's optimizer state in augmented bases
         self._names = {id(m): n for n, m in model.named_modules()}
         self._arm()
+
+    def current_tau(self) -> float:
+        """The tolerance of the next truncation. The plain rule (no warm-up) is ``tau`` from the first step.
+        With a warm-up of T steps the ranks are decided from learned structure rather than from the random
+        start's flat spectrum: ``linear`` ramps the tolerance as ``tau * t / T``; ``hold`` truncates only to
+        the rank caps (tolerance 0) until step T. Either way every step still augments and truncates."""
+        if self.steps >= self.tau_warmup_steps:
+            return self.tau
+        if self.tau_warmup_shape == "hold":
+            return 0.0
+        return self.tau * self.steps / self.tau_warmup_steps
 
     @property
     def param_groups(self):
@@ -320,6 +416,7 @@ class TDLRT:
     def freeze_bases(self) -> None:
         """Fixed-rank phase: from now on only cores (and dense parameters) are trained."""
         self.frozen = True
+        self.stashes.clear()
         self._arm()
 
     def adapts_next(self) -> bool:
@@ -341,27 +438,42 @@ class TDLRT:
         if not self.adapts_next():
             return []
         ready = [layer for layer in self.layers if layer.has_capture]
+        index = {id(layer): i for i, layer in enumerate(self.layers)}
         with torch.no_grad():
             grads = [basis_gradients(layer) for layer in ready]
             if self.average is not None:
                 self.average([g for per_layer in grads for g in per_layer.values()])
             for layer, per_layer in zip(ready, grads):
-                augment(layer, per_layer, self.optimizer)
+                augment(layer, per_layer, self.optimizer, self.stashes.pop(index[id(layer)], None))
                 layer.core.grad = galerkin_gradient(layer)
                 layer.clear_capture()
         return ready
 
     def step(self) -> None:
+        """One integrator step: :meth:`prepare_step`, the optimizer's step, :meth:`finish_step`."""
         ready = self.prepare_step()
         if self.average is not None:
             self.average([p.grad for group in self.optimizer.param_groups for p in group["params"]
                           if p.grad is not None])
         self.optimizer.step()
+        self.finish_step(ready)
+
+    def finish_step(self, ready: List[LowRankLayer]) -> None:
+        """Step 4 on the layers :meth:`prepare_step` returned (after the optimizer stepped their cores), and
+        the bookkeeping of step 5: their optimizer states are stashed in the augmented bases."""
         t0 = self._clock() if self.timing else 0.0
         with torch.no_grad():
-            infos = truncate_layers(ready, self.tau, self.optimizer, self.broadcast)
+            infos = truncate_layers(ready, self.current_tau(), self.optimizer, self.broadcast)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
+        index = {id(layer): i for i, layer in enumerate(self.layers)}
+        stepped = {index[id(layer)] for layer in ready}
+        for i, stash in self.stashes.items():
+            if i not in stepped:
+                stash.fixed_steps += 1  # a step on fixed bases: the stash decays like the optimizer's state
+        for layer, info in zip(ready, infos):
+            if info.stash is not None:
+                self.stashes[index[id(layer)]] = info.stash
         self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}
         self.steps += 1
         self._arm()
@@ -371,10 +483,21 @@ class TDLRT:
             torch.cuda.synchronize(self.layers[0].core.device)
         return time.perf_counter()
 
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "frozen": self.frozen, "optimizer": self.optimizer.state_dict()}
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """Step count, phase and the stashed optimizer states (and, by default, the optimizer's state)."""
+        state = {"steps": self.steps, "frozen": self.frozen,
+                 "stashes": {i: stash.as_dict() for i, stash in self.stashes.items()}}
+        if optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.frozen = int(state["steps"]), bool(state["frozen"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.stashes = {int(i): StateStash.from_dict(d) for i, d in state.get("stashes", {}).items()}
+        for stash in self.stashes.values():  # onto the device of the layers
+            device = self.layers[0].core.device if self.layers else None
+            stash.bases = [None if b is None else b.to(device) for b in stash.bases]
+            stash.state = {k: v.to(device) for k, v in stash.state.items()}
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self._arm()

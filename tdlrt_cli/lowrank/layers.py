@@ -31,6 +31,18 @@ def replace_data(param: nn.Parameter, new: torch.Tensor) -> None:
     param.data = new
 
 
+def default_weight_std(fan_in: int) -> float:
+    """Standard deviation of PyTorch's default ``nn.Conv2d`` / ``nn.Linear`` weights: Kaiming-uniform with
+    ``a = sqrt(5)`` is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), variance ``1 / (3 fan_in)``."""
+    return 1.0 / math.sqrt(3.0 * fan_in)
+
+
+def weight_rms(weight: torch.Tensor) -> float:
+    """Root mean square of a dense weight: the scale a factorised replacement should start at, so that
+    under BatchNorm every method sees the same effective learning rate as the dense layer it replaces."""
+    return float(weight.detach().double().pow(2).mean().sqrt())
+
+
 class LowRankLayer(nn.Module):
     """Shared state and bookkeeping of a Tucker-factorised weight of shape ``full_shape``."""
 
@@ -39,15 +51,17 @@ class LowRankLayer(nn.Module):
 
     def _init_lowrank(self, full_shape: Sequence[int], ranks: Sequence[Optional[int]],
                       rank_bounds: Sequence[Tuple[int, int]], dtype=None, device=None,
-                      generator: Optional[torch.Generator] = None) -> None:
-        """Random start: orthonormal factors, Gaussian core scaled so W has Kaiming-normal variance."""
+                      generator: Optional[torch.Generator] = None, weight_std: Optional[float] = None) -> None:
+        """Random start: orthonormal factors and a Gaussian core scaled so that the entries of W have standard
+        deviation ``weight_std`` (default: that of PyTorch's own conv/linear init, :func:`default_weight_std`)."""
         self.full_shape = tuple(int(n) for n in full_shape)
         self.rank_bounds = [tuple(b) for b in rank_bounds]
         dtype = dtype or torch.get_default_dtype()
         shape = [n if r is None else r for n, r in zip(self.full_shape, ranks)]
-        fan_in = math.prod(self.full_shape[1:])
-        # ||W||_F = ||C||_F (orthonormal factors); Kaiming: E||W||^2 = numel(W) * 2 / fan_in.
-        std = math.sqrt(2.0 / fan_in * math.prod(self.full_shape) / math.prod(shape))
+        if weight_std is None:
+            weight_std = default_weight_std(math.prod(self.full_shape[1:]))
+        # ||W||_F = ||C||_F (orthonormal factors), so E||W||^2 = numel(W) std^2 = numel(C) std_C^2.
+        std = weight_std * math.sqrt(math.prod(self.full_shape) / math.prod(shape))
         core = torch.randn(shape, generator=generator, dtype=torch.float64) * std
         self.core = nn.Parameter(core.to(dtype=dtype, device=device))
         for i, (n, r) in enumerate(zip(self.full_shape, ranks)):
@@ -167,14 +181,14 @@ class TuckerConv2d(LowRankLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, ranks: Sequence[Optional[int]] = (None, None, None, None),
                  rank_bounds: Optional[Sequence[Tuple[int, int]]] = None, dtype=None, device=None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, weight_std: Optional[float] = None):
         super().__init__()
         kh, kw = nn.modules.utils._pair(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride, self.padding, self.dilation = (nn.modules.utils._pair(v) for v in (stride, padding, dilation))
         full = (out_channels, in_channels, kh, kw)
         bounds = rank_bounds or [(1, n) for n in full]
-        self._init_lowrank(full, ranks, bounds, dtype, device, generator)
+        self._init_lowrank(full, ranks, bounds, dtype, device, generator, weight_std)
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -223,11 +237,11 @@ class LowRankLinear(LowRankLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  ranks: Sequence[Optional[int]] = (None, None),
                  rank_bounds: Optional[Sequence[Tuple[int, int]]] = None, dtype=None, device=None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, weight_std: Optional[float] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         full = (out_features, in_features)
-        self._init_lowrank(full, ranks, rank_bounds or [(1, n) for n in full], dtype, device, generator)
+        self._init_lowrank(full, ranks, rank_bounds or [(1, n) for n in full], dtype, device, generator, weight_std)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
