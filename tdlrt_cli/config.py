@@ -60,6 +60,8 @@ class MethodConfig:
     init_rank_frac: Optional[float] = None
     adapted_modes: str = "channels"
     augment_every: int = 1
+    tau_warmup_epochs: float = 1.0        # the truncation tolerance ramps from 0 to tau over this many epochs
+    tau_warmup_shape: str = "linear"      # linear: tau * t / T; hold: truncate only to the rank caps until T
     convert_linear: bool = False
     convert_first_conv: bool = False
     finetune_epochs: int = 0
@@ -185,6 +187,9 @@ class TrainConfig:
                  f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
             one_of("method.adapted_modes", m.adapted_modes, ("channels", "all"))
             need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
+            need(m.tau_warmup_epochs >= 0, f"method.tau_warmup_epochs={m.tau_warmup_epochs} must be >= 0 (0: the "
+                                           f"plain rule, tau from the first step)")
+            one_of("method.tau_warmup_shape", m.tau_warmup_shape, ("linear", "hold"))
             need(m.finetune_epochs >= 0, f"method.finetune_epochs={m.finetune_epochs} must be >= 0")
         else:
             need(self.tau is None, f"tau={self.tau} applies to method=tdlrt or dlrt only, not method={m.name}")

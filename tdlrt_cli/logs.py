@@ -1,4 +1,5 @@
-"""Run-folder logging: TensorBoard scalars, metrics.csv / ranks.csv (one row per epoch), summary.json."""
+"""Run-folder logging: TensorBoard scalars, metrics.csv / ranks.csv (one row per epoch), ranks_steps.csv (ranks
+at step 0 and every logging step), summary.json."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-def _truncate_csv(path: Path, max_epoch: int) -> None:
-    """Drop the rows of epochs after ``max_epoch`` (written after the checkpoint a run resumes from)."""
+def _truncate_csv(path: Path, max_value: int, column: str = "epoch") -> None:
+    """Drop the rows whose ``column`` is above ``max_value`` (written after the checkpoint a run resumes from)."""
     if not path.is_file():
         return
     with open(path, newline="") as fh:
@@ -16,8 +17,8 @@ def _truncate_csv(path: Path, max_epoch: int) -> None:
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    col = header.index("epoch") if "epoch" in header else None
-    keep = [r for r in body if col is None or (r and int(r[col]) <= max_epoch)]
+    col = header.index(column) if column in header else None
+    keep = [r for r in body if col is None or (r and int(r[col]) <= max_value)]
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows([header] + keep)
 
@@ -36,6 +37,8 @@ class RunLogger:
         if resume_epoch is not None:
             for name in ("metrics.csv", "ranks.csv"):
                 _truncate_csv(self.dir / name, resume_epoch)
+        if resume_step is not None:
+            _truncate_csv(self.dir / "ranks_steps.csv", resume_step, column="step")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -65,6 +68,16 @@ class RunLogger:
 
     def epoch(self, row: dict) -> None:
         self._append("metrics.csv", [row])
+
+    def step_ranks(self, step: int, epoch: int, ranks: Dict[str, List[int]]) -> None:
+        """ranks_steps.csv: every layer's ranks at a training step (step 0 and every logging step)."""
+        rows = []
+        for layer, r in ranks.items():
+            r4 = list(r) + [""] * (4 - len(r))
+            rows.append({"step": step, "epoch": epoch, "layer": layer, "r_out": r4[0], "r_in": r4[1],
+                         "r_kh": r4[2], "r_kw": r4[3]})
+        if rows:
+            self._append("ranks_steps.csv", rows)
 
     def ranks(self, epoch: int, ranks: Dict[str, List[int]], full: Dict[str, List[int]]) -> None:
         rows = []

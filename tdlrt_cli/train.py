@@ -203,10 +203,9 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             if integrator is not None:
                 report = parameter_report(model)
                 values["compression/rate"] = report["compression_rate"]
+                values["compression/tau"] = integrator.current_tau()
                 postfix["c.r."] = f"{report['compression_rate']:.1f}%"
-                for name, r in layer_ranks(model).items():
-                    for mode, value in zip(("out", "in", "kh", "kw"), r):
-                        values[f"ranks/{name}/{mode}"] = value
+                values.update(log_ranks(logger, model, global_step, epoch + 1))
                 for layer_name, layer in lowrank_named(model):
                     values[f"diag/ortho_error/{layer_name}"] = orthonormality_error(layer)
                 for name, info in integrator.last_info.items():
@@ -228,6 +227,42 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
     loss_total, correct_total, seen_total = dist.sum_(totals).tolist()
     return {"train_loss": loss_total / max(seen_total, 1), "train_acc": 100.0 * correct_total / max(seen_total, 1),
             "epoch_time_s": dt, "images_per_s": seen_here * dist.world / max(dt, 1e-9), "global_step": global_step}
+
+
+def log_ranks(logger, model, global_step: int, epoch: int) -> dict:
+    """Every layer's per-mode ranks at ``global_step``: a row per layer in ranks_steps.csv, and the
+    TensorBoard scalars ``ranks/<layer>/<mode>`` (returned, for the caller's batch of scalars)."""
+    ranks = layer_ranks(model)
+    logger.step_ranks(global_step, epoch, ranks)
+    return {f"ranks/{name}/{mode}": value for name, r in ranks.items() for mode, value in zip(("out", "in", "kh", "kw"), r)}
+
+
+def pinned_modes(model) -> dict:
+    """Adapted modes whose final rank sits at a bound: ``{"r_max": [...], "r_min": [...]}`` of "layer/mode".
+    At r_max the tolerance never cut that mode (the reported compression is the cap's, not an adaptation);
+    at r_min the tolerance took all it was allowed to."""
+    pinned = {"r_max": [], "r_min": []}
+    for name, layer in lowrank_named(model):
+        for i, (r, (lo, hi), adapted) in enumerate(zip(layer.ranks, layer.rank_bounds, layer.adapted)):
+            if not adapted or lo == hi:
+                continue
+            mode = ("out", "in", "kh", "kw")[i] if layer.order == 4 else ("out", "in")[i]
+            if r >= min(hi, layer.full_shape[i]):
+                pinned["r_max"].append(f"{name}/{mode}")
+            elif r <= lo:
+                pinned["r_min"].append(f"{name}/{mode}")
+    return pinned
+
+
+def warn_pinned(pinned: dict, total: int) -> None:
+    if pinned["r_max"]:
+        warnings.warn(f"{len(pinned['r_max'])} of {total} adapted modes finished at r_max "
+                      f"({', '.join(pinned['r_max'][:6])}{', ...' if len(pinned['r_max']) > 6 else ''}): their ranks "
+                      f"were never cut below the cap; a larger tau, a larger method.r_max_frac or more epochs adapts them")
+    if pinned["r_min"]:
+        warnings.warn(f"{len(pinned['r_min'])} of {total} adapted modes finished at r_min "
+                      f"({', '.join(pinned['r_min'][:6])}{', ...' if len(pinned['r_min']) > 6 else ''}): tau may be "
+                      f"too large for them (or method.r_min too high)")
 
 
 def lowrank_named(model):
@@ -297,7 +332,9 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if cfg.method.name in INTEGRATED:
         integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every,
                            average=dist.mean_ if dist.enabled else None,
-                           broadcast=dist.broadcast_ if dist.enabled else None)
+                           broadcast=dist.broadcast_ if dist.enabled else None,
+                           tau_warmup_steps=round(cfg.method.tau_warmup_epochs * len(data.train)),
+                           tau_warmup_shape=cfg.method.tau_warmup_shape)
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     # iterative magnitude pruning: `rounds` prunings, each followed by retraining from the rewound weights
@@ -328,6 +365,9 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
+    if integrator is not None and resume is None and dist.main:  # the starting ranks, at step 0
+        logger.scalars(0, {**log_ranks(logger, model, 0, 0),
+                           "compression/rate": parameter_report(model)["compression_rate"]})
     for epoch in range(start_epoch, total_epochs):
         if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
             integrator.freeze_bases()
@@ -384,9 +424,11 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
     report = parameter_report(model)
     example = next(iter(data.train))[0][:2].to(device)
+    pinned = pinned_modes(model) if integrator is not None else None
     summary = {
         "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best_acc, test_acc),
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
+        "pinned_modes": pinned,
         **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
@@ -405,6 +447,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     dist.close()
     if not dist.main:
         return summary
+    if pinned is not None:
+        warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)))
     print(f"done: test acc {test_acc:.2f}% (best {summary['best_test_acc']:.2f}%), "
           f"c.r. {report['compression_rate']:.1f}%, outputs in {run_dir}", file=sys.stderr)
     return summary

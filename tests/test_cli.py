@@ -58,8 +58,25 @@ def test_train_writes_every_run_file(tmp_path, method):
         assert {int(r["epoch"]) for r in ranks} == {1, 2} and len(ranks) == 24
         for r in ranks:
             assert 1 <= int(r["r_out"]) <= int(r["n_out"]) // 2 and 1 <= int(r["r_in"]) <= int(r["n_in"]) // 2
+        steps = read_csv(run / "ranks_steps.csv")
+        assert {int(r["step"]) for r in steps} == {0, summary["steps"] // 2, summary["steps"]}  # step 0, epoch ends
+        assert set(summary["pinned_modes"]) == {"r_max", "r_min"}
     else:
         assert summary["compression_rate"] == 0 and summary["ranks"] == {}
+
+
+def test_ranks_every_logging_step_and_a_warning_for_modes_left_at_their_cap(tmp_path):
+    """tau=0.01 cuts nothing in one short epoch: every adapted mode ends at r_max, which the run says, since
+    the compression it reports is then the starting cap's and not an adaptation."""
+    args = [a for a in TINY if not a.startswith("epochs")]
+    proc = run_tdlrt(["train", *args, "epochs=1", "method=tdlrt", "tau=0.01", "log_every_n_steps=1"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    steps = read_csv(run / "ranks_steps.csv")
+    assert sorted({int(r["step"]) for r in steps}) == [0, 1, 2, 3, 4]  # 256 images / 64 per step
+    assert len(steps) == 5 * 12
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["pinned_modes"]["r_max"]) == 24 and summary["pinned_modes"]["r_min"] == []
+    assert "24 of 24 adapted modes finished at r_max" in proc.stderr
 
 
 def test_multirun_two_jobs(tmp_path):

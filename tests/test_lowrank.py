@@ -560,6 +560,34 @@ def test_carried_adam_second_moment_stays_positive_and_bounded_through_rank_chan
     assert changes >= 1 and worst <= 5.0, (changes, worst)
 
 
+@pytest.mark.parametrize("shape", ["linear", "hold"])
+def test_tolerance_warmup_decides_ranks_late_and_the_plain_rule_is_one_option_away(shape):
+    """From a random start the core's spectrum is flat, so the plain rule (tau from step 0) cuts at once;
+    with a warm-up of T steps the tolerance is tau t / T (linear) or 0 (hold) until T, then tau."""
+    x, y = regression_problem(f64)
+
+    def layer():
+        return TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None], rank_bounds=[(1, 8), (1, 6), (3, 3), (3, 3)],
+                            dtype=f64, generator=torch.Generator().manual_seed(1))
+
+    plain, warm = layer(), layer()
+    _, integrator = train_layer(plain, x, y, 1, lr=0.1, tau=0.4)
+    assert plain.ranks[:2] != (8, 6)  # the plain rule cut the random start at step 0
+    opt = torch.optim.SGD(warm.parameters(), lr=0.1)
+    integrator = TDLRT(warm, opt, tau=0.4, tau_warmup_steps=10, tau_warmup_shape=shape)
+    taus = []
+    for _ in range(12):
+        taus.append(integrator.current_tau())
+        integrator.zero_grad()
+        F.mse_loss(warm(x), y).backward()
+        integrator.step()
+        if len(taus) <= 3:
+            assert warm.ranks[:2] == (8, 6), taus
+    expected = [0.4 * t / 10 for t in range(10)] if shape == "linear" else [0.0] * 10
+    assert taus == pytest.approx(expected + [0.4, 0.4])
+    assert warm.ranks[:2] != (8, 6)  # adapting once the tolerance is there
+
+
 def test_checkpoint_mid_training_resumes_with_identical_ranks_and_factors(tmp_path):
     x, y = regression_problem(torch.float32, target_ranks=(4, 3))
 
