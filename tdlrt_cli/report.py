@@ -1,21 +1,26 @@
 """`tdlrt report PATH... [out=DIR] [band=5]`: run folders -> the paper's tables and plots.
 
-Every ``summary.json`` under the given paths (single runs or multirun sweeps) is one run. Runs are grouped
-by data, model, method and the method's own compression knob (tau, rank fraction, target c.r., sparsity);
-each group gives mean and standard deviation over its seeds. Within a (data, model) table the best and
-second-best accuracies are marked among the rows of comparable compression: rows whose mean conv
-compression rate falls in the same ``band``-point band (e.g. 90-95%).
+Every ``summary.json`` under the given paths (single runs or multirun sweeps) is one finished run. Runs
+are grouped by their whole resolved config except the seed and the keys in :data:`IGNORED_KEYS`: each
+group is one row with mean and standard deviation over its seeds, and the config keys that differ
+between rows become columns (a tau sweep gets a ``tau`` column, an lr sweep an ``lr`` column). Run
+folders without a ``summary.json`` (still running, killed, failed) are listed apart as unfinished, with
+the epochs they reached. Within a (data, model) table the best and second-best accuracies are marked
+among the rows of comparable compression: rows whose mean conv compression rate falls in the same
+``band``-point band (e.g. 90-95%). The accuracy of a row is each run's best-checkpoint accuracy
+(``best_test_acc``: the epoch of ``checkpoints/best.pt``), its final accuracy (``test_acc``) beside it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import UserError
 
@@ -23,6 +28,84 @@ METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip"
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
                 "cp": "CP (fixed rank)", "tt": "TT (fixed rank)", "matrix": "Matrix (fixed rank)",
                 "snip": "SNIP", "grasp": "GraSP", "imp": "IMP (rewinding)"}
+
+# Config keys that never change what a run trains: where its files go, how it logs, when it checkpoints,
+# what it measures after training, which device runs it. Runs whose resolved configs differ only in
+# these and in ``seed`` (over which a row averages) share a row; any other difference makes another row.
+# An entry covers the keys below it ("checkpoint" covers checkpoint.every_n_steps and .auto_resume).
+IGNORED_KEYS = (
+    "hydra", "task_name",                 # Hydra's settings and the run folder (outputs/<task_name>/...)
+    "ckpt_path",                          # the checkpoint a resumed run continued from
+    "checkpoint",                         # when last.pt is written, whether a requeued job continues
+    "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
+    "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
+    "cost_report", "cost_repeat",         # the cost report measured after training
+    "device",                             # auto, cpu, cuda:N
+    "data.download", "data.num_workers",  # fetching the files, loader processes
+)
+SEED_KEY = "seed"
+# data.root is only where the files of these datasets live (it differs between machines); for
+# data=imagefolder it is the dataset itself and stays a grouping key.
+ROOT_IS_LOCATION = ("cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
+SHOWN_KEYS = ("data.name", "model.name", "method.name")  # have columns of their own
+OWNED_BY = {"tau": "method"}  # top-level keys that belong to a config group (tau: tdlrt and dlrt only)
+KNOB_KEYS = ("tau", "method.rank_frac", "method.target_cr", "method.sparsity")  # what knob_of shows
+MISSING = object()  # a key absent from a run's config (an older tdlrt, a hand-written summary)
+
+
+def flatten(config: dict, prefix: str = "") -> Dict[str, object]:
+    """``{"method": {"name": "tdlrt"}}`` -> ``{"method.name": "tdlrt"}`` (lists stay values)."""
+    out: Dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def is_ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+def grouping_config(config: dict) -> Dict[str, object]:
+    """The flattened config that decides a run's row: everything but the seed and the ignored keys."""
+    flat = flatten(config)
+    kept = {k: v for k, v in flat.items() if k != SEED_KEY and not is_ignored(k)}
+    if flat.get("data.name") in ROOT_IS_LOCATION:
+        kept.pop("data.root", None)
+    return kept
+
+
+def _norm(v):
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)  # 1 and 1.0 are the same setting
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _norm(x) for k, x in v.items()}
+    return str(v)
+
+
+def canon(v) -> str:
+    """A value as a comparable string (MISSING apart from every value, None included)."""
+    return "<missing>" if v is MISSING else json.dumps(_norm(v), sort_keys=True)
+
+
+def fmt(v) -> str:
+    if v is MISSING:
+        return "n/a"
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    return str(v)
 
 
 @dataclass
@@ -33,9 +116,16 @@ class Run:
     method: str
     knob: str
     seed: int
-    test_acc: float
+    test_acc: float                  # final: after the last epoch
     compression_rate: float
     init_decay: float = 0.0
+    best_test_acc: Optional[float] = None  # of checkpoints/best.pt; None when summary.json has none
+    config: Dict[str, object] = field(default_factory=dict)  # grouping_config of the run
+
+    @property
+    def acc(self) -> float:
+        """The accuracy a row reports: the best checkpoint's, else the final one."""
+        return self.test_acc if self.best_test_acc is None else self.best_test_acc
 
 
 @dataclass
@@ -44,6 +134,7 @@ class Row:
     model: str
     method: str
     knob: str
+    config: Dict[str, object] = field(default_factory=dict)
     runs: List[Run] = field(default_factory=list)
     mark: int = 0  # 1 best, 2 second best within its compression band
 
@@ -53,11 +144,48 @@ class Row:
 
     @property
     def acc(self):
+        """Mean and std of the best-checkpoint accuracy (the final one for runs without a best checkpoint)."""
+        return self._stats("acc")
+
+    @property
+    def final_acc(self):
         return self._stats("test_acc")
 
     @property
     def cr(self):
         return self._stats("compression_rate")
+
+    @property
+    def acc_source(self) -> str:
+        best = [r.best_test_acc is not None for r in self.runs]
+        return "best_ckpt" if all(best) else "final" if not any(best) else "mixed"
+
+    @property
+    def seeds(self) -> List[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def band(self, width: float) -> Tuple[float, float]:
+        low = math.floor(self.cr[0] / width) * width
+        return low, low + width
+
+    def value(self, key: str):
+        return self.config.get(key, MISSING)
+
+
+@dataclass
+class Unfinished:
+    """A run folder without summary.json: still running, killed or failed."""
+    path: Path
+    data: str
+    model: str
+    method: str
+    knob: str
+    seed: Optional[int]
+    epochs_done: int                 # the last epoch in metrics.csv (0: none finished)
+    epochs_planned: Optional[int]
+    last_test_acc: Optional[float]   # of that epoch
+    checkpoint: bool                 # checkpoints/last.pt is there (it can be resumed)
+    overrides: str                   # .hydra/overrides.yaml of the run
 
 
 def knob_of(config: dict) -> str:
@@ -77,37 +205,157 @@ def knob_of(config: dict) -> str:
     return ""
 
 
-def collect(paths: List[Path]) -> List[Run]:
-    runs = []
+def _read_metrics(run_dir: Path) -> Tuple[int, Optional[float]]:
+    """(last epoch, its test accuracy) from metrics.csv; (0, None) when it has no complete row."""
+    done, acc = 0, None
+    try:
+        with open(run_dir / "metrics.csv", newline="") as fh:
+            for rec in csv.DictReader(fh):
+                try:
+                    epoch = int(rec["epoch"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if epoch >= done:
+                    done = epoch
+                    try:
+                        acc = float(rec["test_acc"])
+                    except (KeyError, TypeError, ValueError):
+                        acc = None
+    except (OSError, csv.Error):
+        pass
+    return done, acc
+
+
+def _hydra_config(run_dir: Path) -> Tuple[dict, str]:
+    """The config a run folder's (last) session ran with, from .hydra/, and its command-line overrides."""
+    from omegaconf import OmegaConf
+
+    hydra_dir = run_dir / ".hydra"
+    sessions = sorted(hydra_dir.glob("resume-*"))[::-1] + [hydra_dir]  # a resumed session's config wins
+    config, overrides = {}, ""
+    for d in sessions:
+        if not (d / "config.yaml").is_file():
+            continue
+        try:
+            loaded = OmegaConf.load(d / "config.yaml")
+            try:
+                config = OmegaConf.to_container(loaded, resolve=True)
+            except Exception:
+                config = OmegaConf.to_container(loaded, resolve=False)
+            if (d / "overrides.yaml").is_file():
+                overrides = " ".join(str(o) for o in OmegaConf.to_container(OmegaConf.load(d / "overrides.yaml")))
+        except Exception as exc:
+            print(f"tdlrt: warning: cannot read {d / 'config.yaml'} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        break
+    return (config if isinstance(config, dict) else {}), overrides
+
+
+def unfinished_run(run_dir: Path) -> Unfinished:
+    config, overrides = _hydra_config(run_dir)
+    m = config.get("method") if isinstance(config.get("method"), dict) else {}
+    done, acc = _read_metrics(run_dir)
+    try:
+        planned = int(config["epochs"])
+        if m.get("name") == "imp":
+            planned *= int(m.get("rounds", 3)) + 1
+    except (KeyError, TypeError, ValueError):
+        planned = None
+    try:
+        knob = knob_of(config)
+    except (KeyError, TypeError, ValueError):
+        knob = "?"
+    seed = config.get("seed")
+    return Unfinished(run_dir, str((config.get("data") or {}).get("name", "?")),
+                      str((config.get("model") or {}).get("name", "?")), str(m.get("name", "?")), knob,
+                      seed if isinstance(seed, int) else None, done, planned, acc,
+                      (run_dir / "checkpoints" / "last.pt").is_file(), overrides)
+
+
+def _run_folders(base: Path) -> Iterable[Path]:
+    """Folders under base that a training run wrote (Hydra's .hydra/, metrics.csv or checkpoints/last.pt)."""
+    found = {p.parent for p in base.rglob(".hydra") if p.is_dir()}
+    found |= {p.parent for p in base.rglob("metrics.csv")}
+    found |= {p.parent.parent for p in base.rglob("last.pt") if p.parent.name == "checkpoints"}
+    return sorted(found)
+
+
+def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
+    """Finished runs (summary.json) and unfinished run folders (no summary.json) under the paths."""
+    runs, unfinished, seen = [], [], set()
     for base in paths:
         if not base.exists():
             raise UserError(f"{base} does not exist")
         files = [base] if base.is_file() else sorted(base.rglob("summary.json"))
         for f in files:
+            if f.resolve() in seen:  # the same run under two of the given paths counts once
+                continue
+            seen.add(f.resolve())
             try:
                 s = json.loads(f.read_text())
                 c = s["config"]
+                best = s.get("best_test_acc")
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
                                 int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
-                                float(c["method"].get("init_decay", 0.0) or 0.0)))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                                float(c["method"].get("init_decay", 0.0) or 0.0),
+                                None if best is None else float(best), grouping_config(c)))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {exc})", file=sys.stderr)
-    if not runs:
-        raise UserError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
-    return runs
+        if base.is_dir():
+            for d in _run_folders(base):
+                if not (d / "summary.json").is_file() and d.resolve() not in seen:
+                    seen.add(d.resolve())
+                    unfinished.append(unfinished_run(d))
+    if not runs and not unfinished:
+        raise UserError(f"no finished runs (summary.json) and no run folders under {', '.join(map(str, paths))}")
+    return runs, unfinished
 
 
 def group(runs: List[Run]) -> List[Row]:
-    rows: Dict[tuple, Row] = {}
+    """One row per distinct grouping config (the whole resolved config but the seed and IGNORED_KEYS)."""
+    rows: Dict[str, Row] = {}
     for r in runs:
-        key = (r.data, r.model, r.method, r.knob)
-        rows.setdefault(key, Row(*key)).runs.append(r)
+        key = json.dumps(sorted((k, canon(v)) for k, v in r.config.items()))
+        rows.setdefault(key, Row(r.data, r.model, r.method, r.knob, r.config)).runs.append(r)
 
     def order(row):
         return (row.data, row.model, METHOD_ORDER.index(row.method) if row.method in METHOD_ORDER else 99,
-                row.cr[0])
+                row.cr[0], row.knob, sorted((k, canon(v)) for k, v in row.config.items()))
 
     return sorted(rows.values(), key=order)
+
+
+def _owner(key: str, config: Dict[str, object]) -> Optional[str]:
+    """The config group a key belongs to (method.r_min -> method), if that group has a name."""
+    if key in OWNED_BY:
+        return OWNED_BY[key]
+    head, dot, rest = key.partition(".")
+    return head if dot and rest != "name" and f"{head}.name" in config else None
+
+
+def varying_keys(rows: List[Row]) -> List[str]:
+    """The config keys that tell these rows apart, beyond data, model and method: a key counts when two
+    rows differ in it; keys of a config group (method.*, optimizer.*, tau, ...) only among rows of the
+    same group name, so the defaults of different methods do not all become columns."""
+    keys = sorted({k for row in rows for k in row.config} - set(SHOWN_KEYS))
+    varying = []
+    for key in keys:
+        values: Dict[str, set] = {}
+        for row in rows:
+            owner = _owner(key, row.config)
+            scope = canon(row.value(f"{owner}.name")) if owner else ""
+            values.setdefault(scope, set()).add(canon(row.value(key)))
+        if any(len(v) > 1 for v in values.values()):
+            varying.append(key)
+    return sorted(varying, key=lambda k: (k.count("."), k))
+
+
+def tables(rows: List[Row]) -> List[Tuple[Tuple[str, str], List[Row]]]:
+    """Rows by (data, model), in order."""
+    out: Dict[Tuple[str, str], List[Row]] = {}
+    for row in rows:
+        out.setdefault((row.data, row.model), []).append(row)
+    return list(out.items())
 
 
 def mark_best(rows: List[Row], band: float) -> None:
@@ -126,33 +374,91 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def write_tables(rows: List[Row], out: Path, band: float) -> None:
-    md = [f"Test accuracy and conv compression rate (mean ± std over seeds). **Best** and _second best_ "
-          f"accuracy among rows whose compression rates fall in the same {band:g}-point band.", ""]
-    tex = ["\\begin{tabular}{llllrr}", "\\toprule",
-           "Data & Model & Method & Setting & Test acc. (\\%) & c.r. (\\%) \\\\", "\\midrule"]
+def _tex_pm(mean: float, std: float) -> str:
+    return _pm(mean, std).replace("±", "$\\pm$")
+
+
+def _tex(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", text)
+
+
+def _band_label(row: Row, band: float) -> str:
+    low, high = row.band(band)
+    return f"{low:g}-{high:g}"
+
+
+ACC_NOTE = ("\"test acc., best ckpt\" is each run's `best_test_acc` from summary.json: the test accuracy of "
+            "`checkpoints/best.pt`, the epoch with the highest test accuracy (chosen on the test set; there is "
+            "no separate validation split); † marks rows with runs that have none and count their final "
+            "accuracy. \"final test acc.\" is `test_acc`, after the last epoch.")
+
+
+def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[List[Unfinished]] = None) -> None:
+    unfinished = unfinished or []
+    columns = varying_keys(rows)  # csv and tex: one header for all tables
+    md = [f"Test accuracy (%) and conv compression rate (%), mean ± std over seeds. A row averages the runs "
+          f"whose resolved configs are equal except for the seed and the keys that do not change what is "
+          f"trained ({', '.join(IGNORED_KEYS)}; data.root of {', '.join(ROOT_IS_LOCATION)}); the columns "
+          f"between \"setting\" and \"c.r. band\" are the config keys that differ between rows. "
+          f"**Best** and _second best_ accuracy (best checkpoint) among rows whose compression rates fall in "
+          f"the same {band:g}-point band (\"c.r. band\").", "", ACC_NOTE]
+    tex = ["\\begin{tabular}{llll" + "l" * len(columns) + "lrrr}", "\\toprule",
+           "Data & Model & Method & Setting & " + "".join(f"{_tex(c)} & " for c in columns)
+           + "c.r. band (\\%) & Test acc., best ckpt (\\%) & Final test acc. (\\%) & c.r. (\\%) \\\\", "\\midrule"]
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["data", "model", "method", "setting", "runs", "test_acc_mean", "test_acc_std",
-                    "compression_rate_mean", "compression_rate_std", "mark"])
-        current = None
-        for row in rows:
-            (acc, acc_sd), (cr, cr_sd) = row.acc, row.cr
-            w.writerow([row.data, row.model, row.method, row.knob, len(row.runs), f"{acc:.4f}", f"{acc_sd:.4f}",
-                        f"{cr:.4f}", f"{cr_sd:.4f}", {1: "best", 2: "second"}.get(row.mark, "")])
-            if (row.data, row.model) != current:
-                current = (row.data, row.model)
-                md += ["", f"### {row.model} on {row.data}", "",
-                       "| method | setting | runs | test acc. (%) | c.r. (%) |", "|---|---|---|---|---|"]
-            text = _pm(acc, acc_sd)
-            md_acc = {1: f"**{text}**", 2: f"_{text}_"}.get(row.mark, text)
-            tex_acc = {1: f"\\textbf{{{text}}}", 2: f"\\underline{{{text}}}"}.get(row.mark, text).replace("±", "$\\pm$")
-            label = METHOD_LABEL.get(row.method, row.method)
-            md.append(f"| {label} | {row.knob or '-'} | {len(row.runs)} | {md_acc} | {_pm(cr, cr_sd)} |")
-            setting = row.knob.replace("%", "\\%") or "-"
-            tex_cr = _pm(cr, cr_sd).replace("±", "$\\pm$")
-            tex.append(f"{row.data} & {row.model} & {label} & {setting} & {tex_acc} & {tex_cr} \\\\")
+        w.writerow(["data", "model", "method", "setting", *columns, "compression_band", "runs", "seeds",
+                    "acc_source", "test_acc_best_ckpt_mean", "test_acc_best_ckpt_std", "test_acc_final_mean",
+                    "test_acc_final_std", "compression_rate_mean", "compression_rate_std", "mark"])
+        for (data, model), members in tables(rows):
+            local = varying_keys(members)  # md: the keys that differ within this table
+            md += ["", f"### {model} on {data}", "",
+                   "| method | setting | " + "".join(f"{c} | " for c in local)
+                   + "c.r. band (%) | runs | test acc. (%), best ckpt | final test acc. (%) | c.r. (%) |",
+                   "|---|---|" + "---|" * len(local) + "---|---|---|---|---|"]
+            for row in members:
+                (acc, acc_sd), (fin, fin_sd), (cr, cr_sd) = row.acc, row.final_acc, row.cr
+                w.writerow([row.data, row.model, row.method, row.knob, *(fmt(row.value(c)) for c in columns),
+                            _band_label(row, band), len(row.runs), " ".join(map(str, row.seeds)), row.acc_source,
+                            f"{acc:.4f}", f"{acc_sd:.4f}", f"{fin:.4f}", f"{fin_sd:.4f}", f"{cr:.4f}",
+                            f"{cr_sd:.4f}", {1: "best", 2: "second"}.get(row.mark, "")])
+                text = _pm(acc, acc_sd)
+                dagger = "" if row.acc_source == "best_ckpt" else " †"
+                md_acc = {1: f"**{text}**", 2: f"_{text}_"}.get(row.mark, text) + dagger
+                tex_acc = ({1: f"\\textbf{{{text}}}", 2: f"\\underline{{{text}}}"}.get(row.mark, text)
+                           .replace("±", "$\\pm$") + ("$^\\dagger$" if dagger else ""))
+                label = METHOD_LABEL.get(row.method, row.method)
+                md.append(f"| {label} | {row.knob or '-'} | " + "".join(f"{fmt(row.value(c))} | " for c in local)
+                          + f"{_band_label(row, band)} | {len(row.runs)} | {md_acc} | {_pm(fin, fin_sd)} | "
+                          f"{_pm(cr, cr_sd)} |")
+                setting = _tex(row.knob) or "-"
+                tex.append(f"{_tex(row.data)} & {_tex(row.model)} & {label} & {setting} & "
+                           + "".join(f"{_tex(fmt(row.value(c)))} & " for c in columns)
+                           + f"{_band_label(row, band)} & {tex_acc} & {_tex_pm(fin, fin_sd)} & "
+                           f"{_tex_pm(cr, cr_sd)} \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
+    with open(out / "unfinished.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "data", "model", "method", "setting", "seed", "epochs_done", "epochs_planned",
+                    "last_test_acc", "last_checkpoint", "overrides"])
+        for u in unfinished:
+            w.writerow([u.path, u.data, u.model, u.method, u.knob, "" if u.seed is None else u.seed, u.epochs_done,
+                        "" if u.epochs_planned is None else u.epochs_planned,
+                        "" if u.last_test_acc is None else f"{u.last_test_acc:.4f}", u.checkpoint, u.overrides])
+    if unfinished:
+        md += ["", f"### Unfinished runs ({len(unfinished)}): no summary.json (still running, killed or failed); "
+                   "not in the tables above", "",
+               "| run folder | data | model | method | setting | seed | epochs reached | last test acc. (%) "
+               "| last.pt | overrides |", "|---|---|---|---|---|---|---|---|---|---|"]
+        tex += ["", f"% {len(unfinished)} unfinished run(s) (no summary.json), not in the table:"]
+        for u in unfinished:
+            epochs = f"{u.epochs_done}/{'?' if u.epochs_planned is None else u.epochs_planned}"
+            last = "-" if u.last_test_acc is None else f"{u.last_test_acc:.2f}"
+            seed = "?" if u.seed is None else u.seed
+            md.append(f"| {u.path} | {u.data} | {u.model} | {METHOD_LABEL.get(u.method, u.method)} | "
+                      f"{u.knob or '-'} | {seed} | {epochs} | {last} | {'yes' if u.checkpoint else 'no'} | "
+                      f"{u.overrides or '-'} |")
+            tex.append(f"%   {u.path}: {u.data} {u.model} {u.method} {u.knob} seed {seed}, epoch {epochs}")
     (out / "table.md").write_text("\n".join(md) + "\n")
     (out / "table.tex").write_text("\n".join(tex) + "\n")
 
@@ -173,24 +479,36 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _extra(row: Row, keys: List[str]) -> str:
+    """The row's values of the given config keys other than its knob, as "lr=0.01, epochs=30"."""
+    return ", ".join(f"{k}={fmt(row.value(k))}" for k in keys if k not in KNOB_KEYS)
+
+
 def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
+    """Per (data, model): best-checkpoint accuracy against c.r., one curve per method and setting of the
+    other differing keys (an lr sweep gets one curve per lr)."""
     plt = _plt()
     written = []
-    for data, model in sorted({(r.data, r.model) for r in rows}):
+    for (data, model), members in sorted(tables(rows)):
+        keys = varying_keys(members)
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for method in METHOD_ORDER:
-            pts = sorted((r for r in rows if (r.data, r.model, r.method) == (data, model, method)),
-                         key=lambda r: r.cr[0])
-            if not pts:
-                continue
-            xs, xe = zip(*(r.cr for r in pts))
-            ys, ye = zip(*(r.acc for r in pts))
-            if method == "dense":
-                ax.axhline(ys[0], color="grey", linestyle="--", label=f"Dense ({ys[0]:.1f}%)")
-                continue
-            ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=METHOD_LABEL[method])
+        for method in sorted({r.method for r in members},
+                             key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+            curves: Dict[str, List[Row]] = {}
+            for r in members:
+                if r.method == method:
+                    curves.setdefault(_extra(r, keys), []).append(r)
+            for extra, pts in curves.items():
+                pts.sort(key=lambda r: r.cr[0])
+                label = METHOD_LABEL.get(method, method) + (f" ({extra})" if extra else "")
+                xs, xe = zip(*(r.cr for r in pts))
+                ys, ye = zip(*(r.acc for r in pts))
+                if method == "dense":
+                    ax.axhline(ys[0], color="grey", linestyle="--", label=f"{label} ({ys[0]:.1f}%)")
+                    continue
+                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
         ax.set_xlabel("conv compression rate (%)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), best checkpoint")
         ax.set_title(f"{model} on {data}: accuracy vs compression")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -198,10 +516,15 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
     return written
 
 
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "", text.replace(", ", "_"))
+
+
 def plot_rank_trajectories(rows: List[Row], out: Path) -> List[Path]:
-    """One figure per TDLRT/DLRT setting (its first seed): rank of every layer and mode over epochs."""
+    """One figure per TDLRT/DLRT row (its first seed): rank of every layer and mode over epochs."""
     plt = _plt()
     written = []
+    keys = {table: varying_keys(members) for table, members in tables(rows)}
     for row in rows:
         if row.method not in ("tdlrt", "dlrt"):
             continue
@@ -223,8 +546,11 @@ def plot_rank_trajectories(rows: List[Row], out: Path) -> List[Path]:
             ax.set_ylabel(f"rank of mode '{mode}'")
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=6, ncol=2)
-        fig.suptitle(f"{row.model} on {row.data}, {METHOD_LABEL[row.method]} {row.knob} (seed {run.seed})")
-        written.append(_save(fig, out / f"ranks_{row.data}_{row.model}_{row.method}_{row.knob.replace('=', '')}.png"))
+        extra = _extra(row, keys[(row.data, row.model)])
+        fig.suptitle(f"{row.model} on {row.data}, {METHOD_LABEL[row.method]} {row.knob}"
+                     + (f", {extra}" if extra else "") + f" (seed {run.seed})")
+        name = f"ranks_{row.data}_{row.model}_{row.method}_{row.knob.replace('=', '')}"
+        written.append(_save(fig, out / (name + (f"_{_file_part(extra)}" if extra else "") + ".png")))
     return written
 
 
@@ -276,7 +602,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print("usage: tdlrt report PATH... [out=DIR] [band=5]\n\nReads run folders (single runs or multirun "
-              "sweeps) and writes table.md, table.csv, table.tex and PNG plots into DIR (default: report/).")
+              "sweeps) and writes table.md, table.csv, table.tex, unfinished.csv and PNG plots into DIR (default: "
+              "report/). A row averages the seeds of one config; run folders without summary.json are listed "
+              "as unfinished.")
         sys.exit(0 if args else 2)
     opts = dict(a.split("=", 1) for a in args if "=" in a)
     paths = [Path(a) for a in args if "=" not in a]
@@ -293,12 +621,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError("no run folders given: tdlrt report PATH... [out=DIR]")
         out = Path(opts.get("out", "report"))
         out.mkdir(parents=True, exist_ok=True)
-        runs = collect(paths)
+        runs, unfinished = collect(paths)
         rows = group(runs)
         mark_best(rows, band)
-        write_tables(rows, out, band)
+        write_tables(rows, out, band, unfinished)
         pngs = plot_accuracy_vs_compression(rows, out) + plot_rank_trajectories(rows, out) + plot_ill_conditioned(runs, out)
     except UserError as exc:
         print(f"tdlrt: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex and {len(pngs)} plots")
+    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex and {len(pngs)} plots"
+          + (f"; {len(unfinished)} unfinished run(s) (no summary.json) listed in table.md and unfinished.csv"
+             if unfinished else ""))

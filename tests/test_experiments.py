@@ -64,6 +64,10 @@ def test_quick_preset_runs_and_reports(tmp_path, preset):
         assert list(out.glob("ranks_*.png"))
     if preset == "ill_conditioned":
         assert (out / "ill_conditioned_loss.png").is_file()
+    if preset == "tau_sweep":  # three settings, each averaged over its two seeds
+        rows = list(csv.DictReader(open(out / "table.csv")))
+        assert len(rows) == 3 and all(r["runs"] == "2" and r["seeds"] == "0 1" for r in rows)
+        assert {r["tau"] for r in rows} == {"0.1", "0.3", "-"} and "seed" not in rows[0]
 
 
 def test_tiny_imagenet_preset_on_class_folders(tmp_path):
@@ -90,7 +94,8 @@ def test_report_marks_best_and_second_within_compression_bands(tmp_path):
     run_tdlrt(["report", str(tmp_path / "runs"), f"out={out}"], tmp_path)
     rows = {(r["method"], r["setting"]): r for r in csv.DictReader(open(out / "table.csv"))}
     tdlrt = rows[("tdlrt", "tau=0.1")]
-    assert tdlrt["runs"] == "2" and float(tdlrt["test_acc_mean"]) == 86.0 and float(tdlrt["test_acc_std"]) > 0
+    assert tdlrt["runs"] == "2" and float(tdlrt["test_acc_best_ckpt_mean"]) == 86.0
+    assert float(tdlrt["test_acc_best_ckpt_std"]) > 0 and tdlrt["acc_source"] == "final"  # no best_test_acc here
     assert tdlrt["mark"] == "best"                              # 90-95% band: 86 > 84 > 80
     assert rows[("tucker", "target c.r.=90%")]["mark"] == "second"
     assert rows[("cp", "target c.r.=90%")]["mark"] == ""
