@@ -520,30 +520,52 @@ def _file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "", text.replace(", ", "_"))
 
 
+def _rank_series(run_dir: Path) -> Tuple[str, Dict[Tuple[str, str], List[Tuple[int, int]]]]:
+    """Rank of every (layer, mode) over training: per step from ranks_steps.csv (step 0 and every logging
+    step) when the run has it, else per epoch from ranks.csv. Returns the x-axis name and the series."""
+    steps, epochs = run_dir / "ranks_steps.csv", run_dir / "ranks.csv"
+    path, x = (steps, "step") if steps.is_file() else (epochs, "epoch")
+    series: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
+    if path.is_file():
+        with open(path, newline="") as fh:
+            for rec in csv.DictReader(fh):
+                for mode in ("out", "in"):
+                    try:
+                        series.setdefault((rec["layer"], mode), []).append((int(rec[x]), int(rec[f"r_{mode}"])))
+                    except (KeyError, TypeError, ValueError):
+                        continue  # a truncated last line of a killed run
+    return x, series
+
+
 def plot_rank_trajectories(rows: List[Row], out: Path) -> List[Path]:
-    """One figure per TDLRT/DLRT row (its first seed): rank of every layer and mode over epochs."""
+    """One figure per TDLRT/DLRT row (its first seed): rank of every layer and mode over training steps,
+    each layer with its own colour and line style, integer rank axis."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     written = []
     keys = {table: varying_keys(members) for table, members in tables(rows)}
+    styles = ["-", "--", ":", "-."]
     for row in rows:
         if row.method not in ("tdlrt", "dlrt"):
             continue
         run = min(row.runs, key=lambda r: r.seed)
-        ranks = run.path / "ranks.csv"
-        if not ranks.is_file():
+        x, series = _rank_series(run.path)
+        if not series:
             continue
-        series: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
-        with open(ranks, newline="") as fh:
-            for rec in csv.DictReader(fh):
-                for mode in ("out", "in"):
-                    series.setdefault((rec["layer"], mode), []).append((int(rec["epoch"]), int(rec[f"r_{mode}"])))
+        layers = list(dict.fromkeys(layer for layer, _ in series))
+        colours = plt.get_cmap("tab20" if len(layers) > 10 else "tab10")
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
         for ax, mode in zip(axes, ("out", "in")):
-            for (layer, m), pts in series.items():
-                if m == mode:
-                    ax.plot(*zip(*sorted(pts)), marker=".", label=layer)
-            ax.set_xlabel("epoch")
+            for j, layer in enumerate(layers):
+                pts = sorted(series.get((layer, mode), []))
+                if pts:
+                    ax.plot(*zip(*pts), color=colours(j % colours.N), linestyle=styles[(j // 10) % len(styles)],
+                            marker="." if len(pts) < 30 else None, label=layer)
+            ax.set_xlabel("training step" if x == "step" else "epoch")
             ax.set_ylabel(f"rank of mode '{mode}'")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=6, ncol=2)
         extra = _extra(row, keys[(row.data, row.model)])

@@ -203,7 +203,7 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             if integrator is not None:
                 report = parameter_report(model)
                 values["compression/rate"] = report["compression_rate"]
-                values["compression/tau"] = integrator.current_tau()
+                values["compression/tau"] = integrator.last_tau  # the tolerance that decided these ranks
                 postfix["c.r."] = f"{report['compression_rate']:.1f}%"
                 values.update(log_ranks(logger, model, global_step, epoch + 1))
                 for layer_name, layer in lowrank_named(model):

@@ -534,30 +534,40 @@ def test_state_outside_the_bases_decays_over_fixed_basis_steps_like_the_optimize
         integrator.step()
 
 
-def test_carried_adam_second_moment_stays_positive_and_bounded_through_rank_changes():
-    """Carried second moments are non-negative everywhere, positive where the first moment is carried
-    (no steps of lr/eps), and no core entry moves more than a few lr in one Adam step across rank changes."""
+SECOND_MOMENT = {"adam": (lambda ps, lr: torch.optim.Adam(ps, lr=lr), "exp_avg_sq"),
+                 "amsgrad": (lambda ps, lr: torch.optim.Adam(ps, lr=lr, amsgrad=True), "max_exp_avg_sq"),
+                 "rmsprop": (lambda ps, lr: torch.optim.RMSprop(ps, lr=lr), "square_avg"),
+                 "adagrad": (lambda ps, lr: torch.optim.Adagrad(ps, lr=lr), "sum")}
+
+
+@pytest.mark.parametrize("name", list(SECOND_MOMENT))
+def test_carried_second_moments_stay_positive_and_bounded_through_rank_changes(name):
+    """Carried second moments are non-negative everywhere and positive where they divide a carried first
+    moment (no steps of lr/eps); no core entry moves more than a few lr in one step across rank changes.
+    (RMSprop's square_avg carried with signed maps went negative and the core NaN at the first step.)"""
     x, y = regression_problem(torch.float32, target_ranks=(4, 3))
     lr = 1e-2
+    make, key = SECOND_MOMENT[name]
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None],
                          rank_bounds=[(2, 8), (2, 6), (3, 3), (3, 3)], generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    opt = make(layer.parameters(), lr)
     integrator = TDLRT(layer, opt, tau=0.2)
     changes, worst = 0, 0.0
-    for _ in range(300):
+    for step in range(300):
         integrator.zero_grad()
         F.mse_loss(layer(x), y).backward()
         ranks = layer.ranks
         ready = integrator.prepare_step()
-        if opt.state.get(layer.core):
-            v = opt.state[layer.core]["exp_avg_sq"]
-            assert bool((v >= 0).all()) and (float(v.min()) > 0 or float(opt.state[layer.core]["exp_avg"].abs().max()) == 0)
+        if step > 0:
+            v = opt.state[layer.core][key]
+            assert bool((v >= 0).all()) and float(v.min()) > 0, name
         before = layer.core.detach().clone()
         opt.step()
+        assert bool(torch.isfinite(layer.core).all()), name
         worst = max(worst, float((layer.core.detach() - before).abs().max()) / lr)
         integrator.finish_step(ready)
         changes += layer.ranks != ranks
-    assert changes >= 1 and worst <= 5.0, (changes, worst)
+    assert changes >= 1 and worst <= 10.0, (name, changes, worst)
 
 
 @pytest.mark.parametrize("shape", ["linear", "hold"])

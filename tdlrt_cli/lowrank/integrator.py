@@ -29,7 +29,8 @@ import torch.nn as nn
 from .layers import LowRankLayer, replace_data
 from .tucker import mode_product, multi_mode_product, orthonormalize, unfold
 
-VARIANCE_STATES = ("exp_avg_sq", "max_exp_avg_sq")  # Adam second moments: mapped with squared maps
+# Second moments (Adam, AMSGrad, RMSprop, Adagrad, Adadelta): variances, mapped with squared maps
+VARIANCE_STATES = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
 
 
 # --------------------------------------------------------------------------- step 1: K-step
@@ -277,16 +278,21 @@ def _transport_maps(new_bases, old_bases) -> List[Optional[torch.Tensor]]:
 
 
 def state_decay(optimizer: torch.optim.Optimizer, param: nn.Parameter, key: str) -> float:
-    """Per-step decay of optimizer state ``key`` where the gradient is zero (0: not carried across)."""
+    """Per-step decay of optimizer state ``key`` where the gradient is zero; 0 for a key this function does
+    not know (such state is not carried across augmentations: it starts at zero in the new directions)."""
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
-    if key == "momentum_buffer":
+    if key == "momentum_buffer":                      # SGD, RMSprop
         return float(group.get("momentum", 0.0))
-    if key == "exp_avg":
+    if key == "exp_avg":                              # Adam, AdamW
         return float(group.get("betas", (0.0, 0.0))[0])
     if key == "exp_avg_sq":
         return float(group.get("betas", (0.0, 0.0))[1])
-    if key == "max_exp_avg_sq":
+    if key in ("max_exp_avg_sq", "sum"):              # AMSGrad's running maximum, Adagrad's sum
         return 1.0
+    if key in ("square_avg", "grad_avg"):             # RMSprop (alpha), Adadelta's square_avg (rho)
+        return float(group.get("alpha", group.get("rho", 0.0)))
+    if key == "acc_delta":                            # Adadelta
+        return float(group.get("rho", 0.0))
     return 0.0
 
 
@@ -306,7 +312,7 @@ def project_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Paramete
         if torch.is_tensor(value) and tuple(value.shape) == shape and value.dim() > 0:
             kept[key] = value
             state[key] = _transport(value, maps, key in VARIANCE_STATES).contiguous()
-    return StateStash([None if b is None else b.clone() for b in augmented_bases], kept)
+    return StateStash(list(augmented_bases), kept)  # the layer holds new tensors now: no copy needed
 
 
 def carry_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_shape: Sequence[int],
@@ -330,15 +336,20 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
         if not torch.is_tensor(value) or tuple(value.shape) != old_shape or value.dim() == 0:
             continue
         variance = key in VARIANCE_STATES
-        neutral = float(value.mean()) if variance and value.numel() else 0.0
-        decay = state_decay(optimizer, param, key) ** stash.fixed_steps if stash is not None else 0.0
+        neutral = value.mean() if variance and value.numel() else value.new_zeros(())  # no host sync
+        decay = state_decay(optimizer, param, key) if stash is not None else 0.0
         if stash is not None and key in stash.state and decay > 0:
-            carried = _transport(stash.state[key], maps, variance) * decay
-            if variance:
-                reach = _transport(torch.ones_like(stash.state[key]), maps, True)
+            carried = _transport(stash.state[key], maps, variance) * decay ** stash.fixed_steps
+            if variance:  # the share of each entry that history reaches: prod_i rowsum(M_i o M_i)
+                reach = carried.new_ones(())
+                for i, m in enumerate(maps):
+                    if m is not None:
+                        shape = [1] * carried.dim()
+                        shape[i] = m.shape[0]
+                        reach = reach * (m * m).sum(1).to(carried.dtype).reshape(shape)
                 carried = carried + (1 - reach).clamp_min(0) * neutral
         else:
-            carried = value.new_full(tuple(param.shape), neutral)
+            carried = neutral.expand(tuple(param.shape)).clone()
         carried = carried.to(value.dtype).contiguous()
         carried[block] = value
         state[key] = carried
@@ -395,6 +406,7 @@ class TDLRT:
         self.truncation_seconds = 0.0
         self.last_info: Dict[str, TruncationInfo] = {}
         self.stashes: Dict[int, StateStash] = {}  # layer index -> its core's optimizer state in augmented bases
+        self.last_tau = 0.0             # the tolerance of the last truncation
         self._names = {id(m): n for n, m in model.named_modules()}
         self._arm()
 
@@ -462,14 +474,16 @@ class TDLRT:
         """Step 4 on the layers :meth:`prepare_step` returned (after the optimizer stepped their cores), and
         the bookkeeping of step 5: their optimizer states are stashed in the augmented bases."""
         t0 = self._clock() if self.timing else 0.0
+        if ready:
+            self.last_tau = self.current_tau()
         with torch.no_grad():
-            infos = truncate_layers(ready, self.current_tau(), self.optimizer, self.broadcast)
+            infos = truncate_layers(ready, self.last_tau, self.optimizer, self.broadcast)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
         index = {id(layer): i for i, layer in enumerate(self.layers)}
         stepped = {index[id(layer)] for layer in ready}
         for i, stash in self.stashes.items():
-            if i not in stepped:
+            if i not in stepped and self.layers[i].core.grad is not None:
                 stash.fixed_steps += 1  # a step on fixed bases: the stash decays like the optimizer's state
         for layer, info in zip(ready, infos):
             if info.stash is not None:
