@@ -45,6 +45,19 @@ def git_state(root: Optional[Path] = None) -> dict:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
+_SOURCE_STATE: Optional[dict] = None
+
+
+def source_state() -> dict:
+    """:func:`git_state` of this process's source, taken at the first call and kept: the code a process runs is
+    the code it imported, so ``train`` calls this when it starts (a multirun's later jobs, or a checkout that
+    changed during a long run, must not record a later commit than the one that ran)."""
+    global _SOURCE_STATE
+    if _SOURCE_STATE is None:
+        _SOURCE_STATE = git_state()
+    return dict(_SOURCE_STATE)
+
+
 def _tdlrt_version() -> Optional[str]:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -80,7 +93,7 @@ def provenance(start_time: Optional[float] = None) -> dict:
         "cudnn": _cudnn_version(),
         "tdlrt": _tdlrt_version(),
         "python": platform.python_version(),
-        **{f"git_{k}": v for k, v in git_state().items()},
+        **{f"git_{k}": v for k, v in source_state().items()},
         "argv": argv,                                   # what Hydra parsed: tdlrt-<subcommand> and the overrides
         "command": shlex.join(argv),
         "orig_argv": [str(a) for a in getattr(sys, "orig_argv", argv)],  # the process as started

@@ -121,6 +121,7 @@ class Run:
     init_decay: float = 0.0
     best_test_acc: Optional[float] = None  # of checkpoints/best.pt; None when summary.json has none
     config: Dict[str, object] = field(default_factory=dict)  # grouping_config of the run
+    summary: Dict[str, object] = field(default_factory=dict, repr=False)  # the run's summary.json
 
     @property
     def acc(self) -> float:
@@ -298,7 +299,7 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
                                 int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
                                 float(c["method"].get("init_decay", 0.0) or 0.0),
-                                None if best is None else float(best), grouping_config(c)))
+                                None if best is None else float(best), grouping_config(c), s))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {exc})", file=sys.stderr)
         if base.is_dir():
@@ -461,6 +462,26 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
             tex.append(f"%   {u.path}: {u.data} {u.model} {u.method} {u.knob} seed {seed}, epoch {epochs}")
     (out / "table.md").write_text("\n".join(md) + "\n")
     (out / "table.tex").write_text("\n".join(tex) + "\n")
+
+
+RUN_COLUMNS = ["path", "data", "model", "method", "setting", "seed", "epochs", "test_acc", "best_test_acc",
+               "compression_rate", "wall_time_s", "device", "host", "git_commit", "git_dirty", "torch", "started"]
+
+
+def write_runs(runs: List[Run], out: Path) -> None:
+    """runs.csv: one line per finished run, with what a reader needs to trust and rerun it (wall time,
+    device, host, the source commit and whether it was dirty, torch version, start time)."""
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(RUN_COLUMNS)
+        for r in sorted(runs, key=lambda r: (r.data, r.model, r.method, r.knob, str(r.path))):
+            s, prov = r.summary, r.summary.get("provenance") or {}
+            wall = s.get("wall_time_s")
+            w.writerow([r.path, r.data, r.model, r.method, r.knob, r.seed, s.get("epochs", ""), f"{r.test_acc:.4f}",
+                        "" if r.best_test_acc is None else f"{r.best_test_acc:.4f}", f"{r.compression_rate:.4f}",
+                        "" if wall is None else f"{float(wall):.0f}", s.get("device", ""), prov.get("host", ""),
+                        prov.get("git_commit", ""), prov.get("git_dirty", ""), prov.get("torch", ""),
+                        prov.get("started", "")])
 
 
 def _plt():
@@ -647,10 +668,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows = group(runs)
         mark_best(rows, band)
         write_tables(rows, out, band, unfinished)
+        write_runs(runs, out)
         pngs = plot_accuracy_vs_compression(rows, out) + plot_rank_trajectories(rows, out) + plot_ill_conditioned(runs, out)
     except UserError as exc:
         print(f"tdlrt: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex and {len(pngs)} plots"
+    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex, runs.csv and {len(pngs)} plots"
           + (f"; {len(unfinished)} unfinished run(s) (no summary.json) listed in table.md and unfinished.csv"
              if unfinished else ""))

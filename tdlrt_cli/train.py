@@ -30,7 +30,7 @@ from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
-from .provenance import provenance
+from .provenance import provenance, source_state
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -293,6 +293,7 @@ def evaluate(model, loader, amp, device, dist: Distributed = Distributed()) -> t
 
 def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -> dict:
     start_time = time.time()
+    source_state()  # the source revision that is running, recorded before anything can change it
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     if dist.enabled and device.type == "cuda":

@@ -37,6 +37,7 @@ QUICK = {
     "tau_sweep": TINY + ["epochs=1", "seed=0,1", "+variant=tdlrt_tau0.1,tdlrt_tau0.3,tucker_cr90"],
     "rank_evolution": TINY + ["epochs=2", "tau=0.1,0.3"],
     "ill_conditioned": TINY_MNIST + ["epochs=1", "seed=0"],
+    "lr_sweep": TINY + ["epochs=1", "+variant=dense,tdlrt_tau0.1", "lr=0.01,0.05"],
 }
 
 
@@ -64,6 +65,10 @@ def test_quick_preset_runs_and_reports(tmp_path, preset):
         assert list(out.glob("ranks_*.png"))
     if preset == "ill_conditioned":
         assert (out / "ill_conditioned_loss.png").is_file()
+    if preset == "lr_sweep":  # one row per method and lr, never averaged across lr
+        rows = list(csv.DictReader(open(out / "table.csv")))
+        assert sorted((r["method"], r["lr"]) for r in rows) == [("dense", "0.01"), ("dense", "0.05"),
+                                                                ("tdlrt", "0.01"), ("tdlrt", "0.05")]
     if preset == "tau_sweep":  # three settings, each averaged over its two seeds
         rows = list(csv.DictReader(open(out / "table.csv")))
         assert len(rows) == 3 and all(r["runs"] == "2" and r["seeds"] == "0 1" for r in rows)
