@@ -33,6 +33,7 @@ class DataConfig:
     download: bool = True
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
+    val_size: int = 0            # > 0: hold out the last N training examples for validation; best.pt is chosen on it
     augment: bool = True
     # imagefolder
     train_dir: str = "train"
@@ -159,6 +160,9 @@ class TrainConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self.data, key)
             need(value is None or value > 0, f"data.{key}={value} must be a positive number of examples")
+        need(self.data.val_size >= 0, f"data.val_size={self.data.val_size} must be >= 0 (0: no validation split)")
+        need(self.data.val_size == 0 or self.data.name != "imagefolder",
+             "data.val_size is not supported for data=imagefolder (put a validation split in its own folder)")
         need(self.data.name != "imagefolder" or bool(self.data.root),
              "data=imagefolder needs data.root=DIR (a folder with train/ and val/ class folders)")
         b = self.optimizer.betas

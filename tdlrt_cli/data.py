@@ -43,6 +43,7 @@ class DataBundle:
     in_channels: int
     num_classes: int
     image_size: int
+    val: "Optional[DeviceLoader]" = None  # data.val_size > 0: the held-out end of the training set
 
 
 # --------------------------------------------------------------------------- readers
@@ -272,6 +273,13 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     else:
         raise DataError(f"unknown dataset {cfg.name!r}")
     train, test = _limit(train, cfg.limit_train), _limit(test, cfg.limit_test)
+    val = None
+    if cfg.val_size:
+        n = len(train.labels)
+        if cfg.val_size >= n:
+            raise DataError(f"data.val_size={cfg.val_size} leaves no training examples (there are {n})")
+        val = ImageTensors(train.images[n - cfg.val_size:], train.labels[n - cfg.val_size:])
+        train = ImageTensors(train.images[:n - cfg.val_size], train.labels[:n - cfg.val_size])
     if cfg.name in STATS:
         mean, std = STATS[cfg.name]
     else:  # measured on the training images
@@ -281,4 +289,5 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     c, size = train.images.shape[1], train.images.shape[-1]
     tr = DeviceLoader(train, batch_size, device, mean, std, train=True, augment=cfg.augment, seed=seed)
     te = DeviceLoader(test, eval_batch_size, device, mean, std, train=False)
-    return DataBundle(tr, te, c, k, size)
+    va = None if val is None else DeviceLoader(val, eval_batch_size, device, mean, std, train=False)
+    return DataBundle(tr, te, c, k, size, va)

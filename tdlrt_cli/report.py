@@ -7,8 +7,10 @@ between rows become columns (a tau sweep gets a ``tau`` column, an lr sweep an `
 folders without a ``summary.json`` (still running, killed, failed) are listed apart as unfinished, with
 the epochs they reached. Within a (data, model) table the best and second-best accuracies are marked
 among the rows of comparable compression: rows whose mean conv compression rate falls in the same
-``band``-point band (e.g. 90-95%). The accuracy of a row is each run's best-checkpoint accuracy
-(``best_test_acc``: the epoch of ``checkpoints/best.pt``), its final accuracy (``test_acc``) beside it.
+``band``-point band (e.g. 90-95%). The accuracy of a row is each run's test accuracy at its
+validation-selected checkpoint (``selected`` in summary.json, runs with ``data.val_size > 0``), else after
+the last epoch (``test_acc``); the best test accuracy over epochs (``best_test_acc``, selected on the test
+set itself, so optimistic) is shown apart and never used to rank rows.
 """
 from __future__ import annotations
 
@@ -119,13 +121,27 @@ class Run:
     test_acc: float                  # final: after the last epoch
     compression_rate: float
     init_decay: float = 0.0
-    best_test_acc: Optional[float] = None  # of checkpoints/best.pt; None when summary.json has none
+    best_test_acc: Optional[float] = None  # max over epochs (test-selected); None when summary.json has none
     config: Dict[str, object] = field(default_factory=dict)  # grouping_config of the run
     summary: Dict[str, object] = field(default_factory=dict, repr=False)  # the run's summary.json
 
     @property
+    def val_selected_acc(self) -> Optional[float]:
+        """Test accuracy of the checkpoint chosen on the validation split, if the run had one."""
+        sel = self.summary.get("selected") if isinstance(self.summary, dict) else None
+        if isinstance(sel, dict) and sel.get("by") == "val_acc" and sel.get("test_acc") is not None:
+            return float(sel["test_acc"])
+        return None
+
+    @property
     def acc(self) -> float:
-        """The accuracy a row reports: the best checkpoint's, else the final one."""
+        """The accuracy a row reports: at the validation-selected checkpoint, else after the last epoch."""
+        v = self.val_selected_acc
+        return self.test_acc if v is None else v
+
+    @property
+    def max_acc(self) -> float:
+        """The best test accuracy over epochs (selected on the test set: optimistic); final if unknown."""
         return self.test_acc if self.best_test_acc is None else self.best_test_acc
 
 
@@ -145,8 +161,12 @@ class Row:
 
     @property
     def acc(self):
-        """Mean and std of the best-checkpoint accuracy (the final one for runs without a best checkpoint)."""
+        """Mean and std of the reported accuracy (validation-selected checkpoint, else final)."""
         return self._stats("acc")
+
+    @property
+    def max_acc(self):
+        return self._stats("max_acc")
 
     @property
     def final_acc(self):
@@ -158,8 +178,8 @@ class Row:
 
     @property
     def acc_source(self) -> str:
-        best = [r.best_test_acc is not None for r in self.runs]
-        return "best_ckpt" if all(best) else "final" if not any(best) else "mixed"
+        sel = [r.val_selected_acc is not None for r in self.runs]
+        return "val_ckpt" if all(sel) else "final" if not any(sel) else "mixed"
 
     @property
     def seeds(self) -> List[int]:
@@ -388,10 +408,11 @@ def _band_label(row: Row, band: float) -> str:
     return f"{low:g}-{high:g}"
 
 
-ACC_NOTE = ("\"test acc., best ckpt\" is each run's `best_test_acc` from summary.json: the test accuracy of "
-            "`checkpoints/best.pt`, the epoch with the highest test accuracy (chosen on the test set; there is "
-            "no separate validation split); † marks rows with runs that have none and count their final "
-            "accuracy. \"final test acc.\" is `test_acc`, after the last epoch.")
+ACC_NOTE = ("\"test acc.\" is the test accuracy at each run's validation-selected checkpoint (`checkpoints/best.pt` "
+            "chosen on the held-out `data.val_size` examples; `selected` in summary.json) and, for runs without a "
+            "validation split (marked †), after the last epoch. \"final\" is after the last epoch. \"max over "
+            "epochs\" is the best test accuracy of any epoch: chosen on the test set itself, so optimistic, shown "
+            "for reference and never used to rank rows.")
 
 
 def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[List[Unfinished]] = None) -> None:
@@ -401,42 +422,45 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
           f"whose resolved configs are equal except for the seed and the keys that do not change what is "
           f"trained ({', '.join(IGNORED_KEYS)}; data.root of {', '.join(ROOT_IS_LOCATION)}); the columns "
           f"between \"setting\" and \"c.r. band\" are the config keys that differ between rows. "
-          f"**Best** and _second best_ accuracy (best checkpoint) among rows whose compression rates fall in "
+          f"**Best** and _second best_ test accuracy among rows whose compression rates fall in "
           f"the same {band:g}-point band (\"c.r. band\").", "", ACC_NOTE]
     tex = ["\\begin{tabular}{llll" + "l" * len(columns) + "lrrr}", "\\toprule",
            "Data & Model & Method & Setting & " + "".join(f"{_tex(c)} & " for c in columns)
-           + "c.r. band (\\%) & Test acc., best ckpt (\\%) & Final test acc. (\\%) & c.r. (\\%) \\\\", "\\midrule"]
+           + "c.r. band (\\%) & Test acc. (\\%) & Final (\\%) & Max over epochs (\\%) & c.r. (\\%) \\\\",
+           "\\midrule"]
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["data", "model", "method", "setting", *columns, "compression_band", "runs", "seeds",
-                    "acc_source", "test_acc_best_ckpt_mean", "test_acc_best_ckpt_std", "test_acc_final_mean",
-                    "test_acc_final_std", "compression_rate_mean", "compression_rate_std", "mark"])
+                    "acc_source", "test_acc_mean", "test_acc_std", "test_acc_final_mean", "test_acc_final_std",
+                    "test_acc_max_epoch_mean", "test_acc_max_epoch_std", "compression_rate_mean",
+                    "compression_rate_std", "mark"])
         for (data, model), members in tables(rows):
             local = varying_keys(members)  # md: the keys that differ within this table
             md += ["", f"### {model} on {data}", "",
                    "| method | setting | " + "".join(f"{c} | " for c in local)
-                   + "c.r. band (%) | runs | test acc. (%), best ckpt | final test acc. (%) | c.r. (%) |",
-                   "|---|---|" + "---|" * len(local) + "---|---|---|---|---|"]
+                   + "c.r. band (%) | runs | test acc. (%) | final (%) | max over epochs (%) | c.r. (%) |",
+                   "|---|---|" + "---|" * len(local) + "---|---|---|---|---|---|"]
             for row in members:
                 (acc, acc_sd), (fin, fin_sd), (cr, cr_sd) = row.acc, row.final_acc, row.cr
+                mx, mx_sd = row.max_acc
                 w.writerow([row.data, row.model, row.method, row.knob, *(fmt(row.value(c)) for c in columns),
                             _band_label(row, band), len(row.runs), " ".join(map(str, row.seeds)), row.acc_source,
-                            f"{acc:.4f}", f"{acc_sd:.4f}", f"{fin:.4f}", f"{fin_sd:.4f}", f"{cr:.4f}",
-                            f"{cr_sd:.4f}", {1: "best", 2: "second"}.get(row.mark, "")])
+                            f"{acc:.4f}", f"{acc_sd:.4f}", f"{fin:.4f}", f"{fin_sd:.4f}", f"{mx:.4f}", f"{mx_sd:.4f}",
+                            f"{cr:.4f}", f"{cr_sd:.4f}", {1: "best", 2: "second"}.get(row.mark, "")])
                 text = _pm(acc, acc_sd)
-                dagger = "" if row.acc_source == "best_ckpt" else " †"
+                dagger = "" if row.acc_source == "val_ckpt" else " †"
                 md_acc = {1: f"**{text}**", 2: f"_{text}_"}.get(row.mark, text) + dagger
                 tex_acc = ({1: f"\\textbf{{{text}}}", 2: f"\\underline{{{text}}}"}.get(row.mark, text)
                            .replace("±", "$\\pm$") + ("$^\\dagger$" if dagger else ""))
                 label = METHOD_LABEL.get(row.method, row.method)
                 md.append(f"| {label} | {row.knob or '-'} | " + "".join(f"{fmt(row.value(c))} | " for c in local)
                           + f"{_band_label(row, band)} | {len(row.runs)} | {md_acc} | {_pm(fin, fin_sd)} | "
-                          f"{_pm(cr, cr_sd)} |")
+                          f"{_pm(mx, mx_sd)} | {_pm(cr, cr_sd)} |")
                 setting = _tex(row.knob) or "-"
                 tex.append(f"{_tex(row.data)} & {_tex(row.model)} & {label} & {setting} & "
                            + "".join(f"{_tex(fmt(row.value(c)))} & " for c in columns)
                            + f"{_band_label(row, band)} & {tex_acc} & {_tex_pm(fin, fin_sd)} & "
-                           f"{_tex_pm(cr, cr_sd)} \\\\")
+                           f"{_tex_pm(mx, mx_sd)} & {_tex_pm(cr, cr_sd)} \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
     with open(out / "unfinished.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -529,7 +553,7 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
                     continue
                 ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
         ax.set_xlabel("conv compression rate (%)")
-        ax.set_ylabel("test accuracy (%), best checkpoint")
+        ax.set_ylabel("test accuracy (%): validation-selected, else final")
         ax.set_title(f"{model} on {data}: accuracy vs compression")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

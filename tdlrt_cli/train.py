@@ -313,6 +313,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)
     data.train.shard(dist.rank, dist.world)
     data.test.shard(dist.rank, dist.world)
+    if data.val is not None:
+        data.val.shard(dist.rank, dist.world)
     try:
         model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
     except ValueError as exc:
@@ -345,9 +347,11 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if imp and resume is not None:
         raise ConfigError("method=imp runs cannot be resumed (masks and rewind point are not checkpointed)")
 
-    start_epoch, global_step, best_acc, position = 0, 0, -1.0, None
+    # best.pt: the epoch with the best validation accuracy (data.val_size > 0), else the best test accuracy
+    select_by = "val_acc" if data.val is not None else "test_acc"
+    start_epoch, global_step, best, position = 0, 0, {"metric": -1.0, "max_test": -1.0, "selected": None}, None
     if resume is not None:
-        start_epoch, global_step, best_acc, position = restore(resume, cfg, model, optimizer, integrator, scheduler)
+        start_epoch, global_step, best, position = restore(resume, cfg, model, optimizer, integrator, scheduler)
         where = f" step {global_step}" if position else ""
         print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}", file=sys.stderr)
     ckpt_dir = run_dir / "checkpoints"
@@ -362,7 +366,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     def save_position(pos: dict) -> None:
         if dist.main:
             save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
-                                             pos["global_step"], best_acc, pos, shape), ckpt_dir / "last.pt")
+                                             pos["global_step"], best, pos, shape), ckpt_dir / "last.pt")
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
@@ -379,7 +383,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
             imp_rewind(model, rewind_state)
             optimizer = build_optimizer(cfg, model)
             scheduler = build_scheduler(cfg, optimizer, len(data.train))
-            best_acc = -1.0  # the best checkpoint is the best of the pruned network
+            best = {"metric": -1.0, "max_test": -1.0, "selected": None}  # best.pt: the best of the pruned network
         try:
             stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger,
                                     cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
@@ -392,10 +396,11 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         global_step = stats.pop("global_step")
         dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
         test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
+        val = {} if data.val is None else dict(zip(("val_loss", "val_acc"), evaluate(model, data.val, amp, device, dist)))
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(test_loss)
+            scheduler.step(val.get("val_loss", test_loss))
         report = parameter_report(model)
-        row = {"epoch": epoch + 1, "step": global_step, **stats, "test_loss": test_loss, "test_acc": test_acc,
+        row = {"epoch": epoch + 1, "step": global_step, **stats, **val, "test_loss": test_loss, "test_acc": test_acc,
                "lr": optimizer.param_groups[0]["lr"], "params": report["params"],
                "compression_rate": report["compression_rate"],
                "compression_rate_total": report["compression_rate_total"]}
@@ -406,18 +411,23 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
                                    "epoch/test_loss": test_loss, "epoch/test_acc": test_acc,
                                    "epoch/lr": row["lr"], "epoch/time_s": stats["epoch_time_s"],
                                    "epoch/images_per_s": stats["images_per_s"],
-                                   "epoch/compression_rate": report["compression_rate"]})
-        improved = test_acc > best_acc
-        best_acc = max(best_acc, test_acc)
+                                   "epoch/compression_rate": report["compression_rate"],
+                                   **{f"epoch/{k}": v for k, v in val.items()}})
+        metric = val["val_acc"] if val else test_acc
+        improved = metric > best["metric"]
+        best = {"metric": max(best["metric"], metric), "max_test": max(best["max_test"], test_acc),
+                "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc}
+                             if improved else best["selected"])}
         state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                 best_acc, data_shape=shape)
+                                 best, data_shape=shape)
         if dist.main:
             save_checkpoint(state, ckpt_dir / "last.pt")
             if improved:
                 save_checkpoint(state, ckpt_dir / "best.pt")
         if dist.main:
                 print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
-                  f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
+                  + (f"| val acc {val['val_acc']:.2f}% " if val else "")
+                  + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
                   + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
                   file=sys.stderr)
 
@@ -427,7 +437,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     example = next(iter(data.train))[0][:2].to(device)
     pinned = pinned_modes(model) if integrator is not None else None
     summary = {
-        "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best_acc, test_acc),
+        "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best["max_test"], test_acc),
+        "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_size > 0) or by test_acc
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned,
         **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
@@ -467,12 +478,13 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
     return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat)
 
 
-def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best_acc,
+def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
                      position: Optional[dict] = None, data_shape: Optional[tuple] = None) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
     the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
     return {
-        "epoch": epoch, "global_step": global_step, "best_test_acc": best_acc, "position": position,
+        "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
+        "position": position,
         "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -501,7 +513,9 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["epoch"]), int(state["global_step"]), float(state["best_test_acc"]), state.get("position")
+    best = state.get("best") or {"metric": float(state["best_test_acc"]), "max_test": float(state["best_test_acc"]),
+                                 "selected": None}  # a checkpoint from before validation splits
+    return int(state["epoch"]), int(state["global_step"]), best, state.get("position")
 
 
 # --------------------------------------------------------------------------- Hydra entry point

@@ -146,3 +146,13 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tdlrt_cli", "train", *TINY, "batch_size=0"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0 must be > 0" in proc.stderr
+
+
+@pytest.mark.parametrize("size, needle", [("-1", "data.val_size=-1 must be >= 0"),
+                                          ("256", "data.val_size=256 leaves no training examples")])
+def test_validation_split_out_of_range(tmp_path, size, needle):
+    one_error_line(tmp_path, [f"data.val_size={size}"], needle)
+
+
+def test_tolerance_warmup_out_of_range(tmp_path):
+    one_error_line(tmp_path, ["method=tdlrt", "method.tau_warmup_epochs=-1"], "method.tau_warmup_epochs=-1")

@@ -79,6 +79,23 @@ def test_ranks_every_logging_step_and_a_warning_for_modes_left_at_their_cap(tmp_
     assert "24 of 24 adapted modes finished at r_max" in proc.stderr
 
 
+def test_validation_split_selects_best_checkpoint(tmp_path):
+    """data.val_size=N holds out the last N training images; best.pt is the epoch with the best validation
+    accuracy, and summary.json says which epoch and its test accuracy (what `tdlrt report` ranks by)."""
+    args = [a for a in TINY if not a.startswith("epochs")]
+    run_tdlrt(["train", *args, "epochs=3", "method=dense", "data.val_size=64", "cost_report=false"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    rows = read_csv(run / "metrics.csv")
+    assert all("val_acc" in r and float(r["val_acc"]) >= 0 for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    sel = summary["selected"]
+    best_row = max(rows, key=lambda r: float(r["val_acc"]))  # the first epoch with the best val accuracy
+    assert sel["by"] == "val_acc" and sel["epoch"] == int(best_row["epoch"])
+    assert sel["test_acc"] == pytest.approx(float(best_row["test_acc"]))
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == sel["epoch"]
+    assert summary["steps"] == 3 * ((256 - 64) // 64)  # the held-out images are not trained on
+
+
 def test_multirun_two_jobs(tmp_path):
     args = [a for a in TINY if not a.startswith("epochs")]
     run_tdlrt(["train", "-m", *args, "epochs=1", "method=dense", "seed=0,1"], tmp_path)

@@ -99,8 +99,8 @@ def test_report_marks_best_and_second_within_compression_bands(tmp_path):
     run_tdlrt(["report", str(tmp_path / "runs"), f"out={out}"], tmp_path)
     rows = {(r["method"], r["setting"]): r for r in csv.DictReader(open(out / "table.csv"))}
     tdlrt = rows[("tdlrt", "tau=0.1")]
-    assert tdlrt["runs"] == "2" and float(tdlrt["test_acc_best_ckpt_mean"]) == 86.0
-    assert float(tdlrt["test_acc_best_ckpt_std"]) > 0 and tdlrt["acc_source"] == "final"  # no best_test_acc here
+    assert tdlrt["runs"] == "2" and float(tdlrt["test_acc_mean"]) == 86.0
+    assert float(tdlrt["test_acc_std"]) > 0 and tdlrt["acc_source"] == "final"  # no validation split here
     assert tdlrt["mark"] == "best"                              # 90-95% band: 86 > 84 > 80
     assert rows[("tucker", "target c.r.=90%")]["mark"] == "second"
     assert rows[("cp", "target c.r.=90%")]["mark"] == ""

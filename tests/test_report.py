@@ -17,8 +17,9 @@ CONFIG = {"data": {"name": "cifar10", "root": "data", "download": True, "num_wor
           "cost_report": True, "cost_repeat": 10, "ckpt_path": None}
 
 
-def write_run(folder, final, best=None, cr=91.0, **changes):
-    """A finished run folder holding only summary.json; ``changes``: dotted config keys -> values."""
+def write_run(folder, final, best=None, cr=91.0, selected=None, **changes):
+    """A finished run folder holding only summary.json; ``changes``: dotted config keys -> values;
+    ``selected``: the test accuracy of a validation-selected best.pt."""
     config = copy.deepcopy(CONFIG)
     for key, value in changes.items():
         *parents, leaf = key.split(".")
@@ -30,6 +31,8 @@ def write_run(folder, final, best=None, cr=91.0, **changes):
     summary = {"config": config, "test_acc": final, "compression_rate": cr}
     if best is not None:
         summary["best_test_acc"] = best
+    if selected is not None:
+        summary["selected"] = {"by": "val_acc", "epoch": 3, "val_acc": 99.0, "test_acc": selected}
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -49,9 +52,9 @@ def test_runs_differing_only_in_seed_and_ignored_keys_are_averaged(tmp_path):
     rows = table(tmp_path / "rep")
     assert len(rows) == 2
     (avg,) = [r for r in rows if r["runs"] == "2"]
-    assert avg["seeds"] == "0 1" and float(avg["test_acc_best_ckpt_mean"]) == 82.0 and avg["weight_decay"] == "0.0005"
+    assert avg["seeds"] == "0 1" and float(avg["test_acc_mean"]) == 82.0 and avg["weight_decay"] == "0.0005"
     (other,) = [r for r in rows if r["runs"] == "1"]
-    assert other["weight_decay"] == "0" and float(other["test_acc_best_ckpt_mean"]) == 70.0
+    assert other["weight_decay"] == "0" and float(other["test_acc_mean"]) == 70.0
     header = rows[0].keys()
     for key in ("seed", "device", "task_name", "progress", "checkpoint.every_n_steps", "data.root", "lr"):
         assert key not in header, key  # ignored, averaged over, or equal everywhere
@@ -67,8 +70,8 @@ def test_lr_sweep_gives_one_row_per_lr_with_an_lr_column(tmp_path):
     report([str(runs), f"out={out}"])
     rows = {(r["method"], r["lr"]): r for r in table(out)}
     assert set(rows) == {("tdlrt", "0.01"), ("tdlrt", "0.05"), ("tucker", "0.05")}
-    assert rows[("tdlrt", "0.01")]["runs"] == "2" and float(rows[("tdlrt", "0.01")]["test_acc_best_ckpt_mean"]) == 71.0
-    assert float(rows[("tdlrt", "0.05")]["test_acc_best_ckpt_mean"]) == 81.0
+    assert rows[("tdlrt", "0.01")]["runs"] == "2" and float(rows[("tdlrt", "0.01")]["test_acc_mean"]) == 71.0
+    assert float(rows[("tdlrt", "0.05")]["test_acc_mean"]) == 81.0
     assert "method.r_min" not in next(iter(rows.values())) and "tau" not in next(iter(rows.values()))
     md = (out / "table.md").read_text()
     assert "| method | setting | lr | c.r. band (%) |" in md
@@ -76,23 +79,24 @@ def test_lr_sweep_gives_one_row_per_lr_with_an_lr_column(tmp_path):
     assert (out / "acc_vs_cr_cifar10_vgg16.png").is_file()
 
 
-def test_best_checkpoint_accuracy_is_used_and_final_accuracy_shown(tmp_path):
+def test_validation_selected_accuracy_ranks_rows_and_the_test_selected_maximum_never_does(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs / "a", 80.0, best=88.0, cr=91.0, tau=0.1)  # best checkpoint wins, final loses
-    write_run(runs / "b", 86.0, best=86.5, cr=92.0, tau=0.2)
-    write_run(runs / "c", 60.0, cr=93.0, tau=0.3)             # no best_test_acc: its final accuracy, marked
+    write_run(runs / "a", 80.0, best=88.0, cr=91.0, selected=85.0, tau=0.1)  # val-selected checkpoint: 85
+    write_run(runs / "b", 86.0, best=89.5, cr=92.0, tau=0.2)  # no validation split: final 86, not its max 89.5
+    write_run(runs / "c", 60.0, cr=93.0, tau=0.3)             # nothing but the final accuracy
     out = tmp_path / "rep"
     report([str(runs), f"out={out}"])
     rows = {r["tau"]: r for r in table(out)}
     a, b, c = rows["0.1"], rows["0.2"], rows["0.3"]
-    assert (float(a["test_acc_best_ckpt_mean"]), float(a["test_acc_final_mean"])) == (88.0, 80.0)
-    assert a["acc_source"] == "best_ckpt" and a["mark"] == "best" and b["mark"] == "second"
+    assert (float(a["test_acc_mean"]), float(a["test_acc_final_mean"]), float(a["test_acc_max_epoch_mean"])) == (85.0, 80.0, 88.0)
+    assert a["acc_source"] == "val_ckpt" and b["acc_source"] == "final" and float(b["test_acc_mean"]) == 86.0
+    assert b["mark"] == "best" and a["mark"] == "second"  # 86 > 85 although b's test-selected max is higher
     assert a["compression_band"] == "90-95"
-    assert c["acc_source"] == "final" and float(c["test_acc_best_ckpt_mean"]) == 60.0
+    assert c["acc_source"] == "final" and float(c["test_acc_mean"]) == float(c["test_acc_max_epoch_mean"]) == 60.0
     md = (out / "table.md").read_text()
-    assert "test acc. (%), best ckpt | final test acc. (%)" in md
-    assert "| **88.00 ± 0.00** | 80.00 ± 0.00 |" in md and "60.00 ± 0.00 †" in md
-    assert "Test acc., best ckpt" in (out / "table.tex").read_text()
+    assert "| test acc. (%) | final (%) | max over epochs (%) | c.r. (%) |" in md
+    assert "| _85.00 ± 0.00_ | 80.00 ± 0.00 | 88.00 ± 0.00 |" in md and "60.00 ± 0.00 †" in md
+    assert "Max over epochs" in (out / "table.tex").read_text()
 
 
 def test_unfinished_runs_are_listed(tmp_path):
