@@ -70,9 +70,22 @@ def is_ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
+# Keys added after runs were already being made, with the value that reproduces what a run did before the key
+# existed (a run without the key is compared as if it had that value), and the methods the key belongs to
+# (None: every run). Not the current defaults: tau_warmup_epochs defaults to 1, but older runs used the plain rule.
+ADDED_KEYS = {
+    "data.val_size": (0, None),
+    "method.tau_warmup_epochs": (0.0, ("tdlrt", "dlrt")),
+    "method.tau_warmup_shape": ("linear", ("tdlrt", "dlrt")),
+}
+
+
 def grouping_config(config: dict) -> Dict[str, object]:
     """The flattened config that decides a run's row: everything but the seed and the ignored keys."""
     flat = flatten(config)
+    for key, (before, methods) in ADDED_KEYS.items():
+        if key not in flat and (methods is None or flat.get("method.name") in methods):
+            flat[key] = before
     kept = {k: v for k, v in flat.items() if k != SEED_KEY and not is_ignored(k)}
     if flat.get("data.name") in ROOT_IS_LOCATION:
         kept.pop("data.root", None)

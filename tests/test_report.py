@@ -136,3 +136,15 @@ def test_only_unfinished_runs_still_give_a_report(tmp_path):
     report([str(tmp_path / "runs"), f"out={out}"])
     assert table(out) == []
     assert "| 2/? | 50.50 | yes |" in (out / "table.md").read_text()
+
+
+def test_a_key_added_later_compares_as_what_older_runs_did(tmp_path):
+    """Older summaries lack data.val_size and method.tau_warmup_epochs: they count as val_size 0 (what they did)
+    and tau_warmup_epochs 0 (the plain rule they used, not today's default 1)."""
+    runs = tmp_path / "runs"
+    write_run(runs / "old", 80.0, seed=0)
+    write_run(runs / "new", 82.0, seed=1, **{"data.val_size": 0, "method.tau_warmup_epochs": 0.0})
+    write_run(runs / "warm", 90.0, seed=0, **{"data.val_size": 0, "method.tau_warmup_epochs": 1.0})
+    report([str(runs), f"out={tmp_path / 'rep'}"])
+    rows = {r["method.tau_warmup_epochs"]: r for r in table(tmp_path / "rep")}
+    assert set(rows) == {"0", "1"} and rows["0"]["runs"] == "2" and "data.val_size" not in rows["0"]
