@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
+from .files import atomic_write_text, strict_json
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -218,4 +219,4 @@ def main(argv: List[str]) -> None:
     if "dense" in result["cost"]:
         print(format_report(result["cost"]))
     if opts.out:
-        Path(opts.out).write_text(json.dumps(result, indent=2))
+        atomic_write_text(Path(opts.out), strict_json(result))

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .cost import flops, latency_ms
 from .errors import ConfigError, UserError, exit_on_user_error
+from .files import atomic_write_text, strict_json
 from .lowrank.export import conv_chain, is_factorised, merged
 from .runs import load_trained
 
@@ -167,7 +168,7 @@ def export(opts: ExportOptions) -> ExportReport:
     tmp = out.with_name(f".tmp-{out.name}")  # same suffix: torch.export wants a .pt2 name
     save_program(net, example, tmp, opts.format, metadata)
     tmp.replace(out)
-    Path(str(out) + ".json").write_text(json.dumps(metadata, indent=2, default=str))
+    atomic_write_text(Path(str(out) + ".json"), strict_json(metadata))
     return report
 
 

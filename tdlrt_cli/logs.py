@@ -3,9 +3,10 @@ at step 0 and every logging step), summary.json."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .files import atomic_write_text, strict_json
 
 
 def _truncate_csv(path: Path, max_value: int, column: str = "epoch") -> None:
@@ -91,10 +92,7 @@ class RunLogger:
     def summary(self, data: dict) -> None:
         if not self.write:
             return
-        path = self.dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(path)
+        atomic_write_text(self.dir / "summary.json", strict_json(data))
 
     def close(self) -> None:
         if self.tb is not None:

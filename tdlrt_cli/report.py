@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import UserError
+from .files import atomic_text, atomic_write_text
 
 METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp"]
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
@@ -441,7 +442,7 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
            "Data & Model & Method & Setting & " + "".join(f"{_tex(c)} & " for c in columns)
            + "c.r. band (\\%) & Test acc. (\\%) & Final (\\%) & Max over epochs (\\%) & c.r. (\\%) \\\\",
            "\\midrule"]
-    with open(out / "table.csv", "w", newline="") as fh:
+    with atomic_text(out / "table.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["data", "model", "method", "setting", *columns, "compression_band", "runs", "seeds",
                     "acc_source", "test_acc_mean", "test_acc_std", "test_acc_final_mean", "test_acc_final_std",
@@ -475,7 +476,7 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
                            + f"{_band_label(row, band)} & {tex_acc} & {_tex_pm(fin, fin_sd)} & "
                            f"{_tex_pm(mx, mx_sd)} & {_tex_pm(cr, cr_sd)} \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
-    with open(out / "unfinished.csv", "w", newline="") as fh:
+    with atomic_text(out / "unfinished.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "data", "model", "method", "setting", "seed", "epochs_done", "epochs_planned",
                     "last_test_acc", "last_checkpoint", "overrides"])
@@ -497,8 +498,8 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
                       f"{u.knob or '-'} | {seed} | {epochs} | {last} | {'yes' if u.checkpoint else 'no'} | "
                       f"{u.overrides or '-'} |")
             tex.append(f"%   {u.path}: {u.data} {u.model} {u.method} {u.knob} seed {seed}, epoch {epochs}")
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "table.tex").write_text("\n".join(tex) + "\n")
+    atomic_write_text(out / "table.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "table.tex", "\n".join(tex) + "\n")
 
 
 RUN_COLUMNS = ["path", "data", "model", "method", "setting", "seed", "epochs", "test_acc", "best_test_acc",
@@ -508,7 +509,7 @@ RUN_COLUMNS = ["path", "data", "model", "method", "setting", "seed", "epochs", "
 def write_runs(runs: List[Run], out: Path) -> None:
     """runs.csv: one line per finished run, with what a reader needs to trust and rerun it (wall time,
     device, host, the source commit and whether it was dirty, torch version, start time)."""
-    with open(out / "runs.csv", "w", newline="") as fh:
+    with atomic_text(out / "runs.csv") as fh:
         w = csv.writer(fh)
         w.writerow(RUN_COLUMNS)
         for r in sorted(runs, key=lambda r: (r.data, r.model, r.method, r.knob, str(r.path))):
@@ -532,8 +533,10 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     _plt().close(fig)
+    tmp.replace(path)  # a kill leaves the old plot or the new one
     return path
 
 

@@ -431,7 +431,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
                   + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
                   file=sys.stderr)
 
-    if math.isnan(test_acc) and total_epochs > 0 or resume is not None and start_epoch >= total_epochs:
+    if math.isnan(test_acc) or resume is not None and start_epoch >= total_epochs:  # epochs=0: the start
         test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
     report = parameter_report(model)
     example = next(iter(data.train))[0][:2].to(device)

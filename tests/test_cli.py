@@ -96,6 +96,16 @@ def test_validation_split_selects_best_checkpoint(tmp_path):
     assert summary["steps"] == 3 * ((256 - 64) // 64)  # the held-out images are not trained on
 
 
+def test_summary_is_strict_json_and_an_untrained_run_reports_its_start(tmp_path):
+    """epochs=0 evaluates the network as built; no NaN/Infinity token in summary.json (not JSON)."""
+    args = [a for a in TINY if not a.startswith("epochs")]
+    run_tdlrt(["train", *args, "epochs=0", "method=dense", "cost_report=false"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    text = (run / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}"))
+    assert 0 <= summary["test_acc"] <= 100 and summary["selected"] is None
+
+
 def test_multirun_two_jobs(tmp_path):
     args = [a for a in TINY if not a.startswith("epochs")]
     run_tdlrt(["train", "-m", *args, "epochs=1", "method=dense", "seed=0,1"], tmp_path)

@@ -309,17 +309,9 @@ def regression_problem(dtype, target_ranks=(4, 3), seed=0, n=64):
 
 
 def train_layer(layer, x, y, steps, lr, tau, optimizer="sgd", **kw):
-    opt = (torch.optim.SGD(layer.parameters(), lr=lr, **kw) if optimizer == "sgd"
-           else torch.optim.Adam(layer.parameters(), lr=lr, **kw))
-    integrator = TDLRT(layer, opt, tau=tau)
-    losses = []
-    for _ in range(steps):
-        integrator.zero_grad()
-        loss = F.mse_loss(layer(x), y)
-        loss.backward()
-        integrator.step()
-        losses.append(loss.item())
-    return losses, integrator
+    """Full-batch TDLRT on one layer with plain SGD (or Adam); returns the losses and the integrator."""
+    cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    return tdlrt_run(layer, x, y, steps, lambda ps: cls(ps, lr=lr, **kw), tau)
 
 
 def test_ranks_converge_to_the_target_tucker_ranks():

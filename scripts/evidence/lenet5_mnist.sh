@@ -41,7 +41,10 @@ else:
 PY
 )
   echo "matching conv c.r. ${cr}% (pruning sparsity ${sparsity})"
-  tdlrt train -m $common method=tucker,cp method.target_cr=$cr seed=0 &
+  # (one method per command: method.target_cr is not a key of the default method, so it cannot ride a
+  # sweep over method=)
+  ( tdlrt train -m $common method=tucker method.target_cr=$cr seed=0
+    tdlrt train -m $common method=cp method.target_cr=$cr seed=0 ) &
   tdlrt train -m $common method=matrix method.target_cr=$cr seed=0 &
   wait
   tdlrt train -m $common method=snip method.sparsity=$sparsity seed=0 &

@@ -1,0 +1,54 @@
+"""Writing output files so that a reader never sees a half-written one, in strict JSON.
+
+``atomic_write_text``: a temporary file in the same folder, flushed and fsynced, then renamed over the
+target, so that a kill at any instant leaves either the old complete file or the new complete one.
+``strict_json``: JSON without the non-standard ``NaN``/``Infinity`` tokens (they become ``null``), which
+``json.loads`` in other languages and ``jq`` reject.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(data: Any, indent: int = 2) -> str:
+    """``json.dumps`` with NaN/Inf as null and anything else unknown as its ``str``."""
+    return json.dumps(_finite(data), indent=indent, default=str, allow_nan=False)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename (see the module docstring)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_text(path: Path) -> Iterator[io.StringIO]:
+    """``with atomic_text(p) as fh: csv.writer(fh)...``: the text is written to ``p`` atomically at the end."""
+    buffer = io.StringIO(newline="")
+    yield buffer
+    atomic_write_text(path, buffer.getvalue())
