@@ -5,10 +5,11 @@
 #   stage 2: TDLRT tau 0.2 (the headline point) at seeds 1-2
 #   stage 3: fixed-rank Tucker, CP and matrix at TDLRT tau 0.2's conv compression rate (seed 0's, read
 #            from its summary.json); SNIP and IMP (one round) at the same conv parameter count
+#   stage 4: fixed-rank Tucker and matrix (the closest baselines) at seeds 1-2
 # Two streams side by side, one thread each (a 2-core machine):   bash scripts/evidence/lenet5_mnist.sh
 # Rerun a stage alone with STAGES="3" bash scripts/evidence/lenet5_mnist.sh
 set -euo pipefail
-STAGES=${STAGES:-"1 2 3"}
+STAGES=${STAGES:-"1 2 3 4"}
 out=outputs/lenet5_mnist
 common="model=lenet5 data=mnist epochs=5 batch_size=128 lr=0.05 progress=false cost_report=false task_name=lenet5_mnist"
 export OMP_NUM_THREADS=1
@@ -22,7 +23,7 @@ fi
 if [[ " $STAGES " == *" 2 "* ]]; then
   tdlrt train -m $common method=tdlrt tau=0.2 seed=1,2
 fi
-if [[ " $STAGES " == *" 3 "* ]]; then
+if [[ " $STAGES " == *" 3 "* || " $STAGES " == *" 4 "* ]]; then
   # the conv compression rate of TDLRT tau 0.2, seed 0 (default warm-up), and the pruning sparsity with the
   # same number of conv weights (pruning leaves the first conv dense, as the factorisations do)
   read -r cr sparsity < <(python - "$out" <<'PY'
@@ -41,6 +42,8 @@ else:
 PY
 )
   echo "matching conv c.r. ${cr}% (pruning sparsity ${sparsity})"
+fi
+if [[ " $STAGES " == *" 3 "* ]]; then
   # (one method per command: method.target_cr is not a key of the default method, so it cannot ride a
   # sweep over method=)
   ( tdlrt train -m $common method=tucker method.target_cr=$cr seed=0
@@ -49,6 +52,11 @@ PY
   wait
   tdlrt train -m $common method=snip method.sparsity=$sparsity seed=0 &
   tdlrt train -m $common method=imp method.sparsity=$sparsity method.rounds=1 method.rewind_epoch=1 seed=0 &
+  wait
+fi
+if [[ " $STAGES " == *" 4 "* ]]; then
+  tdlrt train -m $common method=tucker method.target_cr=$cr seed=1,2 &
+  tdlrt train -m $common method=matrix method.target_cr=$cr seed=1,2 &
   wait
 fi
 tdlrt report $out out=results/lenet5_mnist
