@@ -5,6 +5,10 @@
 # project's 2-core CPU a VGG16 epoch on CIFAR-10 takes about 20 minutes, so use a GPU for these.
 set -euo pipefail
 
+# The evidence of README "Evidence" (CPU-sized, each resumable or short): scripts/evidence/*.sh.
+# Its VGG16 comparison at the paper's full width, on a GPU:
+WIDTH=1 DEVICE=cuda bash scripts/evidence/vgg16_cifar10.sh
+
 tdlrt train -m +experiment=cifar10_table      # 3 models x 12 variants x 3 seeds = 108 runs of 30 epochs
 tdlrt train -m +experiment=tau_sweep          # VGG16: 12 variants x 3 seeds
 tdlrt train -m +experiment=rank_evolution     # VGG16 TDLRT at tau 0.05, 0.1, 0.2

@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2."""
+"""Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2
+(an interrupted run: 130 for SIGINT, 143 for SIGTERM)."""
 import os
 import sys
 from contextlib import contextmanager
@@ -20,6 +21,16 @@ class CheckpointError(UserError):
     """A checkpoint missing, corrupt, or written by another model."""
 
 
+class Interrupted(UserError):
+    """The run was stopped by SIGINT or SIGTERM after writing a checkpoint; exits 128 + the signal number."""
+
+    prefix = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 @contextmanager
 def exit_on_user_error(*also, describe=str):
     """Errors a user can fix (``UserError`` and the types in ``also``) end the command as one line on
@@ -29,5 +40,5 @@ def exit_on_user_error(*also, describe=str):
     except (UserError, *also) as exc:
         if os.environ.get("TDLRT_DEBUG"):
             raise
-        print(f"tdlrt: error: {describe(exc)}", file=sys.stderr)
-        sys.exit(2)
+        print(f"tdlrt: {getattr(exc, 'prefix', 'error')}: {describe(exc)}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))

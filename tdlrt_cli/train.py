@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -22,7 +25,7 @@ from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoi
 from .config import TrainConfig
 from .data import build_data
 from .distributed import Distributed, init_distributed
-from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
+from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
 from .logs import RunLogger
 from .lowrank import TDLRT, LowRankLayer, orthonormality_error
@@ -127,11 +130,67 @@ class Diverged(UserError):
                          f"(nan_policy=skip skips such steps instead)")
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during training: the current step finishes,
+    ``last.pt`` is written, and the run stops with one line naming the command that resumes it. A second
+    signal stops at once (the last checkpoint written stays the one to resume from)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"second {signal.Signals(signum).name}: stopped at once; the last checkpoint written "
+                              f"is the one to resume from", signum)
+        self.signum = signum
+
+    def requested(self, dist: "Distributed") -> Optional[int]:
+        """The signal to stop for, agreed by every process (data parallel: one all-reduce)."""
+        if not dist.enabled:
+            return self.signum
+        return int(dist.max_(torch.tensor(self.signum or 0))) or None
+
+
+class StopRequested(Exception):
+    """Raised out of an epoch after the checkpoint of the step reached was written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume)."""
+    overrides = []
+    try:
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
+    except Exception:  # no Hydra files (library use): the folder alone
+        pass
+    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
+            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
+    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
+
+
 # --------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
                     log_every, nan_policy="stop", start: Optional[dict] = None, save_every: int = 0,
-                    save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed()) -> dict:
+                    save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed(),
+                    stop: Optional[StopSignals] = None) -> dict:
     """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
 
     ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums; every
@@ -194,6 +253,15 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         global_step += 1
         if faults.kill_now(global_step, "after"):
             faults.die()  # fault injection: like kill -9, no clean-up
+        faults.signal_now(global_step)
+        if (stop is not None and i + 1 < len(loader) and (not dist.enabled or global_step % log_every == 0)
+                and stop.requested(dist)):
+            check_finite()  # a checkpoint is only written from finite weights
+            if save is not None:
+                save({"epoch": epoch, "batch": i + 1, "global_step": global_step, "loss_sum": loss_sum.detach().cpu(),
+                      "correct": correct.detach().cpu(), "seen": seen, "skipped": skipped})
+            bar.close()
+            raise StopRequested(stop.requested(dist), global_step)
         if global_step % log_every == 0 or i == len(loader) - 1:
             check_finite()
             rate = seen_here / (time.perf_counter() - t0)
@@ -373,63 +441,79 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if integrator is not None and resume is None and dist.main:  # the starting ranks, at step 0
         logger.scalars(0, {**log_ranks(logger, model, 0, 0),
                            "compression/rate": parameter_report(model)["compression_rate"]})
-    for epoch in range(start_epoch, total_epochs):
-        if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
-            integrator.freeze_bases()
-        if imp and epoch == cfg.method.rewind_epoch:
-            rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if imp and epoch > 0 and epoch % cfg.epochs == 0:  # end of a round: prune, rewind, restart the schedule
-            imp_prune(model, (1 - cfg.method.sparsity) ** ((epoch // cfg.epochs) / cfg.method.rounds))
-            imp_rewind(model, rewind_state)
-            optimizer = build_optimizer(cfg, model)
-            scheduler = build_scheduler(cfg, optimizer, len(data.train))
-            best = {"metric": -1.0, "max_test": -1.0, "selected": None}  # best.pt: the best of the pruned network
-        try:
-            stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger,
-                                    cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
-                                    cfg.nan_policy, start=position if epoch == start_epoch else None,
-                                    save_every=cfg.checkpoint.every_n_steps, save=save_position, dist=dist)
-        except Diverged as exc:
-            last = ckpt_dir / "last.pt"
-            logger.close()
-            raise Diverged(exc.step, exc.epoch, last if last.is_file() else None) from None
-        global_step = stats.pop("global_step")
-        dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
-        test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
-        val = {} if data.val is None else dict(zip(("val_loss", "val_acc"), evaluate(model, data.val, amp, device, dist)))
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val.get("val_loss", test_loss))
-        report = parameter_report(model)
-        row = {"epoch": epoch + 1, "step": global_step, **stats, **val, "test_loss": test_loss, "test_acc": test_acc,
-               "lr": optimizer.param_groups[0]["lr"], "params": report["params"],
-               "compression_rate": report["compression_rate"],
-               "compression_rate_total": report["compression_rate_total"]}
-        logger.epoch(row)
-        logger.ranks(epoch + 1, layer_ranks(model), full_shapes)
-        logger.scalars(global_step, {"epoch/epoch": epoch + 1,
-                                     "epoch/train_loss": stats["train_loss"], "epoch/train_acc": stats["train_acc"],
-                                   "epoch/test_loss": test_loss, "epoch/test_acc": test_acc,
-                                   "epoch/lr": row["lr"], "epoch/time_s": stats["epoch_time_s"],
-                                   "epoch/images_per_s": stats["images_per_s"],
-                                   "epoch/compression_rate": report["compression_rate"],
-                                   **{f"epoch/{k}": v for k, v in val.items()}})
-        metric = val["val_acc"] if val else test_acc
-        improved = metric > best["metric"]
-        best = {"metric": max(best["metric"], metric), "max_test": max(best["max_test"], test_acc),
-                "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc}
-                             if improved else best["selected"])}
-        state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                 best, data_shape=shape)
-        if dist.main:
-            save_checkpoint(state, ckpt_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, ckpt_dir / "best.pt")
-        if dist.main:
-                print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
-                  + (f"| val acc {val['val_acc']:.2f}% " if val else "")
-                  + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
-                  + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
-                  file=sys.stderr)
+    stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, one line, exit 130/143
+
+    def stopped(signum: int, step: int, epoch: int) -> Interrupted:
+        logger.close()
+        return Interrupted(f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {ckpt_dir / 'last.pt'} "
+                           f"written; resume with: {resume_command(run_dir)}", signum)
+
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
+                integrator.freeze_bases()
+            if imp and epoch == cfg.method.rewind_epoch:
+                rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if imp and epoch > 0 and epoch % cfg.epochs == 0:  # end of a round: prune, rewind, restart the schedule
+                imp_prune(model, (1 - cfg.method.sparsity) ** ((epoch // cfg.epochs) / cfg.method.rounds))
+                imp_rewind(model, rewind_state)
+                optimizer = build_optimizer(cfg, model)
+                scheduler = build_scheduler(cfg, optimizer, len(data.train))
+                best = {"metric": -1.0, "max_test": -1.0, "selected": None}  # best.pt: the best of the pruned network
+            try:
+                stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger,
+                                        cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
+                                        cfg.nan_policy, start=position if epoch == start_epoch else None,
+                                        save_every=cfg.checkpoint.every_n_steps, save=save_position, dist=dist,
+                                        stop=stop)
+            except StopRequested as exc:
+                raise stopped(exc.signum, exc.step, epoch) from None
+            except Diverged as exc:
+                last = ckpt_dir / "last.pt"
+                logger.close()
+                raise Diverged(exc.step, exc.epoch, last if last.is_file() else None) from None
+            global_step = stats.pop("global_step")
+            dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
+            test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
+            val = {} if data.val is None else dict(zip(("val_loss", "val_acc"), evaluate(model, data.val, amp, device, dist)))
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val.get("val_loss", test_loss))
+            report = parameter_report(model)
+            row = {"epoch": epoch + 1, "step": global_step, **stats, **val, "test_loss": test_loss, "test_acc": test_acc,
+                   "lr": optimizer.param_groups[0]["lr"], "params": report["params"],
+                   "compression_rate": report["compression_rate"],
+                   "compression_rate_total": report["compression_rate_total"]}
+            logger.epoch(row)
+            logger.ranks(epoch + 1, layer_ranks(model), full_shapes)
+            logger.scalars(global_step, {"epoch/epoch": epoch + 1,
+                                         "epoch/train_loss": stats["train_loss"], "epoch/train_acc": stats["train_acc"],
+                                       "epoch/test_loss": test_loss, "epoch/test_acc": test_acc,
+                                       "epoch/lr": row["lr"], "epoch/time_s": stats["epoch_time_s"],
+                                       "epoch/images_per_s": stats["images_per_s"],
+                                       "epoch/compression_rate": report["compression_rate"],
+                                       **{f"epoch/{k}": v for k, v in val.items()}})
+            metric = val["val_acc"] if val else test_acc
+            improved = metric > best["metric"]
+            best = {"metric": max(best["metric"], metric), "max_test": max(best["max_test"], test_acc),
+                    "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc}
+                                 if improved else best["selected"])}
+            state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
+                                     best, data_shape=shape)
+            if dist.main:
+                save_checkpoint(state, ckpt_dir / "last.pt")
+                if improved:
+                    save_checkpoint(state, ckpt_dir / "best.pt")
+            if dist.main:
+                    print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
+                      + (f"| val acc {val['val_acc']:.2f}% " if val else "")
+                      + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
+                      + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
+                      file=sys.stderr)
+            signum = stop.requested(dist)
+            if signum and epoch + 1 < total_epochs:
+                raise stopped(signum, global_step, epoch)
+    finally:
+        stop.restore()
 
     if math.isnan(test_acc) or resume is not None and start_epoch >= total_epochs:  # epochs=0: the start
         test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
@@ -532,10 +616,16 @@ def main() -> None:
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
     def _run(cfg) -> float:
-        with exit_on_user_error():
-            tc = from_dictconfig(cfg)
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            with exit_on_user_error():
+                tc = from_dictconfig(cfg)
+                summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (data loading, the final report)
+            last = run_dir / "checkpoints" / "last.pt"
+            where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"
+            print(f"tdlrt: stopped: SIGINT outside a training step; {where}", file=sys.stderr)
+            sys.exit(130)
         return summary["test_acc"]
 
     _run()

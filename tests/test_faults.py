@@ -98,3 +98,30 @@ def test_two_runs_never_share_a_folder(tmp_path):
     procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert len(run_dirs(tmp_path / "outputs")) == 2
+
+
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resumes_bitwise(tmp_path, straight,
+                                                                                           sig, code):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM after step 6 (mid-epoch 2): the step finishes, last.pt holds
+    step 6, one line says how to resume, exit 128 + signal; the command it names ends where the straight
+    run ends, bitwise."""
+    import shlex
+
+    stopped = run_tdlrt(ARGS, tmp_path, env={"TDLRT_FAULT_SIGNAL_AT_STEP": "6", "TDLRT_FAULT_SIGNAL": sig},
+                        check=False)
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tdlrt: stopped: SIG{sig} at step 6 (epoch 2)") and "resume with: tdlrt train " in line
+    (run,) = run_dirs(tmp_path / "outputs")
+    state = final_state(run)
+    assert (state["epoch"], state["global_step"]) == (1, 6) and state["position"]["batch"] == 2
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
+    run_tdlrt(command[1:], tmp_path)
+    assert run_dirs(tmp_path / "outputs") == [run]
+    a, b = final_state(straight), final_state(run)
+    assert a["global_step"] == b["global_step"] == 12
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
