@@ -352,6 +352,11 @@ def group(runs: List[Run]) -> List[Row]:
     for r in runs:
         key = json.dumps(sorted((k, canon(v)) for k, v in r.config.items()))
         rows.setdefault(key, Row(r.data, r.model, r.method, r.knob, r.config)).runs.append(r)
+    for row in rows.values():
+        seeds = [r.seed for r in row.runs]
+        if len(set(seeds)) < len(seeds):  # the same run twice: its spread is not a spread over seeds
+            print(f"tdlrt: warning: {row.method} {row.knob or ''} on {row.data}/{row.model} has several runs with the "
+                  f"same seed ({', '.join(str(r.path) for r in row.runs)}); they are averaged", file=sys.stderr)
 
     def order(row):
         return (row.data, row.model, METHOD_ORDER.index(row.method) if row.method in METHOD_ORDER else 99,
@@ -542,7 +547,7 @@ def _save(fig, path: Path) -> Path:
 
 def _extra(row: Row, keys: List[str]) -> str:
     """The row's values of the given config keys other than its knob, as "lr=0.01, epochs=30"."""
-    return ", ".join(f"{k}={fmt(row.value(k))}" for k in keys if k not in KNOB_KEYS)
+    return ", ".join(f"{k}={fmt(row.value(k))}" for k in keys if k not in KNOB_KEYS and row.value(k) is not MISSING)
 
 
 def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
