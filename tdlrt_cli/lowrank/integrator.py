@@ -266,8 +266,8 @@ class StateStash:
 
 
 def _transport(value: torch.Tensor, maps: Sequence[Optional[torch.Tensor]], variance: bool) -> torch.Tensor:
-    """``value x_i maps[i]``; for a second moment (a variance) the elementwise squares of the maps, which
-    keep it non-negative and are exact for the diagonal of the transported covariance's basis change."""
+    """``value x_i maps[i]``; for a second moment (a variance) the elementwise squares of the maps: the
+    diagonal of ``M diag(v) M^T``, exact when the old coordinates are uncorrelated, and never negative."""
     mats = [None if m is None else (m * m if variance else m).to(value.dtype) for m in maps]
     return multi_mode_product(value, mats)
 
