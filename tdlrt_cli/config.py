@@ -165,6 +165,27 @@ class TrainConfig:
              "data.val_size is not supported for data=imagefolder (put a validation split in its own folder)")
         need(self.data.name != "imagefolder" or bool(self.data.root),
              "data=imagefolder needs data.root=DIR (a folder with train/ and val/ class folders)")
+        need(0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2^63)")
+        need(bool(self.task_name) and "/" not in self.task_name and "\\" not in self.task_name
+             and self.task_name not in (".", ".."),
+             f"task_name={self.task_name!r} must be a plain folder name (it is a folder under outputs/)")
+        need(self.optimizer.eps > 0, f"optimizer.eps={self.optimizer.eps} must be > 0")
+        sc = self.scheduler
+        need(sc.warmup_epochs >= 0, f"scheduler.warmup_epochs={sc.warmup_epochs} must be >= 0")
+        need(0 <= sc.min_lr <= self.lr, f"scheduler.min_lr={sc.min_lr} must be in [0, lr={self.lr}]")
+        if sc.name == "step":
+            need(sc.step_size >= 1, f"scheduler.step_size={sc.step_size} must be >= 1 (epochs)")
+            need(0 < sc.gamma <= 1, f"scheduler.gamma={sc.gamma} must be in (0, 1]")
+        if sc.name == "onecycle":
+            need(0 < sc.pct_start < 1, f"scheduler.pct_start={sc.pct_start} must be in (0, 1)")
+        if sc.name == "plateau":
+            need(0 < sc.factor < 1, f"scheduler.factor={sc.factor} must be in (0, 1)")
+            need(sc.patience >= 0, f"scheduler.patience={sc.patience} must be >= 0")
+        if self.data.name == "synthetic":
+            need(self.data.num_classes >= 2, f"data.num_classes={self.data.num_classes} must be >= 2")
+            need(self.data.channels >= 1, f"data.channels={self.data.channels} must be >= 1")
+            need(self.data.train_size >= 1 and self.data.test_size >= 1,
+                 f"data.train_size={self.data.train_size} and data.test_size={self.data.test_size} must be >= 1")
         b = self.optimizer.betas
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
@@ -194,7 +215,8 @@ class TrainConfig:
             need(m.tau_warmup_epochs >= 0, f"method.tau_warmup_epochs={m.tau_warmup_epochs} must be >= 0 (0: the "
                                            f"plain rule, tau from the first step)")
             one_of("method.tau_warmup_shape", m.tau_warmup_shape, ("linear", "hold"))
-            need(m.finetune_epochs >= 0, f"method.finetune_epochs={m.finetune_epochs} must be >= 0")
+            need(0 <= m.finetune_epochs <= self.epochs,
+                 f"method.finetune_epochs={m.finetune_epochs} must be in [0, epochs={self.epochs}]")
         else:
             need(self.tau is None, f"tau={self.tau} applies to method=tdlrt or dlrt only, not method={m.name}")
         return self

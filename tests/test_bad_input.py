@@ -156,3 +156,23 @@ def test_validation_split_out_of_range(tmp_path, size, needle):
 
 def test_tolerance_warmup_out_of_range(tmp_path):
     one_error_line(tmp_path, ["method=tdlrt", "method.tau_warmup_epochs=-1"], "method.tau_warmup_epochs=-1")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0 must be >= 1"),
+    (["scheduler=onecycle", "scheduler.pct_start=2"], "scheduler.pct_start=2.0 must be in (0, 1)"),
+    (["scheduler=plateau", "scheduler.factor=2"], "scheduler.factor=2.0 must be in (0, 1)"),
+    (["optimizer=adam", "optimizer.eps=-1"], "optimizer.eps=-1.0 must be > 0"),
+    (["seed=100000000000000000000"], "seed="),
+    (["data.num_classes=0"], "data.num_classes=0 must be >= 2"),
+    (["data.num_classes=1"], "data.num_classes=1 must be >= 2"),
+    (["data.channels=0"], "data.channels=0 must be >= 1"),
+    (["data.train_size=0"], "data.train_size=0"),
+    (["scheduler.min_lr=1.0", "lr=0.1"], "scheduler.min_lr=1.0 must be in [0, lr=0.1]"),
+    (["scheduler.warmup_epochs=-1"], "scheduler.warmup_epochs=-1 must be >= 0"),
+    (["method=tdlrt", "method.finetune_epochs=5", "epochs=2"], "method.finetune_epochs=5 must be in [0, epochs=2]"),
+    (["task_name=../../x"], "task_name='../../x' must be a plain folder name"),
+], ids=lambda v: v[-1] if isinstance(v, list) else None)
+def test_values_that_used_to_crash_or_train_garbage(tmp_path, args, needle):
+    """(Hydra still creates the run folder, and its .hydra files, before this validation runs: issue 12.)"""
+    one_error_line(tmp_path, args, needle)
