@@ -11,9 +11,10 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
+
+from .launch import RunLock, remove_if_fresh
 
 SUBCOMMANDS = {
     "train": "train a network (Hydra overrides: model=vgg16 tau=0.1 ...; -m to sweep; --help for config groups)",
@@ -25,25 +26,6 @@ SUBCOMMANDS = {
 
 USAGE = "usage: tdlrt <subcommand> [hydra overrides...]\n\nsubcommands:\n" + "\n".join(
     f"  {name:<8} {text}" for name, text in SUBCOMMANDS.items()) + "\n\n`tdlrt <subcommand> --help` for its options."
-
-
-def _resume_overrides(args: List[str]) -> List[str]:
-    """A run resumed with ``ckpt_path=<run>/checkpoints/last.pt`` continues in ``<run>``.
-
-    Hydra's files of the resumed session go to ``.hydra/resume-<time>`` there, so nothing the first
-    session wrote is overwritten.
-    """
-    if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("hydra.run.dir=") for a in args):
-        return []
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
-    if not ckpt or ckpt in ("null", "None"):
-        return []
-    path = Path(ckpt.strip("'\"")).expanduser().resolve()
-    if not path.is_file() or path.parent.name != "checkpoints":
-        return []
-    run_dir = str(path.parent.parent).replace("\\", "\\\\").replace("'", "\\'")
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return [f"hydra.run.dir='{run_dir}'", f"hydra.output_subdir=.hydra/resume-{stamp}"]
 
 
 def _rank_overrides(args: List[str]) -> List[str]:
@@ -123,13 +105,33 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .evaluate import main as eval_main
 
         return eval_main(rest)
-    placement = _rank_overrides(rest) or _resume_overrides(rest)
-    sys.argv = [f"tdlrt-{command}"] + rest + placement
-    if command == "train":
-        from .train import main as entry
-    else:
+    if command == "bench":
         from .bench import main as entry
-    _run_hydra(entry)
+
+        sys.argv = [f"tdlrt-{command}"] + rest
+        return _run_hydra(entry)
+    from .train import main as entry
+
+    prepared = _prepare(rest)
+    sys.argv = [f"tdlrt-{command}"] + prepared.argv + _rank_overrides(rest)
+    try:
+        _run_hydra(entry)
+    except SystemExit as exc:
+        if exc.code == 2:  # refused after the checks above (data missing, a checkpoint that does not load)
+            remove_if_fresh(prepared)
+        raise
+    finally:
+        if prepared.run_dir is not None:
+            RunLock(prepared.run_dir).release()
+
+
+def _prepare(args: List[str]):
+    """`tdlrt train`'s checks before Hydra writes a file (:mod:`tdlrt_cli.launch`), errors as one line."""
+    from .launch import prepare_train
+
+    holder = []
+    _run_hydra(lambda: holder.append(prepare_train(args, writer=int(os.environ.get("RANK", "0")) == 0)))
+    return holder[0]
 
 
 if __name__ == "__main__":

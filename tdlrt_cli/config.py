@@ -7,7 +7,8 @@ below ``train.py`` sees only these plain dataclasses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
@@ -15,6 +16,17 @@ METHODS = ("dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "gr
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+# Keys added after runs were already being made, with the value that reproduces what a run did before the key
+# existed: a saved config without the key is compared (resume, report) as if it had that value. Not the
+# current defaults: tau_warmup_epochs defaults to 1 and val_split to 0.1, but older runs did neither.
+LEGACY_VALUES = {
+    "data.val_split": 0.0,
+    "method.tau_warmup_epochs": 0.0,
+    "method.tau_warmup_shape": "linear",
+    "nan_max_skips": 10,
+}
 
 
 from .errors import ConfigError
@@ -33,7 +45,8 @@ class DataConfig:
     download: bool = True
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
-    val_size: int = 0            # > 0: hold out the last N training examples for validation; best.pt is chosen on it
+    val_split: float = 0.0       # held-out end of the training set, chooses best.pt: a fraction (0 < v < 1)
+                                 # or a number of examples (v >= 1); 0: none (best.pt chosen on the test set)
     augment: bool = True
     # imagefolder
     train_dir: str = "train"
@@ -126,6 +139,7 @@ class TrainConfig:
     log_every_n_steps: int = 50
     progress: bool = True
     nan_policy: str = "stop"   # stop: end the run at a NaN/Inf loss; skip: skip such steps
+    nan_max_skips: int = 10    # nan_policy=skip: stop after this many skipped steps in the whole run
     cost_report: bool = True   # summary.json gets the cost report (FLOPs, peak memory, latency b1/b128)
     cost_repeat: int = 10      # timed repetitions per latency figure
 
@@ -160,9 +174,12 @@ class TrainConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self.data, key)
             need(value is None or value > 0, f"data.{key}={value} must be a positive number of examples")
-        need(self.data.val_size >= 0, f"data.val_size={self.data.val_size} must be >= 0 (0: no validation split)")
-        need(self.data.val_size == 0 or self.data.name != "imagefolder",
-             "data.val_size is not supported for data=imagefolder (put a validation split in its own folder)")
+        v = self.data.val_split
+        need(v == 0 or 0 < v < 1 or v >= 1 and float(v).is_integer(),
+             f"data.val_split={v} must be 0 (none), a fraction in (0, 1), or a whole number of examples")
+        need(v == 0 or self.data.name != "imagefolder",
+             "data.val_split is not supported for data=imagefolder (put a validation split in its own folder)")
+        need(self.nan_max_skips >= 1, f"nan_max_skips={self.nan_max_skips} must be >= 1")
         need(self.data.name != "imagefolder" or bool(self.data.root),
              "data=imagefolder needs data.root=DIR (a folder with train/ and val/ class folders)")
         need(0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2^63)")
@@ -222,6 +239,28 @@ class TrainConfig:
         return self
 
 
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved config in this version's keys: ``data.val_size`` (a number of examples) became
+    ``data.val_split`` (a fraction or a number of examples)."""
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    data = config.get("data")
+    if isinstance(data, dict) and "val_size" in data:
+        size = data.pop("val_size")
+        data.setdefault("val_split", float(size or 0))
+    return config
+
+
 def from_dictconfig(cfg) -> TrainConfig:
     """Merge a composed Hydra config into :class:`TrainConfig` and validate it (raises ConfigError)."""
     from omegaconf import OmegaConf
@@ -232,6 +271,7 @@ def from_dictconfig(cfg) -> TrainConfig:
     try:
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         container.pop("hydra", None)
+        container = upgrade_config(container)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
         obj = OmegaConf.to_object(merged)
     except MissingMandatoryValue as exc:

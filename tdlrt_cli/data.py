@@ -43,7 +43,7 @@ class DataBundle:
     in_channels: int
     num_classes: int
     image_size: int
-    val: "Optional[DeviceLoader]" = None  # data.val_size > 0: the held-out end of the training set
+    val: "Optional[DeviceLoader]" = None  # data.val_split > 0: the held-out end of the training set
 
 
 # --------------------------------------------------------------------------- readers
@@ -198,24 +198,65 @@ class DeviceLoader:
             yield (x.float() - self.mean) / self.std, y
 
 
+def _read_image(path: str):
+    """An image file as RGB; an unreadable one ends the run with a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except Exception as exc:
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); delete or replace it") from None
+
+
+def _check_images(paths) -> None:
+    """Open the header of every image before training, so that a stray non-image file fails at once."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.size
+        except Exception as exc:
+            raise DataError(f"{path} is not a readable image ({type(exc).__name__}); remove it from the class "
+                            f"folder or replace it") from None
+
+
+def _folder_stats(cfg: DataConfig):
+    """data.mean / data.std of data=imagefolder (RGB: 3 values each, std > 0), ImageNet's by default."""
+    mean = (0.485, 0.456, 0.406) if cfg.mean is None else tuple(cfg.mean)
+    std = (0.229, 0.224, 0.225) if cfg.std is None else tuple(cfg.std)
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != 3:
+            raise DataError(f"{key}={list(values)} has {len(values)} values; data=imagefolder reads RGB images, "
+                            f"give 3 (one per channel)")
+    if not all(v > 0 for v in std):
+        raise DataError(f"data.std={list(std)} must be > 0 in every channel (it divides the pixels)")
+    return mean, std
+
+
 class FolderLoader:
     """ImageNet-style class folders through torchvision transforms and a DataLoader."""
 
     def __init__(self, folder: Path, cfg: DataConfig, batch_size: int, train: bool, seed: int, limit: Optional[int]):
         from torchvision import datasets, transforms
 
+        if cfg.num_workers < 0:
+            raise DataError(f"data.num_workers={cfg.num_workers} must be >= 0 (0: load in the main process)")
         size = cfg.image_size or 64
-        mean, std = cfg.mean or (0.485, 0.456, 0.406), cfg.std or (0.229, 0.224, 0.225)
+        mean, std = _folder_stats(cfg)
         steps = [transforms.Resize(size), transforms.CenterCrop(size)]
         if train and cfg.augment:
             steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
         steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
         try:
-            ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+            ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps), loader=_read_image)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(f"no image class folders in {folder} ({exc}); set data.root=DIR to a folder holding "
                             f"{cfg.train_dir}/ and {cfg.test_dir}/") from None
+        self.classes = ds.classes
         self.num_classes = len(ds.classes)
+        _check_images(path for path, _ in ds.samples[:limit])
         if limit is not None:
             ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
         self.dataset, self.train, self.seed, self.epoch, self.start_batch = ds, train, seed, 0, 0
@@ -250,7 +291,10 @@ class FolderLoader:
             batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(self.rank, -(-n // bs), self.world)]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                              pin_memory=torch.cuda.is_available(), persistent_workers=False)
-        return iter(loader)
+        try:
+            yield from loader
+        except DataError as exc:  # raised in a worker process: torch puts its traceback into the message
+            raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
 def _limit(d: ImageTensors, n: Optional[int]) -> ImageTensors:
@@ -263,6 +307,10 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     if cfg.name == "imagefolder":
         tr = FolderLoader(root / cfg.train_dir, cfg, batch_size, True, seed, cfg.limit_train)
         te = FolderLoader(root / cfg.test_dir, cfg, eval_batch_size, False, seed, cfg.limit_test)
+        if te.classes != tr.classes:
+            extra = sorted(set(te.classes) ^ set(tr.classes))[:3]
+            raise DataError(f"the class folders of {root / cfg.test_dir} and {root / cfg.train_dir} differ "
+                            f"({', '.join(extra) or 'order'}); both need the same class folders")
         return DataBundle(tr, te, 3, tr.num_classes, tr.image_size)
     if cfg.name in ("cifar10", "cifar100"):
         train, test, k = _cifar(root, cfg.name, cfg.download)
@@ -274,12 +322,14 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
         raise DataError(f"unknown dataset {cfg.name!r}")
     train, test = _limit(train, cfg.limit_train), _limit(test, cfg.limit_test)
     val = None
-    if cfg.val_size:
+    if cfg.val_split:
         n = len(train.labels)
-        if cfg.val_size >= n:
-            raise DataError(f"data.val_size={cfg.val_size} leaves no training examples (there are {n})")
-        val = ImageTensors(train.images[n - cfg.val_size:], train.labels[n - cfg.val_size:])
-        train = ImageTensors(train.images[:n - cfg.val_size], train.labels[:n - cfg.val_size])
+        held = int(cfg.val_split) if cfg.val_split >= 1 else round(cfg.val_split * n)
+        if held < 1 or held >= n:
+            raise DataError(f"data.val_split={cfg.val_split} holds out {held} of the {n} training examples; "
+                            f"it must leave at least one on each side (data.val_split=0 turns it off)")
+        val = ImageTensors(train.images[n - held:], train.labels[n - held:])
+        train = ImageTensors(train.images[:n - held], train.labels[:n - held])
     if cfg.name in STATS:
         mean, std = STATS[cfg.name]
     else:  # measured on the training images

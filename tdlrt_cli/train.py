@@ -22,11 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from .config import TrainConfig
+from .config import CONFIG_DIR, TrainConfig
 from .data import build_data
 from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
+from .launch import RunLock, config_drift, describe_drift
 from .logs import RunLogger
 from .lowrank import TDLRT, LowRankLayer, orthonormality_error
 from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
@@ -35,7 +36,6 @@ from .models import build_model
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -123,11 +123,15 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
 class Diverged(UserError):
     """The training loss became NaN or Inf."""
 
-    def __init__(self, step: int, epoch: int, checkpoint: Optional[Path] = None):
-        self.step, self.epoch = step, epoch
+    def __init__(self, step: int, epoch: int, checkpoint: Optional[Path] = None, skipped_all: bool = False):
+        self.step, self.epoch, self.skipped_all = step, epoch, skipped_all
         keep = (f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet")
-        super().__init__(f"the training loss became NaN/Inf at step {step} (epoch {epoch + 1}); stopped, {keep} "
-                         f"(nan_policy=skip skips such steps instead)")
+        if skipped_all:
+            super().__init__(f"the training loss was NaN/Inf again at step {step} (epoch {epoch + 1}) after "
+                             f"nan_max_skips steps were skipped; stopped, {keep} (lower lr, or raise nan_max_skips)")
+        else:
+            super().__init__(f"the training loss became NaN/Inf at step {step} (epoch {epoch + 1}); stopped, {keep} "
+                             f"(nan_policy=skip skips such steps instead)")
 
 
 class StopSignals:
@@ -190,11 +194,12 @@ def resume_command(run_dir: Path) -> str:
 def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
                     log_every, nan_policy="stop", start: Optional[dict] = None, save_every: int = 0,
                     save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed(),
-                    stop: Optional[StopSignals] = None) -> dict:
+                    stop: Optional[StopSignals] = None, skip_budget: Optional[list] = None) -> dict:
     """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
 
     ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums; every
-    ``save_every`` steps ``save(position)`` writes a checkpoint that can resume here.
+    ``save_every`` steps ``save(position)`` writes a checkpoint that can resume here. ``skip_budget``
+    (``[left]``, nan_policy=skip): the steps the run may still skip; at none left it stops like nan_policy=stop.
     """
     from tqdm import tqdm
 
@@ -224,10 +229,14 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         with amp():
             out = model(x)
             loss = F.cross_entropy(out, y)
-        if faults.nan_at_step == global_step + 1:
+        if faults.nan_now(global_step + 1):
             loss = loss * float("nan")
         finite = torch.isfinite(loss.detach())
         if nan_policy == "skip" and bool(dist.max_((~finite).long())):  # one host sync per step
+            if skip_budget is not None:
+                skip_budget[0] -= 1
+                if skip_budget[0] < 0:
+                    raise Diverged(global_step + 1, epoch, skipped_all=True)
             skipped += 1
             global_step += 1
             continue
@@ -367,16 +376,34 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed, cfg.deterministic)
-    last = Path(run_dir) / "checkpoints" / "last.pt"  # (only process 0's run folder is the real one)
+    run_dir = Path(run_dir)
+    lock = RunLock(run_dir).acquire() if dist.main else None  # one writer per run folder
+    try:
+        return _train(cfg, run_dir, config_dict, dist, device, start_time)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,
+           start_time: float) -> dict:
+    last = run_dir / "checkpoints" / "last.pt"  # (only process 0's run folder is the real one)
     left_behind = dist.broadcast_object(str(last) if last.is_file() and cfg.ckpt_path is None else None)
     if left_behind:  # the same job started again in its folder (SLURM requeue, restart)
         if not cfg.checkpoint.auto_resume:
             raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); resume it with "
-                              f"ckpt_path={left_behind} or start in another folder")
+                              f"resume={run_dir} or start in another folder")
         cfg.ckpt_path = str(left_behind)
         print(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)",
               file=sys.stderr)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if resume is not None and config_dict is not None and isinstance(resume.get("config"), dict):
+        drift = config_drift(resume["config"], config_dict)
+        if drift:  # (the CLI refuses this before Hydra writes a file; here for library use and sweep jobs)
+            raise ConfigError(f"resuming {cfg.ckpt_path} would change what is trained: {describe_drift(drift)}")
+    if resume is not None and int(resume.get("epoch", 0)) > cfg.epochs and cfg.method.name != "imp":
+        raise ConfigError(f"epochs={cfg.epochs} but the run in {run_dir} has completed {resume['epoch']} epochs "
+                          f"(a resume may extend epochs, not shorten them)")
 
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)
     data.train.shard(dist.rank, dist.world)
@@ -415,14 +442,18 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if imp and resume is not None:
         raise ConfigError("method=imp runs cannot be resumed (masks and rewind point are not checkpointed)")
 
-    # best.pt: the epoch with the best validation accuracy (data.val_size > 0), else the best test accuracy
+    # best.pt: the epoch with the best validation accuracy (data.val_split > 0), else the best test accuracy
     select_by = "val_acc" if data.val is not None else "test_acc"
     start_epoch, global_step, best, position = 0, 0, {"metric": -1.0, "max_test": -1.0, "selected": None}, None
+    skip_budget = [cfg.nan_max_skips]  # nan_policy=skip: the steps the run may still skip
+    ckpt_dir = run_dir / "checkpoints"
     if resume is not None:
         start_epoch, global_step, best, position = restore(resume, cfg, model, optimizer, integrator, scheduler)
+        skip_budget[0] -= int(resume.get("skipped_steps", 0))
         where = f" step {global_step}" if position else ""
         print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}", file=sys.stderr)
-    ckpt_dir = run_dir / "checkpoints"
+        if dist.main:
+            repair_best(resume, ckpt_dir)
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
         logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
@@ -434,7 +465,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     def save_position(pos: dict) -> None:
         if dist.main:
             save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
-                                             pos["global_step"], best, pos, shape), ckpt_dir / "last.pt")
+                                             pos["global_step"], best, pos, shape,
+                                             skipped_steps=cfg.nan_max_skips - skip_budget[0]), ckpt_dir / "last.pt")
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
@@ -465,13 +497,13 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
                                         cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
                                         cfg.nan_policy, start=position if epoch == start_epoch else None,
                                         save_every=cfg.checkpoint.every_n_steps, save=save_position, dist=dist,
-                                        stop=stop)
+                                        stop=stop, skip_budget=skip_budget)
             except StopRequested as exc:
                 raise stopped(exc.signum, exc.step, epoch) from None
             except Diverged as exc:
                 last = ckpt_dir / "last.pt"
                 logger.close()
-                raise Diverged(exc.step, exc.epoch, last if last.is_file() else None) from None
+                raise Diverged(exc.step, exc.epoch, last if last.is_file() else None, exc.skipped_all) from None
             global_step = stats.pop("global_step")
             dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
             test_loss, test_acc = evaluate(model, data.test, amp, device, dist)
@@ -498,8 +530,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
                     "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc}
                                  if improved else best["selected"])}
             state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                     best, data_shape=shape)
-            if dist.main:
+                                     best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0])
+            if dist.main:  # last.pt first: if a kill comes before best.pt, last.pt is the best and a resume copies it
                 save_checkpoint(state, ckpt_dir / "last.pt")
                 if improved:
                     save_checkpoint(state, ckpt_dir / "best.pt")
@@ -521,8 +553,12 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     example = next(iter(data.train))[0][:2].to(device)
     pinned = pinned_modes(model) if integrator is not None else None
     summary = {
-        "test_acc": test_acc, "test_loss": test_loss, "best_test_acc": max(best["max_test"], test_acc),
-        "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_size > 0) or by test_acc
+        "test_acc": test_acc, "test_loss": test_loss,  # of the last checkpoint (the network at the end)
+        "test_acc_last": test_acc,
+        # of best.pt, chosen on the validation split (data.val_split > 0); None without one
+        "test_acc_val_selected": (best["selected"] or {}).get("test_acc") if select_by == "val_acc" else None,
+        "best_test_acc": max(best["max_test"], test_acc),  # max over epochs: chosen on the test set, optimistic
+        "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned,
         **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
@@ -545,8 +581,12 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
         return summary
     if pinned is not None:
         warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)))
-    print(f"done: test acc {test_acc:.2f}% (best {summary['best_test_acc']:.2f}%), "
-          f"c.r. {report['compression_rate']:.1f}%, outputs in {run_dir}", file=sys.stderr)
+    chosen = summary["test_acc_val_selected"]
+    print(f"done: test acc {test_acc:.2f}% at the end"
+          + (f", {chosen:.2f}% with best.pt (epoch {best['selected']['epoch']}, chosen on the validation split)"
+             if chosen is not None else f" (max over epochs {summary['best_test_acc']:.2f}%, chosen on the test set)")
+          + (f", c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else "")
+          + f", outputs in {run_dir}", file=sys.stderr)
     return summary
 
 
@@ -563,12 +603,12 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
 
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
-                     position: Optional[dict] = None, data_shape: Optional[tuple] = None) -> dict:
+                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
     the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
     return {
         "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
-        "position": position,
+        "position": position, "skipped_steps": skipped_steps,
         "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -577,6 +617,24 @@ def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, 
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": config_dict,
     }
+
+
+def repair_best(last: dict, ckpt_dir: Path) -> None:
+    """Make ``best.pt`` the checkpoint ``last.pt`` records as the best. ``last.pt`` is written first at the end
+    of an epoch; a run killed before ``best.pt`` followed has a ``last.pt`` that says "this epoch is the best"
+    and a stale ``best.pt``: ``last.pt`` is then copied to ``best.pt``."""
+    selected = (last.get("best") or {}).get("selected") or {}
+    if last.get("position") or selected.get("epoch") != last.get("epoch"):
+        return  # last.pt is not the best epoch itself: best.pt was written before it
+    best_path = ckpt_dir / "best.pt"
+    try:
+        have = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # missing or unreadable
+        have = None
+    if have != last.get("epoch"):
+        save_checkpoint({k: v for k, v in last.items() if k != "format"}, best_path)
+        print(f"tdlrt: note: {best_path} was older than the best epoch ({last.get('epoch')}) recorded in last.pt "
+              f"(the run was stopped between the two writes); rewritten from last.pt", file=sys.stderr)
 
 
 def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:

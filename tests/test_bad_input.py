@@ -113,13 +113,26 @@ def test_checkpoint_corrupt(tmp_path):
 
 
 def test_checkpoint_from_another_model(tmp_path):
+    """A checkpoint written under another config is refused before anything is written, naming the keys."""
+    from tdlrt_cli.checkpoint import save_checkpoint
+    from tdlrt_cli.launch import Composer, train_config
+
+    with Composer() as compose:
+        config = train_config(compose([*TINY, "method=tdlrt", "model=lenet5"]))
+    other = tmp_path / "elsewhere" / "last.pt"
+    save_checkpoint({"model_name": "lenet5", "method": "tdlrt", "epoch": 1, "model": {}, "config": config}, other)
+    before = other.read_bytes()
+    one_error_line(tmp_path, ["method=tdlrt", f"ckpt_path={other}"], "would change what is trained",
+                   'model.name "lenet5" -> "vgg16"')
+    assert other.read_bytes() == before and not (tmp_path / "outputs").exists()
+
+
+def test_checkpoint_without_config(tmp_path):
     from tdlrt_cli.checkpoint import save_checkpoint
 
     other = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint({"model_name": "lenet5", "method": "tdlrt", "epoch": 1, "model": {}}, other)
-    before = other.read_bytes()
-    one_error_line(tmp_path, ["method=tdlrt", f"ckpt_path={other}"], "written by model=lenet5", "model=vgg16")
-    assert other.read_bytes() == before
+    one_error_line(tmp_path, [f"resume={other}"], "holds no run configuration", str(other))
 
 
 def test_unknown_key(tmp_path):
@@ -148,10 +161,12 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "batch_size=0 must be > 0" in proc.stderr
 
 
-@pytest.mark.parametrize("size, needle", [("-1", "data.val_size=-1 must be >= 0"),
-                                          ("256", "data.val_size=256 leaves no training examples")])
-def test_validation_split_out_of_range(tmp_path, size, needle):
-    one_error_line(tmp_path, [f"data.val_size={size}"], needle)
+@pytest.mark.parametrize("split, needle", [("-1", "data.val_split=-1.0 must be 0 (none), a fraction"),
+                                           ("2.5", "data.val_split=2.5 must be 0 (none), a fraction"),
+                                           ("256", "data.val_split=256.0 holds out 256 of the 256 training"),
+                                           ("0.001", "data.val_split=0.001 holds out 0 of the 256")])
+def test_validation_split_out_of_range(tmp_path, split, needle):
+    one_error_line(tmp_path, [f"data.val_split={split}"], needle)
 
 
 def test_tolerance_warmup_out_of_range(tmp_path):

@@ -80,10 +80,10 @@ def test_ranks_every_logging_step_and_a_warning_for_modes_left_at_their_cap(tmp_
 
 
 def test_validation_split_selects_best_checkpoint(tmp_path):
-    """data.val_size=N holds out the last N training images; best.pt is the epoch with the best validation
-    accuracy, and summary.json says which epoch and its test accuracy (what `tdlrt report` ranks by)."""
+    """data.val_split=0.25 holds out the last quarter of the training images; best.pt is the epoch with the best
+    validation accuracy, and summary.json gives the test accuracy of it and of the last epoch, labelled."""
     args = [a for a in TINY if not a.startswith("epochs")]
-    run_tdlrt(["train", *args, "epochs=3", "method=dense", "data.val_size=64", "cost_report=false"], tmp_path)
+    run_tdlrt(["train", *args, "epochs=3", "method=dense", "data.val_split=0.25", "cost_report=false"], tmp_path)
     (run,) = run_dirs(tmp_path / "outputs")
     rows = read_csv(run / "metrics.csv")
     assert all("val_acc" in r and float(r["val_acc"]) >= 0 for r in rows)
@@ -94,6 +94,8 @@ def test_validation_split_selects_best_checkpoint(tmp_path):
     assert sel["test_acc"] == pytest.approx(float(best_row["test_acc"]))
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == sel["epoch"]
     assert summary["steps"] == 3 * ((256 - 64) // 64)  # the held-out images are not trained on
+    assert summary["test_acc_val_selected"] == pytest.approx(float(best_row["test_acc"]))
+    assert summary["test_acc_last"] == summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
 
 
 def test_summary_is_strict_json_and_an_untrained_run_reports_its_start(tmp_path):

@@ -1,0 +1,415 @@
+"""Everything `tdlrt train` checks before Hydra writes a file: the run folder holds what its config says.
+
+:func:`prepare_train` takes the command line of `tdlrt train`, and before any folder or file exists
+
+1. expands a sweep (``-m``) into its jobs and composes and validates every one of them, so a bad value in
+   job 5 stops the sweep before job 0 starts;
+2. turns a resume (``resume=<run folder or checkpoint>``, ``ckpt_path=<run>/checkpoints/last.pt``, or a
+   ``hydra.run.dir`` that already holds a checkpoint) into the run's own configuration: the overrides the
+   run was started with, the settings it was last resumed with, and of this command only the keys that do
+   not change what is trained (:data:`RESUME_FREE`); any other difference is refused with the keys and
+   both values;
+3. refuses a run folder that another live process is writing (:class:`RunLock`), a non-empty folder that
+   is not a run, and an empty ``hydra.run.dir=``;
+
+and returns the command line to hand to Hydra. A resumed session's Hydra files go to
+``.hydra/resume-<time>/``, so nothing the earlier sessions wrote is overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .config import CONFIG_DIR, LEGACY_VALUES, flatten, from_dictconfig, upgrade_config
+from .errors import CheckpointError, ConfigError
+
+# Keys a resume may change: they decide how long, where and how visibly the run goes on, not what is trained.
+RESUME_FREE = ("epochs", "device", "progress", "log_every_n_steps", "checkpoint", "data.root", "data.download",
+               "data.num_workers", "eval_batch_size", "cost_report", "cost_repeat", "ckpt_path", "task_name",
+               "deterministic", "nan_policy", "nan_max_skips", "init_from")
+# ... and of those, the ones a resume takes from this machine's command rather than from the run.
+MACHINE_KEYS = ("device", "progress", "data.root", "data.download", "data.num_workers", "checkpoint.auto_resume",
+                "ckpt_path", "init_from")
+# Overrides that place a run rather than configure it.
+PLACEMENT_KEYS = ("hydra.run.dir", "hydra.output_subdir", "ckpt_path", "resume", "checkpoint.auto_resume")
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+               "--version", "--run", "-r", "--package", "-p", "--resolve", "--config-path", "-cp",
+               "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+LOCK_NAME = ".lock"
+
+
+def is_free(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_FREE)
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+@dataclass
+class RunLock:
+    """``<run>/.lock`` names the process writing the run (PID, host, start time). A second writer is
+    refused; a lock left by a process that is gone (same host, PID not running) is taken over with a note.
+    The process holding it may take it again (a sweep job, or the check before Hydra and the run itself)."""
+    run_dir: Path
+    note: List[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / LOCK_NAME
+
+    def holder(self) -> Optional[dict]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: a writer killed mid-write; nobody can be holding it
+
+    def check(self) -> None:
+        """Raise if a live process other than this one holds the folder."""
+        held = self.holder()
+        if not held or self._mine(held):
+            return
+        if held.get("host") == socket.gethostname() and not _alive(held["pid"]):
+            return
+        where = "" if held.get("host") == socket.gethostname() else (
+            f" (another host: if that process is gone, delete {self.path})")
+        raise ConfigError(f"{self.run_dir} is in use by tdlrt PID {held['pid']} on {held.get('host')} since "
+                          f"{held.get('started', '?')}{where}; wait for it to finish or choose another hydra.run.dir")
+
+    def acquire(self) -> "RunLock":
+        """Take the folder: the lock file appears complete or not at all (a hard link of a written file)."""
+        self.check()
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        try:
+            os.link(tmp, self.path)  # fails if the lock exists
+        except FileExistsError:
+            self.check()  # a live holder that appeared since the first check is refused here
+            held = self.holder()
+            if not self._mine(held):
+                print(f"tdlrt: note: {self.run_dir}: taking over the lock of PID {(held or {}).get('pid', '?')}, "
+                      f"which is no longer running", file=sys.stderr)
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self
+
+    @staticmethod
+    def _mine(held: Optional[dict]) -> bool:
+        return bool(held) and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
+
+    def release(self) -> None:
+        if self._mine(self.holder()):
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- a run's identity
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b or a == b and type(a) is type(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def config_drift(saved: dict, new: dict) -> List[Tuple[str, object, object]]:
+    """The keys that would change what is trained, as ``(key, saved value, new value)``.
+
+    Keys the saved config predates count as the value that reproduces what the run did
+    (:data:`~tdlrt_cli.config.LEGACY_VALUES`); renamed keys are read under their new names.
+    """
+    old, cur = flatten(upgrade_config(saved)), flatten(new)
+    missing = object()
+    drift = []
+    for key in sorted(set(old) | set(cur)):
+        if is_free(key):
+            continue
+        a, b = old.get(key, missing), cur.get(key, missing)
+        if a is missing:
+            a = LEGACY_VALUES.get(key, missing)
+        if a is missing or b is missing or not _same(a, b):
+            drift.append((key, None if a is missing else a, None if b is missing else b))
+    return drift
+
+
+def describe_drift(drift, limit: int = 6) -> str:
+    shown = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in drift[:limit])
+    return shown + (f" (and {len(drift) - limit} more)" if len(drift) > limit else "")
+
+
+def saved_config(ckpt: Path) -> Tuple[dict, int]:
+    """The resolved config a checkpoint was written under and its completed epochs (read without loading
+    the weights into memory)."""
+    import torch
+
+    from .checkpoint import FORMAT
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {ckpt}: corrupt or not a tdlrt checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{ckpt} holds no run configuration (written by an older tdlrt?); it cannot be resumed")
+    return state["config"], int(state.get("epoch", 0))
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _parse(overrides: List[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def _value(args: List[str], key: str) -> Optional[str]:
+    """The value of ``key=...`` on the command line (the last one), quotes removed; None if absent."""
+    found = None
+    for o in _parse([a for a in args if a.split("=", 1)[0].lstrip("+~") == key]):
+        found = o.value()
+    return None if found is None else str(found)
+
+
+def _merge(base: List[str], mine: List[str]) -> List[str]:
+    """``base`` overrides with each key that ``mine`` sets replaced by ``mine``'s (order kept)."""
+    keys = {o.key_or_group for o in _parse(mine)}
+    return [o.input_line for o in _parse(base) if o.key_or_group not in keys] + mine
+
+
+def _quote(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class Composer:
+    """Hydra's composition of ``configs/train.yaml`` with overrides, without running anything."""
+
+    def __enter__(self):
+        from hydra import initialize_config_dir
+        from omegaconf import OmegaConf
+
+        OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
+        self._ctx = initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="train")
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+    def __call__(self, overrides: List[str]):
+        from hydra import compose
+
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def train_config(cfg) -> dict:
+    """A composed config as the run will save it (resolved, without ``hydra``), after validation."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    cfg = OmegaConf.create(container)
+    from_dictconfig(cfg)  # raises ConfigError naming the key
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@dataclass
+class Prepared:
+    argv: List[str]                        # what Hydra gets
+    run_dir: Optional[Path] = None         # run mode: the folder, locked by this process
+    fresh: Optional[Path] = None           # the highest folder this command creates (removed if it fails early)
+
+
+def run_folder_of(ckpt: Path) -> Optional[Path]:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = True) -> Prepared:
+    """Check a `tdlrt train` command line before anything is written; return what Hydra should run.
+
+    ``writer=False`` (a data-parallel process other than the first, which writes to a scratch folder): the
+    configuration is rebuilt and checked the same way, but the run folder is neither checked nor locked."""
+    if any(a.split("=", 1)[0] in HYDRA_FLAGS for a in args):
+        return Prepared(args)  # --help, --cfg job, shell completion: Hydra's own, nothing is trained
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    stamp = stamp or time.strftime("%Y-%m-%d_%H-%M-%S")
+    with Composer() as compose:
+        if multirun:
+            _check_sweep(compose, overrides)
+            return Prepared(args)
+        return _prepare_run(compose, overrides, stamp, writer)
+
+
+def _check_sweep(compose, overrides: List[str]) -> None:
+    """Compose and validate every job of a sweep; refuse all of them if one is bad."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    if _value(overrides, "resume") is not None:
+        raise ConfigError("resume= continues one run; it cannot be swept (-m): resume each run on its own")
+    sweeper = _value(overrides, "hydra/sweeper")
+    if sweeper not in (None, "basic"):
+        return  # another sweeper chooses its jobs as it goes
+    jobs = [job for batch in BasicSweeper.split_arguments(_parse(overrides), None) for job in batch]
+    for number, job in enumerate(jobs):
+        try:
+            cfg = compose(job)
+            train_config(cfg)
+            cfg.hydra.job.num = number
+            job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            last = job_dir / "checkpoints" / "last.pt"
+            RunLock(job_dir).check()
+            if last.is_file() and cfg.checkpoint.auto_resume:
+                drift = config_drift(saved_config(last)[0], train_config(cfg))
+                if drift:
+                    raise ConfigError(f"{job_dir} holds a run with other settings: {describe_drift(drift)}")
+        except Exception as exc:
+            swept = [o.input_line for o in _parse(overrides) if o.is_sweep_override()]
+            mine = [j for j in job if any(j.split("=", 1)[0] == s.split("=", 1)[0] for s in swept)]
+            exc.args = (f"sweep job {number} ({' '.join(mine) or 'its overrides'}) of {len(jobs)}: {_message(exc)}",)
+            raise ConfigError(*exc.args) from None
+
+
+def _message(exc: BaseException) -> str:
+    from .cli import one_line
+
+    from .errors import UserError
+
+    return str(exc) if isinstance(exc, UserError) else one_line(exc)
+
+
+def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Prepared:
+    resume = _value(overrides, "resume")
+    ckpt_arg = _value(overrides, "ckpt_path")
+    mine = [o.input_line for o in _parse(overrides) if o.key_or_group != "resume"]
+    target = resume if resume not in (None, "None", "null") else (
+        ckpt_arg if ckpt_arg not in (None, "None", "null") else None)
+    ckpt = run_dir = None
+    if target is not None:
+        path = Path(target).expanduser()
+        key = "resume" if resume is not None else "ckpt_path"
+        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        if not ckpt.is_file():
+            raise CheckpointError(f"checkpoint not found: {key}={target}" + (
+                " (the folder has no checkpoints/last.pt)" if path.is_dir() else " (no such file or run folder)"))
+        ckpt = ckpt.resolve()
+        run_dir = run_folder_of(ckpt)
+        asked = _value(overrides, "hydra.run.dir")
+        if run_dir is not None and asked is not None and Path(asked).expanduser().resolve() != run_dir:
+            raise ConfigError(f"{key}={target} continues the run in {run_dir}; hydra.run.dir={asked} would split it "
+                              f"over two folders (leave hydra.run.dir out)")
+    cfg = compose(mine)
+    folder = Path(str(cfg.hydra.run.dir)).expanduser() if str(cfg.hydra.run.dir).strip() else None
+    if folder is None:
+        raise ConfigError("hydra.run.dir= is empty; give a folder for the run (or leave it out for a new one "
+                          "under outputs/)")
+    if run_dir is None and ckpt is None:  # auto-resume: the same job started again in its folder
+        last = folder / "checkpoints" / "last.pt"
+        if last.is_file():
+            if not cfg.checkpoint.auto_resume:
+                raise ConfigError(f"{folder} already holds a run (checkpoints/last.pt) and checkpoint.auto_resume="
+                                  f"false; resume it with resume={folder} or start in another folder")
+            ckpt, run_dir = last.resolve(), folder.resolve()
+    if ckpt is not None:
+        saved, done = saved_config(ckpt)
+        base = _original_overrides(run_dir) if run_dir is not None else []
+        given = [o.key_or_group for o in _parse(mine)]
+        carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
+                   if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
+                   and not any(k.startswith(g + ".") for g in given)]
+        mine = _merge(_merge(base, carried), mine)
+        mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={_quote(str(ckpt))}"]
+        try:
+            cfg = compose(mine)
+        except Exception as exc:
+            raise ConfigError(f"cannot rebuild the configuration of {run_dir or ckpt}: {_message(exc)}") from None
+        resumed = train_config(cfg)
+        drift = config_drift(saved, resumed)
+        if drift:
+            raise ConfigError(f"resuming {run_dir or ckpt} would change what is trained: {describe_drift(drift)} "
+                              f"(a resume may change epochs, device, data.root, logging and checkpoint settings; "
+                              f"train other settings in a new folder)")
+        if resumed["epochs"] < done and resumed["method"]["name"] != "imp":
+            raise ConfigError(f"epochs={resumed['epochs']} but the run in {run_dir or ckpt} has completed {done} "
+                              f"epochs (a resume may extend epochs, not shorten them)")
+        if run_dir is not None:
+            mine += [f"hydra.run.dir={_quote(str(run_dir))}"]
+            folder = run_dir
+        if run_dir is not None and (run_dir / ".hydra").is_dir():  # keep the Hydra files of earlier sessions
+            mine += [f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    else:
+        train_config(cfg)
+        if writer:
+            RunLock(folder).check()
+        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())) \
+                and not (folder / ".hydra").is_dir():
+            raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
+    if not writer:
+        return Prepared(mine)
+    fresh = _first_missing(folder)
+    RunLock(folder).acquire()
+    return Prepared(mine, folder, fresh)
+
+
+def _original_overrides(run_dir: Path) -> List[str]:
+    """The overrides a run folder's first session was started with (placement keys removed)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        listed = [str(o) for o in OmegaConf.load(path)]
+    except Exception:
+        raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
+    return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+
+
+def _first_missing(folder: Path) -> Optional[Path]:
+    """The highest folder of ``folder``'s path that does not exist yet (what a failed start should remove)."""
+    path, top = Path(folder).absolute(), None
+    while not path.exists():
+        top, path = path, path.parent
+    return top
+
+
+def remove_if_fresh(prepared: Optional[Prepared]) -> None:
+    """After a refused start: delete the folders this command created, unless a checkpoint got written."""
+    if prepared is None or prepared.fresh is None or prepared.run_dir is None:
+        return
+    if (prepared.run_dir / "checkpoints").is_dir() and any((prepared.run_dir / "checkpoints").glob("*.pt")):
+        return
+    held = RunLock(prepared.run_dir).holder()
+    if held and not RunLock._mine(held):
+        return  # another process writes there now
+    shutil.rmtree(prepared.fresh, ignore_errors=True)

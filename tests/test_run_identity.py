@@ -1,0 +1,178 @@
+"""A run folder is what its files say: resume restores the run's own config, drift is refused, refused input
+writes nothing, one writer per folder, best.pt matches last.pt's record, sweeps are checked before job 0."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_dirs, run_tdlrt
+
+# a run that differs from every default in what is trained: resuming with the defaults would show it
+RUN = [a for a in TINY if not a.startswith("epochs")] + ["method=tdlrt", "tau=0.15", "lr=0.02", "seed=3",
+                                                          "data.val_split=64", "cost_report=false"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line(proc, *needles):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("tdlrt: error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 1-epoch run in a known folder (copied per test: tests change it)."""
+    root = tmp_path_factory.mktemp("identity")
+    run_tdlrt(["train", *RUN, "epochs=1", "hydra.run.dir=run"], root)
+    return root / "run"
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("how", ["resume={run}", "ckpt_path={run}/checkpoints/last.pt", "hydra.run.dir={run}"])
+def test_resume_restores_the_runs_own_config(run, tmp_path, how):
+    """The README's resume line, with no other override, continues the run with its own settings (not the
+    defaults: VGG16 on CIFAR-10), extending epochs, in its folder, keeping the first session's Hydra files."""
+    first = (run / ".hydra" / "config.yaml").read_bytes()
+    proc = run_tdlrt(["train", how.format(run=run), "epochs=2", "device=cpu", "progress=false"], tmp_path)
+    assert "resuming" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for config in (summary["config"], saved["config"]):
+        assert (config["tau"], config["lr"], config["seed"], config["model"]["width_mult"]) == (0.15, 0.02, 3, 0.125)
+        assert config["data"]["name"] == "synthetic" and config["data"]["val_split"] == 64 and config["epochs"] == 2
+    assert saved["epoch"] == 2 and not (tmp_path / "outputs").exists()
+    assert (run / ".hydra" / "config.yaml").read_bytes() == first and list((run / ".hydra").glob("resume-*"))
+    assert not (run / ".lock").exists()
+
+
+def test_a_resume_keeps_the_epochs_it_was_last_extended_to(run, tmp_path):
+    run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
+    run_tdlrt(["train", f"resume={run}", "progress=false"], tmp_path)  # no epochs=: the run's 2, not the first 1
+    assert json.loads((run / "summary.json").read_text())["config"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["resume={run}", "lr=0.01", "seed=1"], ["lr 0.02 -> 0.01", "seed 3 -> 1"]),
+    (["hydra.run.dir={run}", "seed=1", "lr=0.01"], ["lr 0.02 -> 0.01", "seed 3 -> 1"]),
+    (["ckpt_path={run}/checkpoints/last.pt", "tau=0.3"], ["tau 0.15 -> 0.3"]),
+    (["resume={run}", "data.val_split=0"], ["data.val_split 64 -> 0"]),
+    (["resume={run}", "model=lenet5"], ['model.name "vgg16" -> "lenet5"']),
+])
+def test_resume_that_changes_what_is_trained_is_refused_and_touches_nothing(run, tmp_path, args, needles):
+    before = snapshot(run)
+    proc = run_tdlrt(["train", *[a.format(run=run) for a in args]], tmp_path, check=False)
+    one_line(proc, "would change what is trained", *needles)
+    assert snapshot(run) == before and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["lr=-1", "hydra.run.dir={run}"], "lr=-1.0 must be > 0"),
+    (["checkpoint.auto_resume=false", "hydra.run.dir={run}", *RUN], "already holds a run"),
+    (["resume={run}", "epochs=0"], "has completed 1 epochs"),
+    (["resume={run}", "hydra.run.dir={tmp}/elsewhere"], "would split it over two folders"),
+    (["-m", "resume={run}", "epochs=2,3"], "cannot be swept"),
+])
+def test_refused_input_aimed_at_a_run_folder_writes_nothing(run, tmp_path, args, needle):
+    before = snapshot(run)
+    proc = run_tdlrt(["train", *[a.format(run=run, tmp=tmp_path) for a in args]], tmp_path, check=False)
+    one_line(proc, needle)
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no new folder anywhere
+
+
+def test_refused_input_leaves_no_folder(tmp_path):
+    """Neither a config error nor missing data (found once training starts) leaves a run folder behind."""
+    one_line(run_tdlrt(["train", *TINY, "lr=-1"], tmp_path, check=False), "lr=-1.0")
+    one_line(run_tdlrt(["train", "model=lenet5", "data=mnist", f"data.root={tmp_path / 'none'}", "data.download=false",
+                        "device=cpu"], tmp_path, check=False), "not found", "data.root")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_run_folder_and_empty_run_dir_are_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    one_line(run_tdlrt(["train", *TINY, "hydra.run.dir=mine"], tmp_path, check=False), "holds no tdlrt run")
+    one_line(run_tdlrt(["train", *TINY, "hydra.run.dir="], tmp_path, check=False), "hydra.run.dir= is empty")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_sweep_is_validated_before_its_first_job(tmp_path):
+    proc = run_tdlrt(["train", "-m", *TINY, "method=tdlrt", "tau=0.1,2,0.2"], tmp_path, check=False)
+    one_line(proc, "sweep job 1 (tau=2) of 3", "tau=2.0 must be in (0, 1)")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "now"}
+        (run / ".lock").write_text(json.dumps(lock))
+        before = snapshot(run)
+        one_line(run_tdlrt(["train", f"resume={run}", "epochs=2"], tmp_path, check=False),
+                 f"is in use by tdlrt PID {holder.pid}")
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)  # its PID is gone now
+    assert f"taking over the lock of PID {holder.pid}" in proc.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    assert not (run / ".lock").exists()
+
+
+def test_two_writers_started_together_one_is_refused(tmp_path):
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*cmd, "train", *RUN, "epochs=1", "hydra.run.dir=same"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:  # the second found the first's lock
+        assert "is in use by tdlrt PID" in next(err for code, err in results if code == 2)
+    else:  # the second started after the first had finished: it continued the finished run
+        assert any("continuing that run" in err for _, err in results)
+    rows = (tmp_path / "same" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2  # header + epoch 1, never twice
+
+
+def test_best_pt_stale_after_a_kill_between_last_and_best_is_repaired_on_resume(tmp_path):
+    """Epoch 1 writes last.pt (checkpoint 1) and best.pt (2); killed inside best.pt's write, the resumed run
+    copies last.pt (the best epoch, as it records) to best.pt, and export of best ships epoch 1."""
+    args = ["train", *RUN, "epochs=1", "hydra.run.dir=run"]
+    killed = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_KILL_IN_CHECKPOINT": "2"}, check=False)
+    assert killed.returncode == 137
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert not (ckpt / "best.pt").exists() and (ckpt / "last.pt").is_file()
+    proc = run_tdlrt(["train", "resume=run", "progress=false"], tmp_path)
+    assert "best.pt was older than the best epoch" in proc.stderr
+    best = torch.load(ckpt / "best.pt", weights_only=True)
+    last = torch.load(ckpt / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["best"]["selected"]["epoch"] == 1
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_nan_policy_skip_gives_up_after_nan_max_skips(tmp_path):
+    proc = run_tdlrt(["train", *TINY, "method=dense", "nan_policy=skip", "nan_max_skips=2"], tmp_path,
+                     env={"TDLRT_FAULT_NAN_AT_STEP": "2", "TDLRT_FAULT_NAN_STEPS": "100"}, check=False)
+    line = one_line(proc, "NaN/Inf again at step 4", "nan_max_skips")  # steps 2 and 3 were skipped
+    assert "no checkpoint was written yet" in line
