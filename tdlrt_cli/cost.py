@@ -1,11 +1,10 @@
 """What a network costs: parameters, FLOPs, peak memory and measured latency, dense and low-rank side by side."""
 from __future__ import annotations
 
-import statistics
-import time
+import math
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,20 +69,36 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def latency_ms(module: nn.Module, x: torch.Tensor, repeat: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock milliseconds of ``module(x)`` under inference mode (synchronised on GPUs)."""
-    times = []
+def timings_ms(modules: Sequence[nn.Module], x: torch.Tensor, repeat: int = 10,
+               min_block_s: float = 0.005) -> List[dict]:
+    """Milliseconds per call of each ``module(x)`` under inference mode, measured with
+    ``torch.utils.benchmark.Timer`` (which synchronises the GPU): after a warm-up, ``repeat`` rounds that each
+    time one block of calls (at least ``min_block_s`` long) of every module in turn, interleaved so that a
+    change of machine load hits all of them alike. Per module: ``median`` and ``iqr`` (interquartile range)
+    over the blocks and ``times``, every block's time per call."""
+    from torch.utils.benchmark import Measurement, Timer
+
+    timers = [Timer("module(x)", globals={"module": m, "x": x}, num_threads=torch.get_num_threads()) for m in modules]
+    runs: List[list] = [[] for _ in modules]
     with torch.inference_mode():
-        for i in range(warmup + repeat):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            module(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        numbers = []
+        for timer in timers:
+            timer.timeit(1)  # warm-up
+            once = timer.timeit(1).median
+            numbers.append(max(1, math.ceil(min_block_s / max(once, 1e-9))))
+        for _ in range(repeat):
+            for timer, number, got in zip(timers, numbers, runs):
+                got.append(timer.timeit(number))
+    out = []
+    for got in runs:
+        m = Measurement.merge(got)[0]
+        out.append({"median": m.median * 1e3, "iqr": m.iqr * 1e3, "times": [t * 1e3 for t in m.times]})
+    return out
+
+
+def latency(module: nn.Module, x: torch.Tensor, repeat: int = 10) -> dict:
+    """``timings_ms`` of one module: ``{"median": ms, "iqr": ms, "times": [ms, ...]}``."""
+    return timings_ms([module], x, repeat)[0]
 
 
 def weight_counts(model: nn.Module) -> Dict[str, int]:
@@ -143,7 +158,8 @@ def training_peak_memory(model: nn.Module, x: torch.Tensor) -> int:
 def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: int = 10, trainable: bool = True,
             opaque_flops: Optional[float] = None) -> dict:
     """One network's measured costs: FLOPs per image (forward; forward and backward), peak memory
-    (inference at the largest batch; a training step at it), median latency at each batch size (ms).
+    (inference at the largest batch; a training step at it), latency at each batch size (ms; median and
+    interquartile range over ``repeat`` timed blocks).
 
     ``trainable=False`` (an exported program): no training figures. ``opaque_flops``: a network torch
     cannot look into (an ONNX Runtime session): its forward FLOPs as recorded at export, no memory figures.
@@ -160,7 +176,8 @@ def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: i
             row["flops_train"] = flops(model, small, train=True)
             row["peak_memory_train_mb"] = training_peak_memory(model, big) / 2 ** 20
     for b in batches:
-        row[f"latency_ms_batch{b}"] = latency_ms(model, big[:b], repeat=repeat)
+        t = latency(model, big[:b], repeat=repeat)
+        row[f"latency_ms_batch{b}"], row[f"latency_iqr_ms_batch{b}"] = t["median"], t["iqr"]
     return row
 
 
@@ -203,8 +220,15 @@ def format_report(report: dict) -> str:
             "{:,.1f}")
     if lr["peak_memory_train_mb"] is not None:
         row(f"peak memory train step b{big} (MB)", d["peak_memory_train_mb"], lr["peak_memory_train_mb"], "{:,.1f}")
-    for key in sorted((k for k in d if k.startswith("latency_ms_batch")), key=lambda k: int(k.rsplit("batch", 1)[1])):
-        row(f"latency batch {key.rsplit('batch', 1)[1]} (ms)", d[key], lr[key], "{:,.2f}")
+    def latency_text(side, b):  # median [interquartile range]
+        iqr = side.get(f"latency_iqr_ms_batch{b}")
+        return f"{side[f'latency_ms_batch{b}']:,.2f}" + (f" [{iqr:.2f}]" if iqr is not None else "")
+
+    for b in sorted(int(k.rsplit("batch", 1)[1]) for k in d if k.startswith("latency_ms_batch")):
+        a, m = d[f"latency_ms_batch{b}"], lr[f"latency_ms_batch{b}"]
+        ratio = f"{m / a:8.3f}" if a else f"{'-':>8}"
+        label = f"latency b{b} ms: median [IQR]"
+        lines.append(f"{label:<30} {latency_text(d, b):>14} {latency_text(lr, b):>14} {ratio}")
     cr = (f"compression rate: conv {p['compression_rate']:.1f}%, whole network {p['compression_rate_total']:.1f}%"
           + (f", during training {p['compression_rate_train']:.1f}%" if p.get("compression_rate_train") is not None
              else ""))

@@ -30,6 +30,11 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
 
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as one short line (download errors span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
 @dataclass
 class ImageTensors:
     images: torch.Tensor  # uint8, N x C x H x W
@@ -63,7 +68,7 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
         try:
             cls(str(root), train=True, download=True)
         except Exception as exc:  # no network, disk full, ...
-            raise DataError(f"could not download {name} into {root} ({type(exc).__name__}: {exc}); "
+            raise DataError(f"could not download {name} into {root} ({_why(exc)}); "
                             f"put the dataset there by hand (data.root=DIR, data.download=false)") from None
     label_key = "labels" if name == "cifar10" else "fine_labels"
 
@@ -76,7 +81,7 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d[label_key], dtype=np.int64))
             except Exception as exc:
-                raise DataError(f"cannot read {folder / f} ({type(exc).__name__}: {exc})") from None
+                raise DataError(f"cannot read {folder / f} ({_why(exc)})") from None
         return ImageTensors(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
 
     train, test = read(cls.train_list), read(cls.test_list)
@@ -99,10 +104,10 @@ def _mnist(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
             if not download:
                 raise DataError(f"{name} not found in {root / cls.__name__ / 'raw'}; put the dataset there "
                                 f"(data.root=DIR) or allow downloading with data.download=true") from None
-            raise DataError(f"could not download {name} into {root} ({exc}); put the dataset there by hand "
+            raise DataError(f"could not download {name} into {root} ({_why(exc)}); put the dataset there by hand "
                             f"(data.root=DIR, data.download=false)") from None
         except Exception as exc:
-            raise DataError(f"cannot read {name} in {root} ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"cannot read {name} in {root} ({_why(exc)})") from None
         out.append(ImageTensors(ds.data.unsqueeze(1).contiguous(), ds.targets.long()))
     return out[0], out[1], 10
 
@@ -206,7 +211,7 @@ def _read_image(path: str):
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
     except Exception as exc:
-        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); delete or replace it") from None
+        raise DataError(f"cannot read image {path} ({_why(exc)}); delete or replace it") from None
 
 
 def _check_images(paths) -> None:
@@ -252,8 +257,8 @@ class FolderLoader:
         try:
             ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps), loader=_read_image)
         except (FileNotFoundError, OSError) as exc:
-            raise DataError(f"no image class folders in {folder} ({exc}); set data.root=DIR to a folder holding "
-                            f"{cfg.train_dir}/ and {cfg.test_dir}/") from None
+            raise DataError(f"no image class folders in {folder} ({_why(exc)}); set data.root=DIR to a folder "
+                            f"holding {cfg.train_dir}/ and {cfg.test_dir}/") from None
         self.classes = ds.classes
         self.num_classes = len(ds.classes)
         _check_images(path for path, _ in ds.samples[:limit])

@@ -3,6 +3,7 @@ test accuracy and the cost report (dense and low-rank side by side)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -27,6 +28,20 @@ class EvalOptions:
     repeat: int = 10
     latency: bool = True
     out: Optional[str] = None   # also write the report as JSON here
+
+    def validate(self) -> "EvalOptions":
+        from .export import check_device, check_output_file
+
+        if self.checkpoint not in ("last", "best"):
+            raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.repeat < 1:
+            raise ConfigError(f"repeat={self.repeat} must be >= 1 (timed blocks per latency figure)")
+        check_device(self.device)
+        if self.out is not None:
+            check_output_file(Path(self.out).expanduser(), "report.json")
+        return self
 
 
 class ExportedNetwork(torch.nn.Module):
@@ -116,9 +131,12 @@ def load_export(path: Path):
 def data_config(saved: dict, overrides: List[str]) -> dict:
     """The run's config with ``data=NAME`` (a configs/data preset) and ``data.KEY=VALUE`` applied."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     cfg = OmegaConf.create(saved)
     for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item} needs a value: {item}=VALUE")
         key, value = item.split("=", 1)
         if key == "data":
             preset = CONFIG_DIR / "data" / f"{value}.yaml"
@@ -127,8 +145,14 @@ def data_config(saved: dict, overrides: List[str]) -> dict:
                 raise ConfigError(f"unknown data {value!r}; choose one of: {', '.join(names)}")
             cfg.data = OmegaConf.load(preset)
         else:
-            cfg.merge_with(OmegaConf.from_dotlist([item]))
-    return OmegaConf.to_container(cfg, resolve=True)
+            try:
+                cfg.merge_with(OmegaConf.from_dotlist([item]))
+            except Exception as exc:  # OmegaConf's and YAML's parse errors
+                raise ConfigError(f"cannot parse {item} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid data override ({str(exc).splitlines()[0]})") from None
 
 
 def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
@@ -138,8 +162,9 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     from .config import from_dictconfig
     from .cost import cost_report, flops, weight_counts
     from .data import build_data
+    from .export import load_run
     from .metrics import parameter_report
-    from .runs import dense_reference, load_trained
+    from .runs import dense_reference
     from .train import evaluate, resolve_device
 
     device = resolve_device(opts.device)
@@ -152,7 +177,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
         model, meta = load_onnx(path) if is_onnx else load_export(path)
         saved, shape = meta["config"], tuple(meta["data_shape"])
     else:
-        run = load_trained(opts.source, opts.checkpoint)
+        run = load_run(opts.source, opts.checkpoint)
         model, saved, shape = run.model, run.config, run.data_shape
     cfg = from_dictconfig(OmegaConf.create(data_config(saved, data_overrides)))
     data = build_data(cfg.data, cfg.batch_size, opts.batch_size, device, cfg.seed)
@@ -192,7 +217,7 @@ def parse(argv: List[str]):
     from .export import parse_args
 
     data_overrides = [a for a in argv if a.startswith("data=") or a.startswith("data.")]
-    opts = parse_args([a for a in argv if a not in data_overrides], EvalOptions, "source")
+    opts = parse_args([a for a in argv if a not in data_overrides], EvalOptions, "source").validate()
     return opts, data_overrides
 
 
@@ -201,12 +226,14 @@ USAGE = """usage: tdlrt eval <run folder, checkpoint, .pt2 or .onnx export> [dat
                   [out=REPORT.json]
 
 Test accuracy on the run's dataset (or the one given), and the cost report: parameters and compression
-rates, FLOPs per image (inference; training), peak memory and latency at batch 1 and 128, dense and
-low-rank side by side, measured here."""
+rates, FLOPs per image (inference; training), peak memory and latency at batch 1 and 128 (median and
+interquartile range over `repeat` blocks timed with torch.utils.benchmark), dense and low-rank side by
+side, measured here."""
 
 
 def main(argv: List[str]) -> None:
     from .cost import format_report
+    from .files import remove_stale_temporaries
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -214,9 +241,15 @@ def main(argv: List[str]) -> None:
     with exit_on_user_error():
         opts, data_overrides = parse(argv)
         result = evaluate_source(opts, data_overrides)
-    print(f"{result['source']}: test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) on "
-          f"{result['test_examples']} {result['data']} test images")
-    if "dense" in result["cost"]:
-        print(format_report(result["cost"]))
-    if opts.out:
-        atomic_write_text(Path(opts.out), strict_json(result))
+        print(f"{result['source']}: test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) on "
+              f"{result['test_examples']} {result['data']} test images")
+        if "dense" in result["cost"]:
+            print(format_report(result["cost"]))
+        if opts.out:
+            out = Path(opts.out).expanduser()
+            try:  # through a temporary file; those a killed eval left behind go first
+                remove_stale_temporaries(out.parent, re.compile(rf"^\.{re.escape(out.name)}\.(?P<pid>\d+)\.tmp$"))
+                atomic_write_text(out, strict_json(result))
+            except OSError as exc:
+                raise UserError(f"cannot write out={opts.out} ({exc.strerror or exc}); choose a writable "
+                                f"out=FILE") from None

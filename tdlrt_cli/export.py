@@ -1,33 +1,95 @@
 """`tdlrt export <run folder or checkpoint> out=FILE [format=pt2|onnx] [merge=auto|chain|dense]`.
 
 The trained network becomes plain PyTorch: every factorised layer is replaced by its chain of standard
-convs (or, where that chain is slower than one dense conv with the reconstructed kernel, by that conv:
-``merge=auto`` times both on the layer's real input shape), BatchNorm is folded into the conv before it,
-and the result is saved as a ``torch.export`` program (``.pt2``, loaded with ``torch.export.load``, no
-tdlrt needed) or as ONNX. A JSON file next to it records the run, the per-layer choices and the check
-that the export computes what the low-rank network computes.
+convs (or, where one dense conv with the reconstructed kernel is clearly faster, by that conv: ``merge=auto``
+times both on the layer's real input shape and merges only at :data:`MERGE_MARGIN` or more), BatchNorm is
+folded into the conv before it, and the result is saved as a ``torch.export`` program (``.pt2``, loaded with
+``torch.export.load``, no tdlrt needed) or as ONNX. A JSON file next to it (written after it) records the
+run, the per-layer choices and the check that the export computes what the low-rank network computes.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import statistics
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .cost import flops, latency_ms
-from .errors import ConfigError, UserError, exit_on_user_error
+from .cost import flops, timings_ms
+from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
 from .files import atomic_write_text, strict_json
 from .lowrank.export import conv_chain, is_factorised, merged
-from .runs import load_trained
+from .files import remove_stale_temporaries
+from .runs import find_checkpoint, load_trained
 
 FORMATS = ("pt2", "onnx")
 MERGE = ("auto", "chain", "dense")
+# merge=auto: a layer becomes one dense conv only when that is at least this much faster than its chain
+# (median time); slower, equal or less faster keeps the chain, which stores fewer parameters.
+MERGE_MARGIN = 0.10
+
+
+def check_device(device: str) -> None:
+    if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise ConfigError(f"device={device} is not one of: auto, cpu, cuda, cuda:N")
+
+
+def check_output_file(path: Path, example: str = "model.pt2", key: str = "out") -> None:
+    """Fail before any work when ``path`` cannot become an output file: a folder, a folder that does not
+    exist, or one that takes no new file (tried with a temporary file, removed again)."""
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a folder; give a file name, e.g. {key}={path / example}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{key}={path}: the folder {folder} does not exist; create it or choose another {key}=")
+    probe = folder / f".tmp-{os.getpid()}-{path.name}"
+    try:
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot write into {folder} ({exc.strerror or exc}); choose a writable "
+                          f"{key}=") from None
+
+
+def load_run(source: str, which: str):
+    """``runs.load_trained``; a checkpoint that lacks an entry it needs ends as one line naming the entry."""
+    try:
+        return load_trained(source, which)
+    except KeyError as exc:
+        raise CheckpointError(f"{find_checkpoint(source, which)} is missing {exc.args[0]!r} (written by an older "
+                              f"tdlrt or damaged); use another checkpoint") from None
+    except (TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot rebuild the network from {find_checkpoint(source, which)} (damaged: "
+                              f"{type(exc).__name__}: {str(exc)[:160]}); use another checkpoint") from None
+
+
+def _quartiles(xs: Sequence[float]) -> Tuple[float, float, float]:
+    xs = list(xs)
+    return tuple(statistics.quantiles(xs, n=4, method="inclusive")) if len(xs) > 1 else (xs[0],) * 3
+
+
+def merge_decision(chain_ms: Sequence[float], dense_ms: Sequence[float],
+                   margin: float = MERGE_MARGIN) -> Tuple[str, str]:
+    """("dense" or "chain", why) from repeated timings of a layer's chain and of its merged conv: merge only
+    when the merged conv's median is at least ``margin`` below the chain's and the two do not overlap (its
+    upper quartile below the chain's lower quartile: the difference is not noise). Ties keep the chain."""
+    (c1, c, _), (_, d, d3) = _quartiles(chain_ms), _quartiles(dense_ms)
+    fast_enough = d <= (1 - margin) * c and c > 0
+    why = f"median {d:.3g} ms merged vs {c:.3g} ms chain"
+    if fast_enough and d3 < c1:
+        return "dense", f"{why}: merged {1 - d / c:.0%} faster, >= {margin:.0%}"
+    if fast_enough:
+        return "chain", f"{why}: the quartiles overlap, the difference is timing noise"
+    return "chain", f"{why}: merged not {margin:.0%} faster"
 
 
 @dataclass
@@ -49,7 +111,8 @@ class ExportOptions:
         if self.checkpoint not in ("last", "best"):
             raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
         if self.merge_batch < 1 or self.repeat < 1:
-            raise ConfigError("merge_batch and repeat must be >= 1")
+            raise ConfigError(f"merge_batch={self.merge_batch} and repeat={self.repeat} must be >= 1")
+        check_device(self.device)
         return self
 
 
@@ -57,10 +120,15 @@ class ExportOptions:
 class LayerChoice:
     layer: str
     exported: str                 # "chain" or "dense"
-    chain_ms: Optional[float] = None
+    chain_ms: Optional[float] = None  # merge=auto: median ms per call
     dense_ms: Optional[float] = None
     chain_params: int = 0
     dense_params: int = 0
+    reason: str = ""              # why: merge=chain/dense, no chain form, or the timing comparison
+    chain_iqr_ms: Optional[float] = None
+    dense_iqr_ms: Optional[float] = None
+    chain_times_ms: List[float] = field(default_factory=list)  # every timed block, ms per call
+    dense_times_ms: List[float] = field(default_factory=list)
 
 
 @dataclass
@@ -113,12 +181,14 @@ def plain_network(model: nn.Module, example: torch.Tensor, merge: str = "auto", 
             chain = None
         choice = LayerChoice(name, "dense" if chain is None or merge == "dense" else "chain",
                              chain_params=sum(p.numel() for p in chain.parameters()) if chain is not None else 0,
-                             dense_params=sum(p.numel() for p in dense.parameters()))
+                             dense_params=sum(p.numel() for p in dense.parameters()),
+                             reason="no chain form" if chain is None else f"merge={merge}")
         if merge == "auto" and chain is not None:
             x = torch.randn(merge_batch, *shapes[name][1:], device=device)
-            choice.chain_ms = latency_ms(chain.to(device), x, repeat=repeat)
-            choice.dense_ms = latency_ms(dense.to(device), x, repeat=repeat)
-            choice.exported = "dense" if choice.dense_ms < choice.chain_ms else "chain"
+            tc, td = timings_ms([chain.to(device), dense.to(device)], x, repeat=repeat)
+            choice.chain_ms, choice.chain_iqr_ms, choice.chain_times_ms = tc["median"], tc["iqr"], tc["times"]
+            choice.dense_ms, choice.dense_iqr_ms, choice.dense_times_ms = td["median"], td["iqr"], td["times"]
+            choice.exported, choice.reason = merge_decision(tc["times"], td["times"])
             chain.cpu(), dense.cpu()
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, dense if choice.exported == "dense" else chain)
@@ -127,19 +197,53 @@ def plain_network(model: nn.Module, example: torch.Tensor, merge: str = "auto", 
     return fuse(net).eval(), choices
 
 
-def save_program(net: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> None:
+def trace_program(net: nn.Module, example: torch.Tensor, fmt: str):
+    """The network as a ``torch.export`` program (pt2) or an ONNX program, batch size dynamic."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     if fmt == "pt2":
-        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, str(out), extra_files={"tdlrt.json": json.dumps(metadata)})
-        return
+        return torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise UserError('format=onnx needs the onnx and onnxscript packages: pip install "tdlrt[export]"') from None
-    program = torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-    program.save(str(out))
+    return torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+
+
+def write_program(program, out: Path, fmt: str, metadata: dict) -> None:
+    if fmt == "pt2":
+        torch.export.save(program, str(out), extra_files={"tdlrt.json": json.dumps(metadata)})
+    else:
+        program.save(str(out))
+
+
+def save_program(net: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> None:
+    write_program(trace_program(net, example, fmt), out, fmt, metadata)
+
+
+def stale_temporaries(out: Path) -> "re.Pattern":
+    """The names of the temporaries an export to ``out`` writes: ``.tmp-<pid>-<name>`` (also the probe of
+    :func:`check_output_file`), and ``.tmp-<name>`` of older versions."""
+    return re.compile(rf"^\.tmp-(?:(?P<pid>\d+)-)?{re.escape(out.name)}$")
+
+
+def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
+    """The program to a temporary file beside ``out``, fsynced, renamed over ``out``; then the sidecar
+    ``out.json`` (atomically too). The old sidecar goes first, so no sidecar ever describes another file."""
+    sidecar = Path(str(out) + ".json")
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")  # same suffix: torch.export wants a .pt2 name
+    try:
+        write_program(program, tmp, fmt, metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        sidecar.unlink(missing_ok=True)
+        os.replace(tmp, out)
+        atomic_write_text(sidecar, strict_json(metadata))
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1][:160]
+        raise UserError(f"cannot write {out} ({reason}); choose a writable out=FILE") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export(opts: ExportOptions) -> ExportReport:
@@ -147,14 +251,21 @@ def export(opts: ExportOptions) -> ExportReport:
     from .train import resolve_device
 
     device = str(resolve_device(opts.device))
-    run = load_trained(opts.source, opts.checkpoint)
     if opts.out:
-        out = Path(opts.out)
-    elif run.checkpoint.parent.name == "checkpoints":  # a run folder: <run>/model.<format>
-        out = run.checkpoint.parent.parent / f"model.{opts.format}"
-    else:
-        out = run.checkpoint.with_suffix(f".{opts.format}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        out = Path(opts.out).expanduser()
+        if out.suffix != f".{opts.format}" and not out.is_dir():
+            raise ConfigError(f"out={out} must end in .{opts.format} for format={opts.format} (tdlrt eval "
+                              f"recognises exports by it)")
+        check_output_file(out, f"model.{opts.format}")
+    if Path(opts.source).suffix in (".pt2", ".onnx") and Path(opts.source).is_file():
+        raise ConfigError(f"{opts.source} is an export already; export a run folder or a checkpoint (.pt)")
+    run = load_run(opts.source, opts.checkpoint)
+    if not opts.out:
+        ckpt = run.checkpoint  # a run folder: <run>/model.<format>; a checkpoint file: beside it
+        in_run = ckpt.parent.name == "checkpoints"
+        out = ckpt.parent.parent / f"model.{opts.format}" if in_run else ckpt.with_suffix(f".{opts.format}")
+        check_output_file(out)
+    remove_stale_temporaries(out.parent, stale_temporaries(out))
     example = run.example(batch=4)
     net, choices = plain_network(run.model, example, opts.merge, device, opts.merge_batch, opts.repeat)
     with torch.no_grad():
@@ -165,14 +276,14 @@ def export(opts: ExportOptions) -> ExportReport:
     report = ExportReport(str(out), opts.format, opts.merge, str(run.checkpoint), error, choices)
     metadata = {"tdlrt_export": asdict(report), "data_shape": list(run.data_shape), "config": run.config,
                 "flops_forward": flops(net, example[:2], train=False)}
-    tmp = out.with_name(f".tmp-{out.name}")  # same suffix: torch.export wants a .pt2 name
-    save_program(net, example, tmp, opts.format, metadata)
-    tmp.replace(out)
-    atomic_write_text(Path(str(out) + ".json"), strict_json(metadata))
+    write_atomically(trace_program(net, example, opts.format), out, opts.format, metadata)
     return report
 
 
 def print_report(report: ExportReport, file=sys.stdout) -> None:
+    if report.merge == "auto":  # the decision of every layer, on stderr
+        for c in report.layers:
+            print(f"tdlrt: merge=auto: {c.layer}: {c.exported} ({c.reason})", file=sys.stderr)
     print(f"{'layer':<24} {'exported':>8} {'chain ms':>9} {'dense ms':>9} {'chain params':>13} {'dense params':>13}",
           file=file)
     for c in report.layers:
@@ -214,8 +325,9 @@ USAGE = """usage: tdlrt export <run folder or checkpoint> [out=FILE] [format=pt2
                     [checkpoint=last|best] [device=cpu|cuda] [merge_batch=1] [repeat=20]
 
 Writes the trained network as plain PyTorch: factorised layers become chains of standard convs (merge=auto
-keeps a chain only where it is faster than the merged dense conv, measured), BatchNorm is folded.
-out defaults to <run folder>/model.<format>; FILE.json beside it records the choices."""
+times both forms and merges a layer into one dense conv only where that is at least 10% faster; the decision
+of every layer goes to stderr), BatchNorm is folded. out defaults to <run folder>/model.<format>; FILE.json
+beside it records the choices and timings."""
 
 
 def main(argv: List[str]) -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,3 +53,25 @@ def atomic_text(path: Path) -> Iterator[io.StringIO]:
     buffer = io.StringIO(newline="")
     yield buffer
     atomic_write_text(path, buffer.getvalue())
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # it exists, another user's
+    return True
+
+
+def remove_stale_temporaries(folder: Path, pattern: "re.Pattern") -> None:
+    """Delete the temporaries a killed process left in ``folder``: the files whose names match ``pattern``
+    and whose group ``pid`` names a process no longer alive (no pid in the name: stale)."""
+    for tmp in Path(folder).iterdir():
+        match = pattern.match(tmp.name)
+        if match and tmp.is_file() and (match.group("pid") is None or not pid_alive(int(match.group("pid")))):
+            tmp.unlink(missing_ok=True)

@@ -25,10 +25,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .config import CONFIG_DIR, LEGACY_VALUES, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
+from .files import pid_alive
 
 # Keys a resume may change: they decide how long, where and how visibly the run goes on, not what is trained.
 RESUME_FREE = ("epochs", "device", "progress", "log_every_n_steps", "checkpoint", "data.root", "data.download",
@@ -77,7 +78,7 @@ class RunLock:
         held = self.holder()
         if not held or self._mine(held):
             return
-        if held.get("host") == socket.gethostname() and not _alive(held["pid"]):
+        if held.get("host") == socket.gethostname() and not pid_alive(held["pid"]):
             return
         where = "" if held.get("host") == socket.gethostname() else (
             f" (another host: if that process is gone, delete {self.path})")
@@ -111,16 +112,6 @@ class RunLock:
     def release(self) -> None:
         if self._mine(self.holder()):
             self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- a run's identity
@@ -315,6 +306,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     target = resume if resume not in (None, "None", "null") else (
         ckpt_arg if ckpt_arg not in (None, "None", "null") else None)
     ckpt = run_dir = None
+    auto = False  # the same job started again in its folder
     if target is not None:
         path = Path(target).expanduser()
         key = "resume" if resume is not None else "ckpt_path"
@@ -340,6 +332,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
                 raise ConfigError(f"{folder} already holds a run (checkpoints/last.pt) and checkpoint.auto_resume="
                                   f"false; resume it with resume={folder} or start in another folder")
             ckpt, run_dir = last.resolve(), folder.resolve()
+            auto = True
     if ckpt is not None:
         saved, done = saved_config(ckpt)
         base = _original_overrides(run_dir) if run_dir is not None else []
@@ -365,6 +358,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         if run_dir is not None:
             mine += [f"hydra.run.dir={_quote(str(run_dir))}"]
             folder = run_dir
+        if auto and writer:
+            print(f"{ckpt} is there: continuing that run (checkpoint.auto_resume=false turns this off)", file=sys.stderr)
         if run_dir is not None and (run_dir / ".hydra").is_dir():  # keep the Hydra files of earlier sessions
             mine += [f"hydra.output_subdir=.hydra/resume-{stamp}"]
     else:
@@ -376,6 +371,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
             raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
     if not writer:
         return Prepared(mine)
+    if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
+        mine += [f"hydra.run.dir={_quote(str(folder))}"]
     fresh = _first_missing(folder)
     RunLock(folder).acquire()
     return Prepared(mine, folder, fresh)

@@ -3,25 +3,53 @@ at step 0 and every logging step), summary.json."""
 from __future__ import annotations
 
 import csv
+import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .files import atomic_write_text, strict_json
+from .files import atomic_text, atomic_write_text, strict_json
+
+
+def _read_csv(path: Path) -> List[List[str]]:
+    """The rows of a CSV file, without a partial last row (an older writer killed mid-line)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0])] if rows else []
+
+
+def _write_csv(path: Path, rows: List[list]) -> None:
+    with atomic_text(path) as fh:
+        csv.writer(fh).writerows(rows)
 
 
 def _truncate_csv(path: Path, max_value: int, column: str = "epoch") -> None:
     """Drop the rows whose ``column`` is above ``max_value`` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    rows = _read_csv(path)
     if not rows:
         return
     header, body = rows[0], rows[1:]
     col = header.index(column) if column in header else None
-    keep = [r for r in body if col is None or (r and int(r[col]) <= max_value)]
-    with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows([header] + keep)
+    keep = [r for r in body if col is None or (r[col].isdigit() and int(r[col]) <= max_value)]
+    _write_csv(path, [header] + keep)
+
+
+class Console:
+    """What the user reads: a line on stderr, and the same line with its time in the run's ``train.log``."""
+
+    def __init__(self, log: Optional[Path] = None):
+        self.log = log
+
+    def __call__(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        if self.log is not None:
+            try:
+                with open(self.log, "a") as fh:
+                    fh.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+            except OSError:
+                pass  # a full disk ends the run at the next checkpoint, not over a log line
 
 
 class RunLogger:
@@ -52,20 +80,13 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
 
     def _append(self, name: str, rows: List[dict]) -> None:
+        """Add rows to a CSV file by rewriting it atomically (a kill leaves the file with or without them)."""
         if not self.write:
             return
         path = self.dir / name
-        new = not path.is_file() or path.stat().st_size == 0
-        if not new:
-            with open(path, newline="") as fh:
-                header = next(csv.reader(fh))
-        else:
-            header = list(rows[0].keys())
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        old = _read_csv(path)
+        header = old[0] if old else list(rows[0].keys())
+        _write_csv(path, (old or [header]) + [[r.get(k, "") for k in header] for r in rows])
 
     def epoch(self, row: dict) -> None:
         self._append("metrics.csv", [row])
@@ -88,6 +109,13 @@ class RunLogger:
                          "n_out": n4[0], "n_in": n4[1], "n_kh": n4[2], "n_kw": n4[3]})
         if rows:
             self._append("ranks.csv", rows)
+
+    def hparams(self, params: Dict[str, object], metrics: Dict[str, float]) -> None:
+        """TensorBoard's HParams tab: this run's settings beside its final metrics (sweeps compare there)."""
+        if self.tb is not None:
+            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+            self.tb.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items() if v is not None},
+                                run_name=".")
 
     def summary(self, data: dict) -> None:
         if not self.write:

@@ -8,15 +8,17 @@ folders without a ``summary.json`` (still running, killed, failed) are listed ap
 the epochs they reached. Within a (data, model) table the best and second-best accuracies are marked
 among the rows of comparable compression: rows whose mean conv compression rate falls in the same
 ``band``-point band (e.g. 90-95%). The accuracy of a row is each run's test accuracy at its
-validation-selected checkpoint (``selected`` in summary.json, runs with ``data.val_size > 0``), else after
+validation-selected checkpoint (``selected`` in summary.json, runs with ``data.val_split > 0``), else after
 the last epoch (``test_acc``); the best test accuracy over epochs (``best_test_acc``, selected on the test
 set itself, so optimistic) is shown apart and never used to rank rows.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -24,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .config import LEGACY_VALUES, flatten, upgrade_config
 from .errors import UserError
-from .files import atomic_text, atomic_write_text
+from .files import atomic_text, atomic_write_text, remove_stale_temporaries
 
 METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp"]
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
@@ -43,6 +46,7 @@ IGNORED_KEYS = (
     "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
     "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
     "cost_report", "cost_repeat",         # the cost report measured after training
+    "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
     "device",                             # auto, cpu, cuda:N
     "data.download", "data.num_workers",  # fetching the files, loader processes
 )
@@ -56,34 +60,23 @@ KNOB_KEYS = ("tau", "method.rank_frac", "method.target_cr", "method.sparsity")  
 MISSING = object()  # a key absent from a run's config (an older tdlrt, a hand-written summary)
 
 
-def flatten(config: dict, prefix: str = "") -> Dict[str, object]:
-    """``{"method": {"name": "tdlrt"}}`` -> ``{"method.name": "tdlrt"}`` (lists stay values)."""
-    out: Dict[str, object] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def is_ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
 
-# Keys added after runs were already being made, with the value that reproduces what a run did before the key
-# existed (a run without the key is compared as if it had that value), and the methods the key belongs to
-# (None: every run). Not the current defaults: tau_warmup_epochs defaults to 1, but older runs used the plain rule.
+# Keys added after runs were already being made: a run without the key is compared as if it had the value that
+# reproduces what it did (config.LEGACY_VALUES; not the current defaults: tau_warmup_epochs defaults to 1, but
+# older runs used the plain rule), if the key belongs to its method (None: every run).
 ADDED_KEYS = {
-    "data.val_size": (0, None),
-    "method.tau_warmup_epochs": (0.0, ("tdlrt", "dlrt")),
-    "method.tau_warmup_shape": ("linear", ("tdlrt", "dlrt")),
+    "data.val_split": (LEGACY_VALUES["data.val_split"], None),
+    "method.tau_warmup_epochs": (LEGACY_VALUES["method.tau_warmup_epochs"], ("tdlrt", "dlrt")),
+    "method.tau_warmup_shape": (LEGACY_VALUES["method.tau_warmup_shape"], ("tdlrt", "dlrt")),
 }
 
 
 def grouping_config(config: dict) -> Dict[str, object]:
     """The flattened config that decides a run's row: everything but the seed and the ignored keys."""
-    flat = flatten(config)
+    flat = flatten(upgrade_config(config))
     for key, (before, methods) in ADDED_KEYS.items():
         if key not in flat and (methods is None or flat.get("method.name") in methods):
             flat[key] = before
@@ -221,6 +214,7 @@ class Unfinished:
     last_test_acc: Optional[float]   # of that epoch
     checkpoint: bool                 # checkpoints/last.pt is there (it can be resumed)
     overrides: str                   # .hydra/overrides.yaml of the run
+    state: str = "unfinished"        # or "empty": a summary.json without a test accuracy, or after 0 epochs
 
 
 def knob_of(config: dict) -> str:
@@ -240,24 +234,54 @@ def knob_of(config: dict) -> str:
     return ""
 
 
+def csv_rows(path: Path, columns: Dict[str, type]) -> List[Dict[str, object]]:
+    """The complete rows of a CSV file a run appends to, ``columns`` converted (an empty value: None).
+
+    A run killed while appending leaves its last line cut short (no line end): that line is dropped. A
+    file that is not such a CSV (not text, missing columns, values that do not parse) is a UserError."""
+    if not path.is_file():
+        return []
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path} is damaged ({why}); delete it or move its run folder out of the report's paths")
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise damaged("not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # the cut-short last line of a killed run
+    if not text.strip():
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        recs = list(reader)
+    except csv.Error as exc:
+        raise damaged(f"csv: {exc}") from None
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise damaged(f"no column {missing[0]!r}")
+    rows = []
+    for number, rec in enumerate(recs, start=1):
+        row = {}
+        for c, kind in columns.items():
+            value = rec.get(c)
+            try:
+                row[c] = None if value in ("", None) else kind(value)
+            except ValueError:
+                raise damaged(f"row {number}: {c}={value!r}") from None
+        rows.append(row)
+    return rows
+
+
 def _read_metrics(run_dir: Path) -> Tuple[int, Optional[float]]:
     """(last epoch, its test accuracy) from metrics.csv; (0, None) when it has no complete row."""
     done, acc = 0, None
-    try:
-        with open(run_dir / "metrics.csv", newline="") as fh:
-            for rec in csv.DictReader(fh):
-                try:
-                    epoch = int(rec["epoch"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                if epoch >= done:
-                    done = epoch
-                    try:
-                        acc = float(rec["test_acc"])
-                    except (KeyError, TypeError, ValueError):
-                        acc = None
-    except (OSError, csv.Error):
-        pass
+    for rec in csv_rows(run_dir / "metrics.csv", {"epoch": int, "test_acc": float}):
+        if rec["epoch"] is not None and rec["epoch"] >= done:
+            done, acc = rec["epoch"], rec["test_acc"]
     return done, acc
 
 
@@ -307,6 +331,21 @@ def unfinished_run(run_dir: Path) -> Unfinished:
                       (run_dir / "checkpoints" / "last.pt").is_file(), overrides)
 
 
+def empty_run(run_dir: Path, summary: dict) -> Unfinished:
+    """A run with a summary.json but nothing trained (epochs=0) or no test accuracy: listed, never ranked."""
+    u = unfinished_run(run_dir)
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    if config:
+        u.data = str((config.get("data") or {}).get("name", u.data))
+        u.model = str((config.get("model") or {}).get("name", u.model))
+        u.method = str((config.get("method") or {}).get("name", u.method))
+        u.seed = config.get("seed") if isinstance(config.get("seed"), int) else u.seed
+    acc = summary.get("test_acc")
+    u.last_test_acc = float(acc) if isinstance(acc, (int, float)) else None
+    u.state = "empty (0 epochs)" if summary.get("epochs") == 0 else "empty (no test accuracy)"
+    return u
+
+
 def _run_folders(base: Path) -> Iterable[Path]:
     """Folders under base that a training run wrote (Hydra's .hydra/, metrics.csv or checkpoints/last.pt)."""
     found = {p.parent for p in base.rglob(".hydra") if p.is_dir()}
@@ -329,13 +368,19 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
             try:
                 s = json.loads(f.read_text())
                 c = s["config"]
+                if s.get("test_acc") is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
+                    unfinished.append(empty_run(f.parent, s))
+                    continue
                 best = s.get("best_test_acc")
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
                                 int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
                                 float(c["method"].get("init_decay", 0.0) or 0.0),
                                 None if best is None else float(best), grouping_config(c), s))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {exc})", file=sys.stderr)
+                print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {str(exc)[:200]}); listed as damaged",
+                      file=sys.stderr)
+                unfinished.append(unfinished_run(f.parent))
+                unfinished[-1].state = "damaged summary.json"
         if base.is_dir():
             for d in _run_folders(base):
                 if not (d / "summary.json").is_file() and d.resolve() not in seen:
@@ -428,7 +473,7 @@ def _band_label(row: Row, band: float) -> str:
 
 
 ACC_NOTE = ("\"test acc.\" is the test accuracy at each run's validation-selected checkpoint (`checkpoints/best.pt` "
-            "chosen on the held-out `data.val_size` examples; `selected` in summary.json) and, for runs without a "
+            "chosen on the held-out `data.val_split` examples; `selected` in summary.json) and, for runs without a "
             "validation split (marked †), after the last epoch. \"final\" is after the last epoch. \"max over "
             "epochs\" is the best test accuracy of any epoch: chosen on the test set itself, so optimistic, shown "
             "for reference and never used to rank rows.")
@@ -484,25 +529,26 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
     with atomic_text(out / "unfinished.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "data", "model", "method", "setting", "seed", "epochs_done", "epochs_planned",
-                    "last_test_acc", "last_checkpoint", "overrides"])
+                    "last_test_acc", "last_checkpoint", "overrides", "state"])
         for u in unfinished:
             w.writerow([u.path, u.data, u.model, u.method, u.knob, "" if u.seed is None else u.seed, u.epochs_done,
                         "" if u.epochs_planned is None else u.epochs_planned,
-                        "" if u.last_test_acc is None else f"{u.last_test_acc:.4f}", u.checkpoint, u.overrides])
+                        "" if u.last_test_acc is None else f"{u.last_test_acc:.4f}", u.checkpoint, u.overrides,
+                        u.state])
     if unfinished:
-        md += ["", f"### Unfinished runs ({len(unfinished)}): no summary.json (still running, killed or failed); "
-                   "not in the tables above", "",
-               "| run folder | data | model | method | setting | seed | epochs reached | last test acc. (%) "
-               "| last.pt | overrides |", "|---|---|---|---|---|---|---|---|---|---|"]
-        tex += ["", f"% {len(unfinished)} unfinished run(s) (no summary.json), not in the table:"]
+        md += ["", f"### Unfinished runs ({len(unfinished)}): no summary.json (still running, killed or failed), "
+                   "or empty (a summary.json after 0 epochs or without a test accuracy); not in the tables above", "",
+               "| run folder | state | data | model | method | setting | seed | epochs reached | last test acc. (%) "
+               "| last.pt | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        tex += ["", f"% {len(unfinished)} unfinished run(s) (no summary.json, or empty), not in the table:"]
         for u in unfinished:
             epochs = f"{u.epochs_done}/{'?' if u.epochs_planned is None else u.epochs_planned}"
             last = "-" if u.last_test_acc is None else f"{u.last_test_acc:.2f}"
             seed = "?" if u.seed is None else u.seed
-            md.append(f"| {u.path} | {u.data} | {u.model} | {METHOD_LABEL.get(u.method, u.method)} | "
+            md.append(f"| {u.path} | {u.state} | {u.data} | {u.model} | {METHOD_LABEL.get(u.method, u.method)} | "
                       f"{u.knob or '-'} | {seed} | {epochs} | {last} | {'yes' if u.checkpoint else 'no'} | "
                       f"{u.overrides or '-'} |")
-            tex.append(f"%   {u.path}: {u.data} {u.model} {u.method} {u.knob} seed {seed}, epoch {epochs}")
+            tex.append(f"%   {u.path} ({u.state}): {u.data} {u.model} {u.method} {u.knob} seed {seed}, epoch {epochs}")
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     atomic_write_text(out / "table.tex", "\n".join(tex) + "\n")
 
@@ -537,12 +583,25 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as PNG, atomically: a temporary file in the same folder, fsynced, renamed over ``path``."""
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    _plt().close(fig)
-    tmp.replace(path)  # a kill leaves the old plot or the new one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # files.atomic_write_text's naming
+    try:
+        with open(tmp, "wb") as fh:
+            fig.savefig(fh, dpi=120, format="png")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # a kill leaves the old plot or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _plt().close(fig)
     return path
+
+
+# the temporaries of the report's files: files.atomic_write_text's and _save's naming
+REPORT_TEMPORARY = re.compile(r"^\.(?:table\.(?:md|csv|tex)|runs\.csv|unfinished\.csv|.+\.png)\.(?P<pid>\d+)\.tmp$")
 
 
 def _extra(row: Row, keys: List[str]) -> str:
@@ -592,42 +651,49 @@ def _rank_series(run_dir: Path) -> Tuple[str, Dict[Tuple[str, str], List[Tuple[i
     steps, epochs = run_dir / "ranks_steps.csv", run_dir / "ranks.csv"
     path, x = (steps, "step") if steps.is_file() else (epochs, "epoch")
     series: Dict[Tuple[str, str], List[Tuple[int, int]]] = {}
-    if path.is_file():
-        with open(path, newline="") as fh:
-            for rec in csv.DictReader(fh):
-                for mode in ("out", "in"):
-                    try:
-                        series.setdefault((rec["layer"], mode), []).append((int(rec[x]), int(rec[f"r_{mode}"])))
-                    except (KeyError, TypeError, ValueError):
-                        continue  # a truncated last line of a killed run
+    for rec in csv_rows(path, {x: int, "layer": str, "r_out": int, "r_in": int}):
+        for mode in ("out", "in"):
+            if None not in (rec[x], rec["layer"], rec[f"r_{mode}"]):
+                series.setdefault((rec["layer"], mode), []).append((rec[x], rec[f"r_{mode}"]))
     return x, series
 
 
-def plot_rank_trajectories(rows: List[Row], out: Path) -> List[Path]:
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def layer_style(j: int) -> Tuple[str, str]:
+    """Colour and line style of layer ``j`` of a rank plot: tab10's colours, then the next line style, so
+    the first 40 layers never share a combination."""
+    return f"C{j % 10}", LINE_STYLES[(j // 10) % len(LINE_STYLES)]
+
+
+def rank_runs(rows: List[Row]) -> List[Tuple[Row, Run]]:
+    """The run of each TDLRT/DLRT row whose ranks are plotted: its first seed."""
+    return [(row, min(row.runs, key=lambda r: r.seed)) for row in rows if row.method in ("tdlrt", "dlrt")]
+
+
+def plot_rank_trajectories(rows: List[Row], out: Path, series_of: Dict[Path, tuple]) -> List[Path]:
     """One figure per TDLRT/DLRT row (its first seed): rank of every layer and mode over training steps,
-    each layer with its own colour and line style, integer rank axis."""
+    each layer with its own colour and line style, integer rank axis. ``series_of``: ``_rank_series`` of
+    those runs, read before anything is written."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
     written = []
     keys = {table: varying_keys(members) for table, members in tables(rows)}
-    styles = ["-", "--", ":", "-."]
-    for row in rows:
-        if row.method not in ("tdlrt", "dlrt"):
-            continue
-        run = min(row.runs, key=lambda r: r.seed)
-        x, series = _rank_series(run.path)
+    for row, run in rank_runs(rows):
+        x, series = series_of[run.path]
         if not series:
             continue
         layers = list(dict.fromkeys(layer for layer, _ in series))
-        colours = plt.get_cmap("tab20" if len(layers) > 10 else "tab10")
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
         for ax, mode in zip(axes, ("out", "in")):
             for j, layer in enumerate(layers):
                 pts = sorted(series.get((layer, mode), []))
                 if pts:
-                    ax.plot(*zip(*pts), color=colours(j % colours.N), linestyle=styles[(j // 10) % len(styles)],
-                            marker="." if len(pts) < 30 else None, label=layer)
+                    colour, style = layer_style(j)
+                    ax.plot(*zip(*pts), color=colour, linestyle=style, marker="." if len(pts) < 30 else None,
+                            label=layer)
             ax.set_xlabel("training step" if x == "step" else "epoch")
             ax.set_ylabel(f"rank of mode '{mode}'")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -654,15 +720,15 @@ def _loss_curve(run: Run) -> Optional[Tuple[List[int], List[float], str]]:
             return [e.step for e in events], [e.value for e in events], "step"
     except Exception:
         pass
-    metrics = run.path / "metrics.csv"
-    if metrics.is_file():
-        with open(metrics, newline="") as fh:
-            recs = list(csv.DictReader(fh))
-        return [int(r["epoch"]) for r in recs], [float(r["train_loss"]) for r in recs], "epoch"
+    recs = [r for r in csv_rows(run.path / "metrics.csv", {"epoch": int, "train_loss": float})
+            if None not in r.values()]
+    if recs:
+        return [r["epoch"] for r in recs], [r["train_loss"] for r in recs], "epoch"
     return None
 
 
-def plot_ill_conditioned(runs: List[Run], out: Path) -> List[Path]:
+def plot_ill_conditioned(runs: List[Run], out: Path, curves: Dict[Path, Optional[tuple]]) -> List[Path]:
+    """Training loss of the runs started ill-conditioned; ``curves``: their ``_loss_curve``, read before."""
     plt = _plt()
     ill = [r for r in runs if r.init_decay > 0]
     if not ill:
@@ -671,7 +737,7 @@ def plot_ill_conditioned(runs: List[Run], out: Path) -> List[Path]:
     unit = "step"
     for method in METHOD_ORDER:
         for i, run in enumerate(sorted((r for r in ill if r.method == method), key=lambda r: r.seed)):
-            curve = _loss_curve(run)
+            curve = curves[run.path]
             if curve is None:
                 continue
             xs, ys, unit = curve
@@ -694,30 +760,43 @@ def main(argv: Optional[List[str]] = None) -> None:
               "report/). A row averages the seeds of one config; run folders without summary.json are listed "
               "as unfinished.")
         sys.exit(0 if args else 2)
-    opts = dict(a.split("=", 1) for a in args if "=" in a)
-    paths = [Path(a) for a in args if "=" not in a]
+    is_option = [("=" in a and not Path(a).exists()) for a in args]  # a folder may be named lr=0.1
+    opts = dict(a.split("=", 1) for a, o in zip(args, is_option) if o)
+    paths = [Path(a) for a, o in zip(args, is_option) if not o]
     try:
         unknown = set(opts) - {"out", "band"}
         if unknown:
             raise UserError(f"unknown option {sorted(unknown)[0]}=...; report takes out=DIR and band=POINTS")
         try:
             band = float(opts.get("band", 5))
-            assert band > 0
+            assert 0 < band < math.inf
         except (ValueError, AssertionError):
             raise UserError(f"band={opts['band']} must be a positive number of percentage points") from None
         if not paths:
             raise UserError("no run folders given: tdlrt report PATH... [out=DIR]")
         out = Path(opts.get("out", "report"))
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"out={out} is a file, not a folder; give a folder for the report (out=DIR)")
         runs, unfinished = collect(paths)
         rows = group(runs)
         mark_best(rows, band)
-        write_tables(rows, out, band, unfinished)
-        write_runs(runs, out)
-        pngs = plot_accuracy_vs_compression(rows, out) + plot_rank_trajectories(rows, out) + plot_ill_conditioned(runs, out)
+        # read every file the plots need before writing anything: a damaged one leaves the old report whole
+        series_of = {run.path: _rank_series(run.path) for _, run in rank_runs(rows)}
+        curves = {run.path: _loss_curve(run) for run in runs if run.init_decay > 0}
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(out, REPORT_TEMPORARY)
+            write_tables(rows, out, band, unfinished)
+            write_runs(runs, out)
+            pngs = (plot_accuracy_vs_compression(rows, out) + plot_rank_trajectories(rows, out, series_of)
+                    + plot_ill_conditioned(runs, out, curves))
+        except OSError as exc:
+            where = exc.filename or out
+            raise UserError(f"cannot write the report into out={out} ({where}: {exc.strerror or exc}); "
+                            f"choose a writable folder with out=DIR") from None
     except UserError as exc:
         print(f"tdlrt: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex, runs.csv and {len(pngs)} plots"
-          + (f"; {len(unfinished)} unfinished run(s) (no summary.json) listed in table.md and unfinished.csv"
+          + (f"; {len(unfinished)} unfinished run(s) (no summary.json, or empty) listed in table.md and unfinished.csv"
              if unfinished else ""))

@@ -28,7 +28,7 @@ from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
 from .launch import RunLock, config_drift, describe_drift
-from .logs import RunLogger
+from .logs import Console, RunLogger
 from .lowrank import TDLRT, LowRankLayer, orthonormality_error
 from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
 from .metrics import flops_per_image, layer_ranks, parameter_report
@@ -194,12 +194,16 @@ def resume_command(run_dir: Path) -> str:
 def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
                     log_every, nan_policy="stop", start: Optional[dict] = None, save_every: int = 0,
                     save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed(),
-                    stop: Optional[StopSignals] = None, skip_budget: Optional[list] = None) -> dict:
+                    stop: Optional[StopSignals] = None, skip_budget: Optional[list] = None,
+                    say: Callable[[str], None] = Console(), on_pace: Optional[Callable[[float], None]] = None,
+                    plain_every_s: float = 30.0) -> dict:
     """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
 
     ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums; every
     ``save_every`` steps ``save(position)`` writes a checkpoint that can resume here. ``skip_budget``
     (``[left]``, nan_policy=skip): the steps the run may still skip; at none left it stops like nan_policy=stop.
+    ``progress``: a tqdm bar on a terminal (its postfix read from the running sums about once a second), plain
+    lines every ``plain_every_s`` otherwise (a file, SLURM's output); ``on_pace(seconds per step)`` once after 5 steps.
     """
     from tqdm import tqdm
 
@@ -221,8 +225,16 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         if first_bad >= 0:
             raise Diverged(first_bad, epoch)
 
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, dynamic_ncols=True,
+    plain = progress and not sys.stderr.isatty()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or plain, dynamic_ncols=True,
                initial=first, total=len(loader))
+    shown = time.perf_counter()  # when the running figures were last shown (bar postfix or plain line)
+    extra = {}  # figures known only at logging steps (the compression rate)
+
+    def running() -> dict:  # one host sync: read only when shown
+        return {"loss": f"{float(loss_sum) / max(seen, 1):.3f}", "acc": f"{100 * float(correct) / max(seen, 1):.1f}",
+                "img/s": f"{seen_here * dist.world / max(time.perf_counter() - t0, 1e-9):.0f}", **extra}
+
     for i, (x, y) in enumerate(bar, start=first):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         stepper.zero_grad(set_to_none=True)
@@ -262,6 +274,15 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         global_step += 1
         if faults.kill_now(global_step, "after"):
             faults.die()  # fault injection: like kill -9, no clean-up
+        if on_pace is not None and i + 1 - first == 5:
+            on_pace((time.perf_counter() - t0) / 5)
+        if progress and time.perf_counter() - shown >= (plain_every_s if plain else 1.0):
+            shown, figures = time.perf_counter(), running()
+            if plain:
+                say(f"epoch {epoch + 1}: step {i + 1}/{len(loader)} | loss {figures['loss']} acc {figures['acc']}% "
+                    f"| {figures['img/s']} img/s" + (f" | c.r. {extra['c.r.']}" if extra else ""))
+            else:
+                bar.set_postfix(figures, refresh=False)
         faults.signal_now(global_step)
         if (stop is not None and i + 1 < len(loader) and (not dist.enabled or global_step % log_every == 0)
                 and stop.requested(dist)):
@@ -274,14 +295,16 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         if global_step % log_every == 0 or i == len(loader) - 1:
             check_finite()
             rate = seen_here / (time.perf_counter() - t0)
-            values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"]}
+            values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"],
+                      "train/acc_step": 100.0 * float((out.detach().argmax(1) == y).float().mean()),
+                      "train/acc": 100.0 * float(correct) / max(seen, 1)}
             postfix = {"loss": f"{float(loss_sum) / seen:.3f}", "acc": f"{100 * float(correct) / seen:.1f}",
                        "img/s": f"{rate * dist.world:.0f}"}
             if integrator is not None:
                 report = parameter_report(model)
                 values["compression/rate"] = report["compression_rate"]
                 values["compression/tau"] = integrator.last_tau  # the tolerance that decided these ranks
-                postfix["c.r."] = f"{report['compression_rate']:.1f}%"
+                postfix["c.r."] = extra["c.r."] = f"{report['compression_rate']:.1f}%"
                 values.update(log_ranks(logger, model, global_step, epoch + 1))
                 for layer_name, layer in lowrank_named(model):
                     values[f"diag/ortho_error/{layer_name}"] = orthonormality_error(layer)
@@ -298,7 +321,7 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
     bar.close()
     dt = time.perf_counter() - t0
     if skipped:
-        print(f"tdlrt: warning: skipped {skipped} step(s) with a non-finite loss in epoch {epoch + 1}", file=sys.stderr)
+        say(f"tdlrt: warning: skipped {skipped} step(s) with a non-finite loss in epoch {epoch + 1}")
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
                                                                             dtype=torch.float64)])
     loss_total, correct_total, seen_total = dist.sum_(totals).tolist()
@@ -312,6 +335,52 @@ def log_ranks(logger, model, global_step: int, epoch: int) -> dict:
     ranks = layer_ranks(model)
     logger.step_ranks(global_step, epoch, ranks)
     return {f"ranks/{name}/{mode}": value for name, r in ranks.items() for mode, value in zip(("out", "in", "kh", "kw"), r)}
+
+
+def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int, device: torch.device,
+                resumed_at: Optional[int]) -> list:
+    """The lines a run starts with: where it writes, and the settings that decide what it trains."""
+    def count(loader) -> str:
+        n = getattr(loader, "num_examples", None)
+        return f"{n:,}" if n is not None else "?"
+
+    m, o = cfg.method, cfg.optimizer
+    method = m.name + (f" tau {cfg.tau}" if cfg.tau is not None else "") + (
+        f" rank_frac {m.rank_frac}" if m.rank_frac is not None else "") + (
+        f" target_cr {m.target_cr}%" if m.target_cr is not None else "")
+    params = sum(p.numel() for p in model.parameters())
+    return [
+        f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),
+        f"  model {cfg.model.name}" + (f" x{cfg.model.width_mult}" if cfg.model.width_mult != 1 else "")
+        + f" ({params:,} trainable parameters) | data {cfg.data.name}: {count(data.train)} train"
+        + (f", {count(data.val)} validation" if data.val is not None else "") + f", {count(data.test)} test"
+        + f" | method {method}",
+        f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
+        f"{total_epochs} epochs of {len(data.train)} steps, batch {cfg.batch_size} | device {device}, {cfg.precision} "
+        f"| seed {cfg.seed}",
+    ]
+
+
+def pace_note(device: torch.device, steps: int, say: Callable[[str], None]) -> Callable[[float], None]:
+    """After the first steps: on a CPU, how long an epoch will take when that is long, and what is faster."""
+    def note(seconds_per_step: float) -> None:
+        epoch_s = seconds_per_step * steps
+        if device.type == "cpu" and epoch_s > 600:
+            hours, minutes = divmod(round(epoch_s / 60), 60)
+            say(f"tdlrt: note: an epoch takes about {f'{hours} h ' if hours else ''}{minutes} min on this CPU "
+                f"({seconds_per_step:.1f} s per step); device=cuda on a GPU, or +experiment=quick for a small run")
+    return note
+
+
+def hparams_of(config: dict) -> dict:
+    """The settings shown in TensorBoard's HParams tab (the keys a sweep varies)."""
+    from .config import flatten
+
+    keep = ("model.name", "model.width_mult", "data.name", "method.name", "tau", "lr", "weight_decay", "momentum",
+            "epochs", "batch_size", "seed", "optimizer.name", "scheduler.name", "precision", "method.rank_frac",
+            "method.target_cr", "method.augment_every", "method.tau_warmup_epochs", "method.r_max_frac")
+    flat = flatten(config)
+    return {k: flat[k] for k in keep if k in flat and flat[k] is not None}
 
 
 def pinned_modes(model) -> dict:
@@ -331,15 +400,17 @@ def pinned_modes(model) -> dict:
     return pinned
 
 
-def warn_pinned(pinned: dict, total: int) -> None:
+def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console()) -> None:
+    def listed(modes: list) -> str:
+        return ", ".join(modes[:6]) + (", ..." if len(modes) > 6 else "")
+
     if pinned["r_max"]:
-        warnings.warn(f"{len(pinned['r_max'])} of {total} adapted modes finished at r_max "
-                      f"({', '.join(pinned['r_max'][:6])}{', ...' if len(pinned['r_max']) > 6 else ''}): their ranks "
-                      f"were never cut below the cap; a larger tau, a larger method.r_max_frac or more epochs adapts them")
+        say(f"tdlrt: warning: {len(pinned['r_max'])} of {total} adapted modes finished at r_max "
+            f"({listed(pinned['r_max'])}): their ranks were never cut below the cap; a larger tau, a larger "
+            f"method.r_max_frac or more epochs adapts them")
     if pinned["r_min"]:
-        warnings.warn(f"{len(pinned['r_min'])} of {total} adapted modes finished at r_min "
-                      f"({', '.join(pinned['r_min'][:6])}{', ...' if len(pinned['r_min']) > 6 else ''}): tau may be "
-                      f"too large for them (or method.r_min too high)")
+        say(f"tdlrt: warning: {len(pinned['r_min'])} of {total} adapted modes finished at r_min "
+            f"({listed(pinned['r_min'])}): tau may be too large for them (or method.r_min too high)")
 
 
 def lowrank_named(model):
@@ -387,6 +458,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
 
 def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,
            start_time: float) -> dict:
+    say = Console(run_dir / "train.log") if dist.main else (lambda line: None)
     last = run_dir / "checkpoints" / "last.pt"  # (only process 0's run folder is the real one)
     left_behind = dist.broadcast_object(str(last) if last.is_file() and cfg.ckpt_path is None else None)
     if left_behind:  # the same job started again in its folder (SLURM requeue, restart)
@@ -394,8 +466,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); resume it with "
                               f"resume={run_dir} or start in another folder")
         cfg.ckpt_path = str(left_behind)
-        print(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)",
-              file=sys.stderr)
+        say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     if resume is not None and config_dict is not None and isinstance(resume.get("config"), dict):
         drift = config_drift(resume["config"], config_dict)
@@ -416,7 +487,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         raise ConfigError(str(exc)) from None
     if cfg.init_from == "torchvision":
         copied, kept = load_torchvision_weights(model, cfg.model.name)
-        print(f"init_from=torchvision: copied {copied} layers, {kept} keep their initialisation", file=sys.stderr)
+        say(f"init_from=torchvision: copied {copied} layers, {kept} keep their initialisation")
     elif cfg.init_from:
         load_dense_weights(model, cfg.init_from)
 
@@ -451,9 +522,9 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         start_epoch, global_step, best, position = restore(resume, cfg, model, optimizer, integrator, scheduler)
         skip_budget[0] -= int(resume.get("skipped_steps", 0))
         where = f" step {global_step}" if position else ""
-        print(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}", file=sys.stderr)
+        say(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}")
         if dist.main:
-            repair_best(resume, ckpt_dir)
+            repair_best(resume, ckpt_dir, say)
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
         logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
@@ -473,6 +544,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     if integrator is not None and resume is None and dist.main:  # the starting ranks, at step 0
         logger.scalars(0, {**log_ranks(logger, model, 0, 0),
                            "compression/rate": parameter_report(model)["compression_rate"]})
+    for line in start_block(cfg, run_dir, data, model, total_epochs, device, start_epoch if resume is not None else None):
+        say(line)
     stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, one line, exit 130/143
 
     def stopped(signum: int, step: int, epoch: int) -> Interrupted:
@@ -497,7 +570,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                                         cfg.progress and dist.main, epoch, global_step, cfg.log_every_n_steps,
                                         cfg.nan_policy, start=position if epoch == start_epoch else None,
                                         save_every=cfg.checkpoint.every_n_steps, save=save_position, dist=dist,
-                                        stop=stop, skip_budget=skip_budget)
+                                        stop=stop, skip_budget=skip_budget, say=say,
+                                        on_pace=pace_note(device, len(data.train), say) if epoch == start_epoch else None)
             except StopRequested as exc:
                 raise stopped(exc.signum, exc.step, epoch) from None
             except Diverged as exc:
@@ -535,12 +609,11 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                 save_checkpoint(state, ckpt_dir / "last.pt")
                 if improved:
                     save_checkpoint(state, ckpt_dir / "best.pt")
-            if dist.main:
-                    print(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
-                      + (f"| val acc {val['val_acc']:.2f}% " if val else "")
-                      + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s"
-                      + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""),
-                      file=sys.stderr)
+            say(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
+                + (f"| val acc {val['val_acc']:.2f}% " if val else "")
+                + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s "
+                + f"| {stats['epoch_time_s']:.0f} s"
+                + (f" | c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else ""))
             signum = stop.requested(dist)
             if signum and epoch + 1 < total_epochs:
                 raise stopped(signum, global_step, epoch)
@@ -575,18 +648,21 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         if len(set(prints)) != 1:
             warnings.warn(f"data-parallel replicas differ at the end of the run (fingerprints {prints})")
     logger.summary(summary)
+    logger.hparams(hparams_of(config_dict or {}), {
+        "test_acc": test_acc, "test_acc_val_selected": summary["test_acc_val_selected"],
+        "compression_rate": report["compression_rate"], "params": report["params"]})
     logger.close()
     dist.close()
     if not dist.main:
         return summary
     if pinned is not None:
-        warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)))
+        warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)), say)
     chosen = summary["test_acc_val_selected"]
-    print(f"done: test acc {test_acc:.2f}% at the end"
-          + (f", {chosen:.2f}% with best.pt (epoch {best['selected']['epoch']}, chosen on the validation split)"
-             if chosen is not None else f" (max over epochs {summary['best_test_acc']:.2f}%, chosen on the test set)")
-          + (f", c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else "")
-          + f", outputs in {run_dir}", file=sys.stderr)
+    say(f"done: test acc {test_acc:.2f}% at the end"
+        + (f", {chosen:.2f}% with best.pt (epoch {best['selected']['epoch']}, chosen on the validation split)"
+           if chosen is not None else f" (max over epochs {summary['best_test_acc']:.2f}%, chosen on the test set)")
+        + (f", c.r. {report['compression_rate']:.1f}%" if cfg.method.name != "dense" else "")
+        + f", outputs in {run_dir}")
     return summary
 
 
@@ -619,7 +695,7 @@ def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, 
     }
 
 
-def repair_best(last: dict, ckpt_dir: Path) -> None:
+def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console()) -> None:
     """Make ``best.pt`` the checkpoint ``last.pt`` records as the best. ``last.pt`` is written first at the end
     of an epoch; a run killed before ``best.pt`` followed has a ``last.pt`` that says "this epoch is the best"
     and a stale ``best.pt``: ``last.pt`` is then copied to ``best.pt``."""
@@ -633,8 +709,8 @@ def repair_best(last: dict, ckpt_dir: Path) -> None:
         have = None
     if have != last.get("epoch"):
         save_checkpoint({k: v for k, v in last.items() if k != "format"}, best_path)
-        print(f"tdlrt: note: {best_path} was older than the best epoch ({last.get('epoch')}) recorded in last.pt "
-              f"(the run was stopped between the two writes); rewritten from last.pt", file=sys.stderr)
+        say(f"tdlrt: note: {best_path} was older than the best epoch ({last.get('epoch')}) recorded in last.pt "
+            f"(the run was stopped between the two writes); rewritten from last.pt")
 
 
 def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:

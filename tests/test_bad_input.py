@@ -16,7 +16,8 @@ def one_error_line(tmp_path, args, *needles, base=TINY):
     assert len(lines) == 1 and lines[0].startswith("tdlrt: error: "), proc.stderr[-2000:]
     for needle in needles:
         assert needle in lines[0]
-    assert not list(tmp_path.rglob("*.pt")) or any("ckpt" in a for a in args)
+    assert not list(tmp_path.rglob("*.pt")) or any("ckpt" in a or "resume" in a for a in args)
+    assert not (tmp_path / "outputs").exists(), "a refused command left a run folder behind"
     return lines[0]
 
 

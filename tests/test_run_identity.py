@@ -84,6 +84,12 @@ def test_resume_that_changes_what_is_trained_is_refused_and_touches_nothing(run,
 
 @pytest.mark.parametrize("args, needle", [
     (["lr=-1", "hydra.run.dir={run}"], "lr=-1.0 must be > 0"),
+    (["tau=2", "hydra.run.dir={run}"], "tau=2.0 must be in (0, 1)"),
+    (["method=magic", "hydra.run.dir={run}"], "unknown method 'magic'"),
+    (["lrr=0.1", "hydra.run.dir={run}"], "unknown option 'lrr'"),
+    (["scheduler=step", "scheduler.step_size=0", "hydra.run.dir={run}"], "scheduler.step_size=0 must be >= 1"),
+    (["data.val_split=2.5", "resume={run}"], "data.val_split=2.5 must be 0"),
+    (["resume={tmp}/nothing"], "checkpoint not found: resume="),
     (["checkpoint.auto_resume=false", "hydra.run.dir={run}", *RUN], "already holds a run"),
     (["resume={run}", "epochs=0"], "has completed 1 epochs"),
     (["resume={run}", "hydra.run.dir={tmp}/elsewhere"], "would split it over two folders"),
@@ -174,5 +180,7 @@ def test_best_pt_stale_after_a_kill_between_last_and_best_is_repaired_on_resume(
 def test_nan_policy_skip_gives_up_after_nan_max_skips(tmp_path):
     proc = run_tdlrt(["train", *TINY, "method=dense", "nan_policy=skip", "nan_max_skips=2"], tmp_path,
                      env={"TDLRT_FAULT_NAN_AT_STEP": "2", "TDLRT_FAULT_NAN_STEPS": "100"}, check=False)
-    line = one_line(proc, "NaN/Inf again at step 4", "nan_max_skips")  # steps 2 and 3 were skipped
-    assert "no checkpoint was written yet" in line
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # (after the run's start block)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error: ") and "NaN/Inf again at step 4" in line  # steps 2 and 3 were skipped
+    assert "nan_max_skips" in line and "no checkpoint was written yet" in line
