@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .lowrank import ConversionRules, RankPolicy, convert_to_lowrank
+from .lowrank import TDLRT, ConversionRules, RankPolicy, convert_to_lowrank
 from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
                                 magnitude_scores, make_fixed, prunable_convs, snip_scores)
 from .lowrank.convert import eligible_conv
@@ -103,3 +103,90 @@ def imp_rewind(model: nn.Module, state: dict) -> None:
                 continue
             source = key[: -len("_orig")] if key.endswith("weight_orig") else key
             value.copy_(state[source])
+
+
+# --------------------------------------------------------------------------- what a method adds to the loop
+
+class Method:
+    """The plain loop's hooks; dense and the fixed-rank factorisations need none of them.
+
+    ``train()`` calls, in order: :meth:`epochs` (how many the run has), :meth:`start` (once, before the first
+    step of a fresh run), :meth:`stepper` (what takes the optimisation step), and :meth:`before_epoch` at the
+    start of every epoch; ``True`` from it means "new optimizer, new schedule, forget the best epoch"."""
+
+    resumable = True
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.integrator = None
+
+    def epochs(self) -> int:
+        return self.cfg.epochs
+
+    def start(self, model: nn.Module, batch) -> None:
+        pass
+
+    def stepper(self, model: nn.Module, optimizer, steps_per_epoch: int, dist) -> None:
+        pass
+
+    def before_epoch(self, epoch: int, model: nn.Module) -> bool:
+        return False
+
+
+class Integrated(Method):
+    """tdlrt, dlrt: the TDLRT integrator takes each step; bases frozen for the last ``finetune_epochs``."""
+
+    def stepper(self, model, optimizer, steps_per_epoch, dist) -> None:
+        m = self.cfg.method
+        self.integrator = TDLRT(model, optimizer, self.cfg.tau, m.augment_every,
+                                average=dist.mean_ if dist.enabled else None,
+                                broadcast=dist.broadcast_ if dist.enabled else None,
+                                tau_warmup_steps=round(m.tau_warmup_epochs * steps_per_epoch),
+                                tau_warmup_shape=m.tau_warmup_shape)
+
+    def before_epoch(self, epoch, model) -> bool:
+        if epoch >= self.cfg.epochs - self.cfg.method.finetune_epochs:
+            self.integrator.freeze_bases()
+        return False
+
+
+class PruneAtInit(Method):
+    """snip, grasp: masks from one training batch before the first step."""
+
+    def start(self, model, batch) -> None:
+        prune_at_init(self.cfg, model, batch)
+
+
+class IterativePruning(Method):
+    """imp: ``rounds`` prunings, each followed by ``epochs`` of retraining from the weights rewound to their
+    values after ``rewind_epoch``; best.pt is the best epoch of the pruned network."""
+
+    resumable = False  # masks and the rewind point are not checkpointed
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.rewind_state = None
+
+    def epochs(self) -> int:
+        return self.cfg.epochs * (self.cfg.method.rounds + 1)
+
+    def before_epoch(self, epoch, model) -> bool:
+        m = self.cfg.method
+        if epoch == m.rewind_epoch:
+            self.rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if epoch > 0 and epoch % self.cfg.epochs == 0:  # a round ends: prune, rewind, restart the schedule
+            imp_prune(model, (1 - m.sparsity) ** ((epoch // self.cfg.epochs) / m.rounds))
+            imp_rewind(model, self.rewind_state)
+            return True
+        return False
+
+
+def method_of(cfg: TrainConfig) -> Method:
+    name = cfg.method.name
+    if name in INTEGRATED:
+        return Integrated(cfg)
+    if name in ("snip", "grasp"):
+        return PruneAtInit(cfg)
+    if name == "imp":
+        return IterativePruning(cfg)
+    return Method(cfg)

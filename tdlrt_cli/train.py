@@ -29,8 +29,8 @@ from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_o
 from .faults import faults
 from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger
-from .lowrank import TDLRT, LowRankLayer, orthonormality_error
-from .methods import INTEGRATED, factorise, imp_prune, imp_rewind, prune_at_init
+from .lowrank import LowRankLayer, orthonormality_error
+from .methods import factorise, method_of
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
@@ -467,12 +467,16 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                               f"resume={run_dir} or start in another folder")
         cfg.ckpt_path = str(left_behind)
         say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
+    method = method_of(cfg)  # what the method adds to the loop (integrator, pruning, rounds)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if resume is not None and not method.resumable:
+        raise ConfigError(f"method={cfg.method.name} runs cannot be resumed (masks and rewind point are not "
+                          f"checkpointed); start it again in a new folder")
     if resume is not None and config_dict is not None and isinstance(resume.get("config"), dict):
         drift = config_drift(resume["config"], config_dict)
         if drift:  # (the CLI refuses this before Hydra writes a file; here for library use and sweep jobs)
             raise ConfigError(f"resuming {cfg.ckpt_path} would change what is trained: {describe_drift(drift)}")
-    if resume is not None and int(resume.get("epoch", 0)) > cfg.epochs and cfg.method.name != "imp":
+    if resume is not None and int(resume.get("epoch", 0)) > method.epochs():
         raise ConfigError(f"epochs={cfg.epochs} but the run in {run_dir} has completed {resume['epoch']} epochs "
                           f"(a resume may extend epochs, not shorten them)")
 
@@ -493,25 +497,15 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
 
     factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
     model.to(device)
-    if cfg.method.name in ("snip", "grasp") and resume is None:
-        prune_at_init(cfg, model, next(iter(data.train)))
+    if resume is None:
+        method.start(model, next(iter(data.train)))  # snip, grasp: masks from one batch
     dist.sync_model(model)  # every replica starts from process 0's weights (and pruning masks)
     optimizer = build_optimizer(cfg, model)
-    integrator = None
-    if cfg.method.name in INTEGRATED:
-        integrator = TDLRT(model, optimizer, cfg.tau, cfg.method.augment_every,
-                           average=dist.mean_ if dist.enabled else None,
-                           broadcast=dist.broadcast_ if dist.enabled else None,
-                           tau_warmup_steps=round(cfg.method.tau_warmup_epochs * len(data.train)),
-                           tau_warmup_shape=cfg.method.tau_warmup_shape)
+    method.stepper(model, optimizer, len(data.train), dist)  # tdlrt, dlrt: the integrator takes the steps
+    integrator = method.integrator
     scheduler = build_scheduler(cfg, optimizer, len(data.train))
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
-    # iterative magnitude pruning: `rounds` prunings, each followed by retraining from the rewound weights
-    imp = cfg.method.name == "imp"
-    total_epochs = cfg.epochs * (cfg.method.rounds + 1) if imp else cfg.epochs
-    rewind_state = None
-    if imp and resume is not None:
-        raise ConfigError("method=imp runs cannot be resumed (masks and rewind point are not checkpointed)")
+    total_epochs = method.epochs()  # imp: every round's epochs
 
     # best.pt: the epoch with the best validation accuracy (data.val_split > 0), else the best test accuracy
     select_by = "val_acc" if data.val is not None else "test_acc"
@@ -555,13 +549,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
 
     try:
         for epoch in range(start_epoch, total_epochs):
-            if integrator is not None and epoch >= cfg.epochs - cfg.method.finetune_epochs:
-                integrator.freeze_bases()
-            if imp and epoch == cfg.method.rewind_epoch:
-                rewind_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if imp and epoch > 0 and epoch % cfg.epochs == 0:  # end of a round: prune, rewind, restart the schedule
-                imp_prune(model, (1 - cfg.method.sparsity) ** ((epoch // cfg.epochs) / cfg.method.rounds))
-                imp_rewind(model, rewind_state)
+            if method.before_epoch(epoch, model):  # imp, a new round: new optimizer and schedule, best.pt anew
                 optimizer = build_optimizer(cfg, model)
                 scheduler = build_scheduler(cfg, optimizer, len(data.train))
                 best = {"metric": -1.0, "max_test": -1.0, "selected": None}  # best.pt: the best of the pruned network

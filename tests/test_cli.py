@@ -19,11 +19,11 @@ def test_help_lists_subcommands_and_config_groups(tmp_path):
     assert "merge=auto|chain|dense" in run_tdlrt(["export", "--help"], tmp_path).stdout
     assert "cost report" in run_tdlrt(["eval", "--help"], tmp_path).stdout
     out = run_tdlrt(["train", "--help"], tmp_path).stdout
-    for group in ("model: alexnet, lenet5, resnet18, vgg16", "optimizer: adam, adamw, sgd",
-                  "scheduler: cosine, none, onecycle, plateau, step",
-                  "method: cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tt, tucker",
-                  "data: cifar10, cifar100, fashion_mnist, imagefolder, mnist, synthetic"):
-        assert group in out
+    for group, options in (("model", "alexnet, lenet5, resnet18, vgg16"), ("optimizer", "adam, adamw, sgd"),
+                           ("scheduler", "cosine, none, onecycle, plateau, step"),
+                           ("method", "cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tt, tucker"),
+                           ("data", "cifar10, cifar100, fashion_mnist, imagefolder, mnist, synthetic")):
+        assert f"  {group:<10} {options}" in out
 
 
 def test_unknown_subcommand_fails_clearly(tmp_path):
@@ -134,3 +134,22 @@ def test_resume_continues_at_the_right_epoch(tmp_path, method):
     assert torch.load(ckpt, weights_only=True)["epoch"] == 3
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 * first["global_step"]
+
+
+def test_method_hooks_finetune_freezes_ranks_and_imp_runs_its_rounds(tmp_path):
+    """The loop's method hooks: tdlrt's last finetune_epochs keep the bases (ranks) fixed; imp trains
+    epochs x (rounds + 1) epochs, pruning at each round's start."""
+    args = [a for a in TINY if not a.startswith("epochs")] + ["cost_report=false", "log_every_n_steps=1"]
+    run_tdlrt(["train", *args, "epochs=3", "method=tdlrt", "tau=0.3", "method.tau_warmup_epochs=0",
+               "method.finetune_epochs=2", "hydra.run.dir=ft"], tmp_path)
+    steps = read_csv(tmp_path / "ft" / "ranks_steps.csv")
+    frozen = {(r["layer"], r["r_out"], r["r_in"]) for r in steps if int(r["step"]) >= 4}
+    assert len(frozen) == len({r["layer"] for r in steps})  # one rank pair per layer over the frozen epochs
+    run_tdlrt(["train", *args, "epochs=2", "method=imp", "method.rounds=1", "method.rewind_epoch=1",
+               "method.sparsity=0.5", "hydra.run.dir=imp"], tmp_path)
+    summary = json.loads((tmp_path / "imp" / "summary.json").read_text())
+    assert summary["epochs"] == 4 and len(read_csv(tmp_path / "imp" / "metrics.csv")) == 4
+    state = torch.load(tmp_path / "imp" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    masks = [v for k, v in state.items() if k.endswith("weight_mask")]
+    kept = sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert masks and kept == pytest.approx(0.5, abs=0.01)
