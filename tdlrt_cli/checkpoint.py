@@ -1,6 +1,7 @@
 """Atomic checkpoint files, read back with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from .errors import CheckpointError
 from .faults import faults
+from .files import disk_full_error, is_disk_full
 
 FORMAT = "tdlrt-checkpoint-1"
 
@@ -20,17 +22,25 @@ def save_checkpoint(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faults.checkpoints_written += 1
-    with open(tmp, "wb") as fh:
-        if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write
-            buffer = io.BytesIO()
-            torch.save({"format": FORMAT, **state}, buffer)
-            fh.write(buffer.getvalue()[: buffer.tell() // 2])
+    try:
+        with open(tmp, "wb") as fh:
+            if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write
+                buffer = io.BytesIO()
+                torch.save({"format": FORMAT, **state}, buffer)
+                fh.write(buffer.getvalue()[: buffer.tell() // 2])
+                fh.flush()
+                faults.die()
+            if faults.disk_full_in_checkpoint == faults.checkpoints_written:  # fault injection: no space left
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            torch.save({"format": FORMAT, **state}, fh)
             fh.flush()
-            faults.die()
-        torch.save({"format": FORMAT, **state}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc, path.parent):
+            raise disk_full_error(path) from None
+        raise
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -21,6 +21,10 @@ class CheckpointError(UserError):
     """A checkpoint missing, corrupt, or written by another model."""
 
 
+class DiskFull(UserError):
+    """A write failed for lack of space; the previous version of the file is kept."""
+
+
 class Interrupted(UserError):
     """The run was stopped by SIGINT or SIGTERM after writing a checkpoint; exits 128 + the signal number."""
 

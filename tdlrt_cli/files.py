@@ -7,11 +7,13 @@ target, so that a kill at any instant leaves either the old complete file or the
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +27,28 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or an error from a writer that hides the
+    errno (torch.save's zip writer says "unexpected pos") while the folder's device is (nearly) full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2 ** 20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_error(path: Path):
+    from .errors import DiskFull
+
+    run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}" \
+        if path.parent.name == "checkpoints" else "; free space and run the command again"
+    return DiskFull(f"no space left on the device of {path.parent} while writing {path.name}: the previous "
+                    f"{path.name} (if any) is kept{run}")
 
 
 def strict_json(data: Any, indent: int = 2) -> str:
@@ -42,8 +66,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc, path.parent):
+            raise disk_full_error(path) from None
         raise
 
 

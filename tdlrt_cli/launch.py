@@ -88,10 +88,14 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the folder: the lock file appears complete or not at all (a hard link of a written file)."""
         self.check()
-        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
+        try:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record))
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run folder {self.run_dir} ({exc.strerror or exc}); choose a "
+                              f"writable hydra.run.dir") from None
         try:
             os.link(tmp, self.path)  # fails if the lock exists
         except FileExistsError:
@@ -257,20 +261,22 @@ def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = T
     stamp = stamp or time.strftime("%Y-%m-%d_%H-%M-%S")
     with Composer() as compose:
         if multirun:
-            _check_sweep(compose, overrides)
-            return Prepared(args)
+            sweep_dir = _check_sweep(compose, overrides)
+            pin = [f"hydra.sweep.dir={_quote(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
+                is None else []  # the folder checked and made here (its name holds the time)
+            return Prepared(args + pin)
         return _prepare_run(compose, overrides, stamp, writer)
 
 
-def _check_sweep(compose, overrides: List[str]) -> None:
-    """Compose and validate every job of a sweep; refuse all of them if one is bad."""
+def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
+    """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     if _value(overrides, "resume") is not None:
         raise ConfigError("resume= continues one run; it cannot be swept (-m): resume each run on its own")
     sweeper = _value(overrides, "hydra/sweeper")
     if sweeper not in (None, "basic"):
-        return  # another sweeper chooses its jobs as it goes
+        return None  # another sweeper chooses its jobs as it goes
     jobs = [job for batch in BasicSweeper.split_arguments(_parse(overrides), None) for job in batch]
     for number, job in enumerate(jobs):
         try:
@@ -289,6 +295,15 @@ def _check_sweep(compose, overrides: List[str]) -> None:
             mine = [j for j in job if any(j.split("=", 1)[0] == s.split("=", 1)[0] for s in swept)]
             exc.args = (f"sweep job {number} ({' '.join(mine) or 'its overrides'}) of {len(jobs)}: {_message(exc)}",)
             raise ConfigError(*exc.args) from None
+    if jobs:  # every job checked: the sweep folder may be made now (Hydra would make it next)
+        sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be created ({exc.strerror or exc}); choose a "
+                              f"writable folder") from None
+        return sweep_dir
+    return None
 
 
 def _message(exc: BaseException) -> str:
@@ -371,6 +386,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
             raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
     if not writer:
         return Prepared(mine)
+    check_writable(folder, "hydra.run.dir")
     if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
         mine += [f"hydra.run.dir={_quote(str(folder))}"]
     fresh = _first_missing(folder)
@@ -392,6 +408,16 @@ def _original_overrides(run_dir: Path) -> List[str]:
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse a folder that cannot be created or written: its nearest existing parent must be a writable folder."""
+    path = Path(folder).absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={folder} cannot be created: {path} is not a writable folder; choose another "
+                          f"{key}")
+
+
 def _first_missing(folder: Path) -> Optional[Path]:
     """The highest folder of ``folder``'s path that does not exist yet (what a failed start should remove)."""
     path, top = Path(folder).absolute(), None
@@ -404,8 +430,9 @@ def remove_if_fresh(prepared: Optional[Prepared]) -> None:
     """After a refused start: delete the folders this command created, unless a checkpoint got written."""
     if prepared is None or prepared.fresh is None or prepared.run_dir is None:
         return
-    if (prepared.run_dir / "checkpoints").is_dir() and any((prepared.run_dir / "checkpoints").glob("*.pt")):
-        return
+    run = prepared.run_dir
+    if any((run / "checkpoints").glob("*.pt")) or (run / "metrics.csv").exists() or (run / "summary.json").exists():
+        return  # it trained something: keep it
     held = RunLock(prepared.run_dir).holder()
     if held and not RunLock._mine(held):
         return  # another process writes there now

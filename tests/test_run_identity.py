@@ -184,3 +184,18 @@ def test_nan_policy_skip_gives_up_after_nan_max_skips(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("tdlrt: error: ") and "NaN/Inf again at step 4" in line  # steps 2 and 3 were skipped
     assert "nan_max_skips" in line and "no checkpoint was written yet" in line
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    """Epoch 2's last.pt (the 3rd checkpoint write: last, best, last) fails with ENOSPC: one line saying
+    so with the resume command, epoch 1's last.pt intact, no temporary left; the resume then finishes."""
+    args = ["train", *RUN, "epochs=2", "hydra.run.dir=run"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT": "3"}, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error: no space left on the device") and "last.pt" in line
+    assert f"resume the run: tdlrt train resume={tmp_path / 'run'}" in line
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1 and not list(ckpt.glob(".*.tmp"))
+    run_tdlrt(["train", f"resume={tmp_path / 'run'}", "progress=false"], tmp_path)
+    assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 2
