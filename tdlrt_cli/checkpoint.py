@@ -13,6 +13,7 @@ from .faults import faults
 from .files import disk_full_error, is_disk_full
 
 FORMAT = "tdlrt-checkpoint-1"
+RESUME_NEEDS = ("model", "optimizer", "scheduler", "rng", "epoch", "global_step")  # what a resume reads
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -61,3 +62,20 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
     return state
+
+
+def load_error(exc: BaseException) -> str:
+    """The informative line of a ``load_state_dict`` error (its first line is only "Error(s) in loading
+    state_dict for VGG:"; the next names the first mismatched key)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1][:200]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def require(state: dict, keys, path) -> None:
+    """Refuse a checkpoint that lacks what a resume needs, naming the first missing key."""
+    for key in keys:
+        if key not in state:
+            raise CheckpointError(f"{path} is missing {key!r} (written by an older tdlrt or damaged); it cannot be "
+                                  f"resumed (tdlrt export and tdlrt eval can still read its weights)")

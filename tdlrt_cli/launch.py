@@ -160,7 +160,7 @@ def saved_config(ckpt: Path) -> Tuple[dict, int]:
     the weights into memory)."""
     import torch
 
-    from .checkpoint import FORMAT
+    from .checkpoint import FORMAT, RESUME_NEEDS, require
 
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
@@ -171,6 +171,7 @@ def saved_config(ckpt: Path) -> Tuple[dict, int]:
         raise CheckpointError(f"{ckpt} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{ckpt} holds no run configuration (written by an older tdlrt?); it cannot be resumed")
+    require(state, RESUME_NEEDS, ckpt)
     return state["config"], int(state.get("epoch", 0))
 
 

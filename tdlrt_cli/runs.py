@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_error
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError
 
@@ -81,7 +81,7 @@ def build_trained(state: dict, cfg: TrainConfig, data_shape: tuple, path: Path) 
         model.load_state_dict(weights)
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path} does not match model={cfg.model.name} method={cfg.method.name}: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+                              f"{load_error(exc)}") from None
     return model.eval()
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import (RESUME_NEEDS, load_checkpoint, load_error, remove_stale_temporaries, require,
+                         save_checkpoint)
 from .config import CONFIG_DIR, TrainConfig
 from .data import build_data
 from .distributed import Distributed, init_distributed
@@ -117,7 +118,7 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"init_from={source} does not match this model: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+                              f"{load_error(exc)}") from None
 
 
 class Diverged(UserError):
@@ -703,6 +704,7 @@ def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console
 
 def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
     """Load a checkpoint into freshly built objects; low-rank layers resize to the saved ranks."""
+    require(state, RESUME_NEEDS, cfg.ckpt_path)
     if state.get("model_name") != cfg.model.name or state.get("method") != cfg.method.name:
         raise CheckpointError(f"checkpoint {cfg.ckpt_path} was written by model={state.get('model_name')} "
                               f"method={state.get('method')}, this run is model={cfg.model.name} "
@@ -713,7 +715,7 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {cfg.ckpt_path} does not match this configuration: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+                              f"{load_error(exc)}") from None
     if integrator is not None and state.get("integrator"):
         integrator.load_state_dict(state["integrator"])
     torch.set_rng_state(state["rng"]["torch"])

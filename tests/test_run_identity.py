@@ -199,3 +199,15 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path):
     assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 1 and not list(ckpt.glob(".*.tmp"))
     run_tdlrt(["train", f"resume={tmp_path / 'run'}", "progress=false"], tmp_path)
     assert torch.load(ckpt / "last.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("key", ["rng", "optimizer"])
+def test_a_checkpoint_missing_what_a_resume_needs_is_refused(run, tmp_path, key):
+    from tdlrt_cli.checkpoint import save_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    save_checkpoint({k: v for k, v in state.items() if k not in (key, "format")}, last)
+    before = snapshot(run)
+    one_line(run_tdlrt(["train", f"resume={run}", "epochs=2"], tmp_path, check=False), f"is missing {key!r}")
+    assert snapshot(run) == before
