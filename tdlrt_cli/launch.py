@@ -275,6 +275,10 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
 
     if _value(overrides, "resume") is not None:
         raise ConfigError("resume= continues one run; it cannot be swept (-m): resume each run on its own")
+    launcher = _value(overrides, "hydra/launcher")
+    if launcher in ("slurm", "submitit_slurm") and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError(f"hydra/launcher={launcher} needs SLURM (sbatch and srun on PATH): run the sweep on the "
+                          f"cluster's login node, or use hydra/launcher=local on this machine")
     sweeper = _value(overrides, "hydra/sweeper")
     if sweeper not in (None, "basic"):
         return None  # another sweeper chooses its jobs as it goes

@@ -211,3 +211,10 @@ def test_a_checkpoint_missing_what_a_resume_needs_is_refused(run, tmp_path, key)
     before = snapshot(run)
     one_line(run_tdlrt(["train", f"resume={run}", "epochs=2"], tmp_path, check=False), f"is missing {key!r}")
     assert snapshot(run) == before
+
+
+@pytest.mark.skipif(__import__("shutil").which("srun") is not None, reason="SLURM is installed here")
+def test_a_slurm_sweep_without_slurm_is_one_line(tmp_path):
+    proc = run_tdlrt(["train", "-m", "hydra/launcher=slurm", *TINY, "seed=0,1"], tmp_path, check=False)
+    one_line(proc, "hydra/launcher=slurm needs SLURM")
+    assert list(tmp_path.iterdir()) == []
