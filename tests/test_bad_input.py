@@ -121,7 +121,8 @@ def test_checkpoint_from_another_model(tmp_path):
     with Composer() as compose:
         config = train_config(compose([*TINY, "method=tdlrt", "model=lenet5"]))
     other = tmp_path / "elsewhere" / "last.pt"
-    save_checkpoint({"model_name": "lenet5", "method": "tdlrt", "epoch": 1, "model": {}, "config": config}, other)
+    save_checkpoint({"model_name": "lenet5", "method": "tdlrt", "epoch": 1, "global_step": 4, "model": {},
+                     "optimizer": {}, "scheduler": {}, "rng": {}, "config": config}, other)
     before = other.read_bytes()
     one_error_line(tmp_path, ["method=tdlrt", f"ckpt_path={other}"], "would change what is trained",
                    'model.name "lenet5" -> "vgg16"')
