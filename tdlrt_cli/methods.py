@@ -123,8 +123,9 @@ class Method:
     def epochs(self) -> int:
         return self.cfg.epochs
 
-    def start(self, model: nn.Module, batch) -> None:
-        pass
+    def start(self, model: nn.Module, first_batch) -> None:
+        """``first_batch()`` returns a training batch (called only by methods that need one: it draws random
+        numbers, which a resumed run must not see twice)."""
 
     def stepper(self, model: nn.Module, optimizer, steps_per_epoch: int, dist) -> None:
         pass
@@ -153,8 +154,8 @@ class Integrated(Method):
 class PruneAtInit(Method):
     """snip, grasp: masks from one training batch before the first step."""
 
-    def start(self, model, batch) -> None:
-        prune_at_init(self.cfg, model, batch)
+    def start(self, model, first_batch) -> None:
+        prune_at_init(self.cfg, model, first_batch())
 
 
 class IterativePruning(Method):

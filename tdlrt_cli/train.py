@@ -499,7 +499,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
     model.to(device)
     if resume is None:
-        method.start(model, next(iter(data.train)))  # snip, grasp: masks from one batch
+        method.start(model, lambda: next(iter(data.train)))  # snip, grasp: masks from one batch
     dist.sync_model(model)  # every replica starts from process 0's weights (and pruning masks)
     optimizer = build_optimizer(cfg, model)
     method.stepper(model, optimizer, len(data.train), dist)  # tdlrt, dlrt: the integrator takes the steps

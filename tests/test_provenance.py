@@ -38,7 +38,8 @@ def test_summary_records_provenance(tmp_path):
         assert p["git_commit"] == head and isinstance(p["git_dirty"], bool)
     else:
         assert p["git_commit"] is None and p["git_dirty"] is None
-    assert p["argv"][0] == "tdlrt-train" and p["argv"][1:] == args[1:]
+    assert p["argv"][0] == "tdlrt-train" and p["argv"][1:len(args)] == args[1:]
+    assert all(a.startswith("hydra.run.dir=") for a in p["argv"][len(args):])  # the folder checked before Hydra
     assert shlex.split(p["command"]) == p["argv"]
     assert p["orig_argv"][-len(args):] == args  # the process as started: ... tdlrt train <overrides>
     assert p["host"] == socket.gethostname()
