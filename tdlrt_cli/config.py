@@ -18,6 +18,22 @@ SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
+# Keys that never change what a run trains: where its files go, how it logs, when it checkpoints, what it
+# measures after training, which device runs it. An entry covers the keys below it ("checkpoint": .every_n_steps
+# and .auto_resume). `tdlrt report` averages runs that differ only in these (and the seed); a resume may change
+# them (and a few more, launch.RESUME_FREE).
+NOT_TRAINING_KEYS = (
+    "task_name",                          # the run folder (outputs/<task_name>/...)
+    "ckpt_path",                          # the checkpoint a resumed run continued from
+    "checkpoint",                         # when last.pt is written, whether a requeued job continues
+    "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
+    "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
+    "cost_report", "cost_repeat",         # the cost report measured after training
+    "device",                             # auto, cpu, cuda:N
+    "data.download", "data.num_workers",  # fetching the files, loader processes
+    "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
+)
+
 # Keys added after runs were already being made, with the value that reproduces what a run did before the key
 # existed: a saved config without the key is compared (resume, report) as if it had that value. Not the
 # current defaults: tau_warmup_epochs defaults to 1 and val_split to 0.1, but older runs did neither.

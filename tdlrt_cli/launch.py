@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import CONFIG_DIR, LEGACY_VALUES, flatten, from_dictconfig, upgrade_config
+from .config import CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
 from .files import pid_alive
 
-# Keys a resume may change: they decide how long, where and how visibly the run goes on, not what is trained.
-RESUME_FREE = ("epochs", "device", "progress", "log_every_n_steps", "checkpoint", "data.root", "data.download",
-               "data.num_workers", "eval_batch_size", "cost_report", "cost_repeat", "ckpt_path", "task_name",
-               "deterministic", "nan_policy", "nan_max_skips", "init_from")
+# Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
+# (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
+RESUME_FREE = NOT_TRAINING_KEYS + ("epochs", "data.root", "deterministic", "nan_policy", "init_from")
 # ... and of those, the ones a resume takes from this machine's command rather than from the run.
 MACHINE_KEYS = ("device", "progress", "data.root", "data.download", "data.num_workers", "checkpoint.auto_resume",
                 "ckpt_path", "init_from")

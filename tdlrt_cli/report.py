@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .config import LEGACY_VALUES, flatten, upgrade_config
+from .config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
 from .errors import UserError
 from .files import atomic_text, atomic_write_text, remove_stale_temporaries
 
@@ -35,21 +35,9 @@ METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tuck
                 "cp": "CP (fixed rank)", "tt": "TT (fixed rank)", "matrix": "Matrix (fixed rank)",
                 "snip": "SNIP", "grasp": "GraSP", "imp": "IMP (rewinding)"}
 
-# Config keys that never change what a run trains: where its files go, how it logs, when it checkpoints,
-# what it measures after training, which device runs it. Runs whose resolved configs differ only in
-# these and in ``seed`` (over which a row averages) share a row; any other difference makes another row.
-# An entry covers the keys below it ("checkpoint" covers checkpoint.every_n_steps and .auto_resume).
-IGNORED_KEYS = (
-    "hydra", "task_name",                 # Hydra's settings and the run folder (outputs/<task_name>/...)
-    "ckpt_path",                          # the checkpoint a resumed run continued from
-    "checkpoint",                         # when last.pt is written, whether a requeued job continues
-    "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
-    "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
-    "cost_report", "cost_repeat",         # the cost report measured after training
-    "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
-    "device",                             # auto, cpu, cuda:N
-    "data.download", "data.num_workers",  # fetching the files, loader processes
-)
+# Runs whose resolved configs differ only in these and in ``seed`` (over which a row averages) share a row;
+# any other difference makes another row.
+IGNORED_KEYS = ("hydra",) + NOT_TRAINING_KEYS
 SEED_KEY = "seed"
 # data.root is only where the files of these datasets live (it differs between machines); for
 # data=imagefolder it is the dataset itself and stays a grouping key.
