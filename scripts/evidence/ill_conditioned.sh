@@ -5,9 +5,9 @@
 #   bash scripts/evidence/ill_conditioned.sh
 set -euo pipefail
 export OMP_NUM_THREADS=1
-tdlrt train -m +experiment=ill_conditioned epochs=2 seed=0 progress=false cost_report=false
+tdlrt train -m +experiment=ill_conditioned data.val_split=0 epochs=2 seed=0 progress=false cost_report=false
 tdlrt report outputs/ill_conditioned out=results/ill_conditioned
 # A harder start: singular values decaying like 10^-3k (1 epoch, TDLRT and Tucker)
-tdlrt train -m +experiment=ill_conditioned epochs=1 seed=0 method.init_decay=3 progress=false cost_report=false \
+tdlrt train -m +experiment=ill_conditioned data.val_split=0 epochs=1 seed=0 method.init_decay=3 progress=false cost_report=false \
   +variant=tdlrt_ill,tucker_ill
 tdlrt report outputs/ill_conditioned out=results/ill_conditioned

@@ -11,7 +11,7 @@
 set -euo pipefail
 STAGES=${STAGES:-"1 2 3 4"}
 out=outputs/lenet5_mnist
-common="model=lenet5 data=mnist epochs=5 batch_size=128 lr=0.05 progress=false cost_report=false task_name=lenet5_mnist"
+common="model=lenet5 data=mnist data.val_split=0 epochs=5 batch_size=128 lr=0.05 progress=false cost_report=false task_name=lenet5_mnist"
 export OMP_NUM_THREADS=1
 
 if [[ " $STAGES " == *" 1 "* ]]; then

@@ -10,7 +10,7 @@ set -euo pipefail
 WIDTH=${WIDTH:-0.25}
 DEVICE=${DEVICE:-auto}
 out=outputs/vgg16_w${WIDTH}_cifar10
-common="model=vgg16 model.width_mult=$WIDTH data=cifar10 epochs=20 batch_size=128 lr=0.05 progress=false
+common="model=vgg16 model.width_mult=$WIDTH data=cifar10 data.val_split=0 epochs=20 batch_size=128 lr=0.05 progress=false
         device=$DEVICE cost_report=false checkpoint.every_n_steps=100 task_name=vgg16_w${WIDTH}_cifar10"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
