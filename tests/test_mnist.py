@@ -1,6 +1,8 @@
 """Real learning on the offline MNIST copy, through the real CLI (skipped where the copy is absent)."""
 import json
 
+import pytest
+
 from conftest import run_dirs, run_tdlrt
 
 COMMON = ["model=lenet5", "data=mnist", "data.limit_train=10000", "batch_size=64", "data.download=false", "progress=false",
@@ -12,6 +14,7 @@ def summary_of(tmp_path, task):
     return json.loads((run / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_lenet5_learns_mnist_and_tdlrt_ends_within_one_point_of_dense(tmp_path, real_data):
     for method in ("dense", "tdlrt method.convert_linear=true"):
         name = method.split()[0]
