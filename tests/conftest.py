@@ -12,7 +12,6 @@ if PARALLEL:
     import torch
 
     torch.set_num_threads(1)
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 # A tiny, fast configuration for CLI runs: VGG16 at 1/8 width on synthetic 32x32 images.
 TINY = ["model=vgg16", "model.width_mult=0.125", "data=synthetic", "data.train_size=256", "data.test_size=128",
@@ -38,11 +37,11 @@ def run_dirs(base: Path):
 
 
 @pytest.fixture(scope="session")
-def real_data(tmp_path_factory):
-    """The offline MNIST / Fashion-MNIST / CIFAR-10 copies laid out in torchvision's formats."""
-    if not (SHARED_DATASETS / "prepare.py").is_file():
-        pytest.skip(f"offline dataset copies not found at {SHARED_DATASETS}")
-    dest = tmp_path_factory.mktemp("datasets")
-    subprocess.run([sys.executable, str(SHARED_DATASETS / "prepare.py"), str(dest), "mnist"], check=True,
-                   capture_output=True)
-    return dest
+def real_data():
+    """A real MNIST copy in torchvision's layout (``MNIST/raw``) under ``$TDLRT_DATA`` or the project's
+    ``data/`` folder, as `tdlrt train data=mnist` reads it; skipped where there is none (tests never download)."""
+    root = Path(os.environ.get("TDLRT_DATA", ROOT / "data"))
+    if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file() and \
+            not (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no MNIST copy in {root}/MNIST/raw (set TDLRT_DATA or put it in data/)")
+    return root
