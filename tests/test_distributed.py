@@ -44,6 +44,7 @@ def test_two_processes_end_with_identical_ranks_and_weights(straight):
     assert "replicas differ" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_killed_data_parallel_run_resumes_mid_epoch_to_the_same_replicas(straight, tmp_path):
     killed = torchrun(ARGS, tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "7"})
     assert killed.returncode != 0
