@@ -10,7 +10,7 @@ import torch
 
 from .errors import CheckpointError
 from .faults import faults
-from .files import disk_full_error, is_disk_full
+from .files import atomic_file
 
 FORMAT = "tdlrt-checkpoint-1"
 RESUME_NEEDS = ("model", "optimizer", "scheduler", "rng", "epoch", "global_step")  # what a resume reads
@@ -21,27 +21,17 @@ def save_checkpoint(state: dict, path: Path) -> None:
     run after a crash) sees either the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     faults.checkpoints_written += 1
-    try:
-        with open(tmp, "wb") as fh:
-            if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write
-                buffer = io.BytesIO()
-                torch.save({"format": FORMAT, **state}, buffer)
-                fh.write(buffer.getvalue()[: buffer.tell() // 2])
-                fh.flush()
-                faults.die()
-            if faults.disk_full_in_checkpoint == faults.checkpoints_written:  # fault injection: no space left
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            torch.save({"format": FORMAT, **state}, fh)
+    with atomic_file(path, "wb") as fh:
+        if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write
+            buffer = io.BytesIO()
+            torch.save({"format": FORMAT, **state}, buffer)
+            fh.write(buffer.getvalue()[: buffer.tell() // 2])
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(exc, path.parent):
-            raise disk_full_error(path) from None
-        raise
+            faults.die()
+        if faults.disk_full_in_checkpoint == faults.checkpoints_written:  # fault injection: no space left
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        torch.save({"format": FORMAT, **state}, fh)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -16,7 +16,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
 def _finite(value: Any) -> Any:
@@ -56,13 +56,16 @@ def strict_json(data: Any, indent: int = 2) -> str:
     return json.dumps(_finite(data), indent=indent, default=str, allow_nan=False)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename (see the module docstring)."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """``with atomic_file(p, "wb") as fh: ...``: written to a temporary file in the same folder, flushed and
+    fsynced, then renamed over ``p``; on any failure the temporary is removed and ``p`` is left as it was
+    (a full disk becomes :class:`~tdlrt_cli.errors.DiskFull`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -71,6 +74,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         if is_disk_full(exc, path.parent):
             raise disk_full_error(path) from None
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
 
 
 @contextmanager
