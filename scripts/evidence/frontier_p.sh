@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Accuracy against conv compression on proxy P: VGG16 at width 0.25, CIFAR-10's first 10,000 training images
+# (data.val_split=0.1: 9,000 train, 1,000 validation), the full 10,000-image test set, 20 epochs, batch 128,
+# SGD momentum 0.9, lr 0.05 cosine, one thread per run.
+#   target  TDLRT as recommended: method.target_cr=C (global rank allocation on a cubic schedule)
+#   paper   TDLRT with the paper's per-step tau rule, tau chosen to land near each c.r.
+#   tucker  fixed-rank Tucker at method.target_cr=C, trained directly
+#   dense   the uncompressed network
+# 3 seeds at 90% and 97%, 1 seed at 80% and 95%. Every run has a fixed folder under outputs/frontier_p/ and
+# writes checkpoints/last.pt every 100 steps: running the script again resumes unfinished runs and skips
+# finished ones. Finished runs' small files are copied to results/frontier_p/runs/ (never checkpoints), and
+# `tdlrt report results/frontier_p/runs out=results/frontier_p` regenerates the tables and plots from them.
+#   bash scripts/evidence/frontier_p.sh                 every job, two side by side
+#   bash scripts/evidence/frontier_p.sh tucker_cr97_s0  the named jobs only (in the order given)
+#   JOBS_PARALLEL=1 bash scripts/evidence/frontier_p.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-outputs/frontier_p}      # run folders (checkpoints included)
+keep=${KEEP:-results/frontier_p/runs}  # their small files, committed
+common="model=vgg16 model.width_mult=0.25 data=cifar10 data.limit_train=10000 data.val_split=0.1 epochs=20
+        batch_size=128 optimizer=sgd momentum=0.9 lr=0.05 scheduler=cosine progress=false cost_report=false
+        checkpoint.every_n_steps=100 task_name=frontier_p"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+jobs_list() {  # NAME OVERRIDES...
+  for s in 0 1 2; do
+    echo "tucker_cr97_s$s method=tucker method.target_cr=97 seed=$s"
+    echo "target_cr97_s$s method=tdlrt method.target_cr=97 seed=$s"
+    echo "paper_tau0.2_s$s method=tdlrt tau=0.2 seed=$s"
+    echo "tucker_cr90_s$s method=tucker method.target_cr=90 seed=$s"
+    echo "target_cr90_s$s method=tdlrt method.target_cr=90 seed=$s"
+    echo "paper_tau0.13_s$s method=tdlrt tau=0.13 seed=$s"
+    if [[ $s == 0 ]]; then
+      echo "dense_s0 method=dense seed=0"
+      for c in 95 80; do
+        echo "tucker_cr${c}_s0 method=tucker method.target_cr=$c seed=0"
+        echo "target_cr${c}_s0 method=tdlrt method.target_cr=$c seed=0"
+      done
+      echo "paper_tau0.16_s0 method=tdlrt tau=0.16 seed=0"
+      echo "paper_tau0.1_s0 method=tdlrt tau=0.1 seed=0"
+    fi
+  done
+}
+
+run_job() {  # NAME OVERRIDES...: train into $out/NAME unless finished, then keep its small files
+  local name=$1; shift
+  local dir=$out/$name
+  if [[ ! -f $dir/summary.json ]]; then
+    echo "$(date +%T) start $name"
+    python -m tdlrt_cli train $common "$@" hydra.run.dir=$dir >> "$out/$name.log" 2>&1 \
+      || { echo "$(date +%T) $name failed: see $out/$name.log"; return 0; }
+  fi
+  mkdir -p "$keep/$name/.hydra"
+  cp "$dir"/summary.json "$dir"/metrics.csv "$dir"/ranks.csv "$dir"/train.log "$keep/$name/"
+  [[ -f $dir/ranks_steps.csv ]] && cp "$dir"/ranks_steps.csv "$keep/$name/"
+  cp "$dir"/.hydra/config.yaml "$dir"/.hydra/overrides.yaml "$keep/$name/.hydra/"
+  echo "$(date +%T) done $name: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"test acc {s['test_acc']:.2f}% c.r. {s['compression_rate']:.2f}%\")" "$dir/summary.json")"
+}
+export -f run_job
+export out keep common
+
+mkdir -p "$out"
+if [[ $# -gt 0 ]]; then
+  selected=$(for name in "$@"; do jobs_list | awk -v n="$name" '$1 == n' | grep . || { echo "no job named $name" >&2; exit 2; }; done)
+else
+  selected=$(jobs_list)
+fi
+echo "$selected" | xargs -P "${JOBS_PARALLEL:-2}" -L 1 bash -c 'run_job "$@"' _
+python -m tdlrt_cli report "$keep" out="$(dirname "$keep")"
