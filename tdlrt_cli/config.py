@@ -89,7 +89,7 @@ class MethodConfig:
     init_rank: Optional[int] = None
     init_rank_frac: Optional[float] = None
     adapted_modes: str = "channels"
-    augment_every: int = 1
+    augment_every: Optional[int] = None   # tdlrt/dlrt: null resolves to 1 (tau rule) or 10 (target rule)
     tau_warmup_epochs: float = 1.0        # the truncation tolerance ramps from 0 to tau over this many epochs
     tau_warmup_shape: str = "linear"      # linear: tau * t / T; hold: truncate only to the rank caps until T
     convert_linear: bool = False
@@ -97,7 +97,10 @@ class MethodConfig:
     finetune_epochs: int = 0
     init_decay: float = 0.0               # > 0: ill-conditioned start, core singular values 10^(-decay k)
     rank_frac: Optional[float] = None     # fixed-rank baselines: rank as a fraction of the channels
-    target_cr: Optional[float] = None     # ... or the fraction that reaches this conv compression rate (%)
+    target_cr: Optional[float] = None     # ... or the fraction that reaches this conv compression rate (%);
+                                          # tdlrt/dlrt: the conv c.r. the target rule reaches
+    ramp_start: float = 0.0               # tdlrt/dlrt target rule: the asked compression rises from 0 at this
+    ramp_end: float = 0.5                 # fraction of the training steps to target_cr at this one (cubic)
     sparsity: float = 0.9                 # pruning baselines: fraction of conv weights removed
     rounds: int = 3                       # imp: prune-retrain rounds (epochs each)
     rewind_epoch: int = 1                 # imp: rewind weights to their values after this epoch
@@ -235,7 +238,26 @@ class TrainConfig:
                  f"method.rounds={m.rounds} must be >= 1 and method.rewind_epoch={m.rewind_epoch} below epochs")
         need(m.init_decay >= 0, f"method.init_decay={m.init_decay} must be >= 0")
         if m.name in tau_methods:
-            need(self.tau is not None and 0 < self.tau < 1, f"tau={self.tau} must be in (0, 1)")
+            if m.target_cr is not None:  # the target rule
+                need(0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100) (a conv "
+                                            f"compression rate in percent)")
+                need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and "
+                     f"method.ramp_end={m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of "
+                     f"the training steps)")
+                need(not m.convert_linear, "method.convert_linear=true cannot be combined with method.target_cr "
+                     "(a conv compression rate leaves factorised linear layers without a budget)")
+                for key, preset in (("tau_warmup_epochs", 1.0), ("tau_warmup_shape", "linear")):
+                    need(getattr(m, key) == preset, f"method.{key}={getattr(m, key)} is not used by the target rule "
+                         f"(method.target_cr={m.target_cr:g}): it belongs to the tau rule; drop one of them")
+                if m.augment_every is None:
+                    m.augment_every = TARGET_AUGMENT_EVERY
+            else:  # the tau rule (the paper's)
+                need(self.tau is not None and 0 < self.tau < 1, f"tau={self.tau} must be in (0, 1)")
+                for key, preset in (("ramp_start", 0.0), ("ramp_end", 0.5)):
+                    need(getattr(m, key) == preset, f"method.{key}={getattr(m, key)} is used only by the target "
+                         f"rule: set method.target_cr=C (a conv compression rate in percent) too, or drop it")
+                if m.augment_every is None:
+                    m.augment_every = 1
             need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
             need(m.r_max is None or m.r_max >= m.r_min,
                  f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
@@ -266,15 +288,57 @@ def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
+RANK_ADAPTIVE = ("tdlrt", "dlrt")
+TARGET_AUGMENT_EVERY = 10  # the target rule's default clock (method.augment_every=null)
+
+
 def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A saved config in this version's keys: ``data.val_size`` (a number of examples) became
-    ``data.val_split`` (a fraction or a number of examples)."""
+    """A config in this version's keys, with defaults that depend on other keys resolved: ``data.val_size``
+    (a number of examples) became ``data.val_split`` (a fraction or a number of examples); tdlrt/dlrt's
+    ``method.augment_every=null`` is 1 under the tau rule and 10 under the target rule (``method.target_cr``),
+    which does not use ``tau`` (None)."""
     config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     data = config.get("data")
     if isinstance(data, dict) and "val_size" in data:
         size = data.pop("val_size")
         data.setdefault("val_split", float(size or 0))
+    method = config.get("method")
+    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:
+        target = method.get("target_cr") is not None
+        if method.get("augment_every", 1) is None:  # null: the rule's own clock
+            method["augment_every"] = TARGET_AUGMENT_EVERY if target else 1
+        if target:  # the target rule does not use tau: a run is not told apart by the preset's tau
+            config["tau"] = None
     return config
+
+
+def method_keys(name: str) -> Optional[set]:
+    """The keys method ``name`` uses: those of its preset, ``configs/method/<name>.yaml`` (None: no preset)."""
+    path = Path(CONFIG_DIR) / "method" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return set(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def check_method_keys(config: Dict[str, Any]) -> None:
+    """Refuse, with one line, settings the chosen method would ignore: a ``method.*`` key its preset does
+    not have (``+method.sparsity=0.5`` with method=tdlrt), and a ``tau`` given with ``method.target_cr``."""
+    method = config.get("method")
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        return
+    name = method["name"]
+    keys = method_keys(name)
+    if keys is not None:
+        extra = sorted(set(method) - keys)
+        if extra:
+            raise ConfigError(f"method={name} does not use {', '.join('method.' + k for k in extra)} "
+                              f"(its keys: {', '.join(sorted(keys - {'name', 'default_tau'}))})")
+    if name in RANK_ADAPTIVE and method.get("target_cr") is not None and config.get("tau") is not None \
+            and config.get("tau") != method.get("default_tau"):
+        raise ConfigError(f"tau={config['tau']} is not used with method.target_cr={method['target_cr']:g} (the target "
+                          f"rule chooses ranks by a parameter budget, not by a tolerance); drop one of them")
 
 
 def from_dictconfig(cfg) -> TrainConfig:
@@ -287,6 +351,7 @@ def from_dictconfig(cfg) -> TrainConfig:
     try:
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         container.pop("hydra", None)
+        check_method_keys(container)
         container = upgrade_config(container)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
         obj = OmegaConf.to_object(merged)
@@ -328,7 +393,10 @@ FIELD_HELP = {
     "method.init_rank": "tdlrt/dlrt: starting rank (absolute); null: init_rank_frac x mode size, else r_max",
     "method.init_rank_frac": "tdlrt/dlrt: starting rank as a fraction of the mode size",
     "method.adapted_modes": "tdlrt/dlrt: channels (out and in adapted, kernel modes full) or all four modes",
-    "method.augment_every": "tdlrt/dlrt: augment bases and truncate every k-th step; fixed bases in between",
+    "method.augment_every": "tdlrt/dlrt: augment bases and truncate every k-th step; fixed bases in between; "
+                            "null: 1 with the tau rule, 10 with target_cr",
+    "method.ramp_start": "tdlrt/dlrt with target_cr: fraction of the training steps where the asked compression starts rising",
+    "method.ramp_end": "tdlrt/dlrt with target_cr: fraction of the training steps where it reaches target_cr (cubic ramp)",
     "method.tau_warmup_epochs": "tdlrt/dlrt: the truncation tolerance ramps from 0 to tau over this many epochs",
     "method.tau_warmup_shape": "tdlrt/dlrt: linear (tau x t/T) or hold (truncate only to the rank caps until T)",
     "method.convert_linear": "also factorise hidden nn.Linear layers (the classifier stays dense)",
@@ -336,7 +404,8 @@ FIELD_HELP = {
     "method.finetune_epochs": "tdlrt/dlrt: last epochs with frozen bases (fixed ranks)",
     "method.init_decay": "> 0: ill-conditioned start, core singular values 10^(-decay k)",
     "method.rank_frac": "fixed-rank baselines: rank as a fraction of the channels",
-    "method.target_cr": "fixed-rank baselines: the rank fraction that reaches this conv compression rate (%)",
+    "method.target_cr": "the conv compression rate (%) to reach: fixed-rank baselines pick their rank fraction; "
+                        "tdlrt/dlrt: the target rule (ranks of all layers chosen together under a budget)",
     "method.sparsity": "pruning baselines: fraction of conv weights removed",
     "method.rounds": "imp: prune-retrain rounds (epochs each)",
     "method.rewind_epoch": "imp: rewind the weights to their values after this epoch",

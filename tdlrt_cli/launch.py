@@ -135,7 +135,7 @@ def config_drift(saved: dict, new: dict) -> List[Tuple[str, object, object]]:
     Keys the saved config predates count as the value that reproduces what the run did
     (:data:`~tdlrt_cli.config.LEGACY_VALUES`); renamed keys are read under their new names.
     """
-    old, cur = flatten(upgrade_config(saved)), flatten(new)
+    old, cur = flatten(upgrade_config(saved)), flatten(upgrade_config(new))
     missing = object()
     drift = []
     for key in sorted(set(old) | set(cur)):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .lowrank import TDLRT, ConversionRules, RankPolicy, convert_to_lowrank
+from .lowrank import TDLRT, BudgetSchedule, ConversionRules, RankPolicy, convert_to_lowrank, lowrank_layers
+from .lowrank.allocation import lower_bound_params
+from .metrics import parameter_report
 from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
                                 magnitude_scores, make_fixed, prunable_convs, snip_scores)
 from .lowrank.convert import eligible_conv
@@ -139,16 +141,39 @@ class Integrated(Method):
 
     def stepper(self, model, optimizer, steps_per_epoch, dist) -> None:
         m = self.cfg.method
+        budget = None
+        if m.target_cr is not None:  # the target rule
+            budget = target_budget(model, m.target_cr, m.ramp_start, m.ramp_end,
+                                   (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch)
         self.integrator = TDLRT(model, optimizer, self.cfg.tau, m.augment_every,
                                 average=dist.mean_ if dist.enabled else None,
                                 broadcast=dist.broadcast_ if dist.enabled else None,
                                 tau_warmup_steps=round(m.tau_warmup_epochs * steps_per_epoch),
-                                tau_warmup_shape=m.tau_warmup_shape)
+                                tau_warmup_shape=m.tau_warmup_shape, budget=budget)
 
     def before_epoch(self, epoch, model) -> bool:
         if epoch >= self.cfg.epochs - self.cfg.method.finetune_epochs:
             self.integrator.freeze_bases()
         return False
+
+
+def target_budget(model: nn.Module, target_cr: float, ramp_start: float, ramp_end: float,
+                  adapting_steps: int) -> BudgetSchedule:
+    """The target rule's schedule for ``model`` (converted): conv c.r. (the paper's definition, every conv
+    kernel counted) rising to ``target_cr`` percent between the fractions ``ramp_start`` and ``ramp_end`` of
+    the adapting steps. Refuses a target the rank lower bounds cannot reach."""
+    report = parameter_report(model)
+    adapted = [layer for layer in lowrank_layers(model) if layer.is_conv]
+    fixed = report["conv_params"] - sum(layer.num_params() for layer in adapted)
+    budget = BudgetSchedule(dense=report["conv_params_dense"], fixed=fixed, target=target_cr / 100.0,
+                            start=round(ramp_start * adapting_steps), end=round(ramp_end * adapting_steps))
+    floor = fixed + sum(lower_bound_params(layer) for layer in adapted)
+    reachable = 100.0 * (1 - floor / report["conv_params_dense"])
+    if reachable < target_cr:
+        raise ConfigError(f"method.target_cr={target_cr:g} is out of reach: with every adapted rank at "
+                          f"method.r_min={min(layer.rank_bounds[i][0] for layer in adapted for i, a in enumerate(layer.adapted) if a)} "
+                          f"the conv compression rate is {reachable:.2f}% (lower r_min, or ask for less)")
+    return budget
 
 
 class PruneAtInit(Method):

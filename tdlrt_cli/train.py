@@ -304,7 +304,10 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             if integrator is not None:
                 report = parameter_report(model)
                 values["compression/rate"] = report["compression_rate"]
-                values["compression/tau"] = integrator.last_tau  # the tolerance that decided these ranks
+                if integrator.budget is not None:  # target rule: the compression scheduled for this step
+                    values["compression/target"] = 100.0 * integrator.budget.compression(integrator.steps)
+                else:
+                    values["compression/tau"] = integrator.last_tau  # the tolerance that decided these ranks
                 postfix["c.r."] = extra["c.r."] = f"{report['compression_rate']:.1f}%"
                 values.update(log_ranks(logger, model, global_step, epoch + 1))
                 for layer_name, layer in lowrank_named(model):
@@ -401,10 +404,15 @@ def pinned_modes(model) -> dict:
     return pinned
 
 
-def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console()) -> None:
+def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console(), target: bool = False) -> None:
     def listed(modes: list) -> str:
         return ", ".join(modes[:6]) + (", ..." if len(modes) > 6 else "")
 
+    if target:  # the target rule: a mode at a bound is the budget's choice, worth a note, not a warning
+        if pinned["r_max"]:
+            say(f"tdlrt: note: {len(pinned['r_max'])} of {total} adapted modes finished at their cap "
+                f"({listed(pinned['r_max'])}): the budget kept them whole (method.r_max_frac raises the cap)")
+        return
     if pinned["r_max"]:
         say(f"tdlrt: warning: {len(pinned['r_max'])} of {total} adapted modes finished at r_max "
             f"({listed(pinned['r_max'])}): their ranks were never cut below the cap; a larger tau, a larger "
@@ -588,10 +596,17 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                                        "epoch/compression_rate": report["compression_rate"],
                                        **{f"epoch/{k}": v for k, v in val.items()}})
             metric = val["val_acc"] if val else test_acc
+            ranks_now = layer_ranks(model) if integrator is not None else None
+            if ranks_now is not None and best.get("ranks") not in (None, ranks_now):
+                # the ranks moved: an earlier best is another network; selection restarts at these ranks, so
+                # best.pt always has the final ranks (one network: its accuracy, c.r., params and FLOPs)
+                best = {"metric": -1.0, "max_test": -1.0, "selected": None}
             improved = metric > best["metric"]
             best = {"metric": max(best["metric"], metric), "max_test": max(best["max_test"], test_acc),
-                    "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc}
-                                 if improved else best["selected"])}
+                    "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc,
+                                  "compression_rate": report["compression_rate"]}
+                                 if improved else best["selected"]),
+                    "ranks": ranks_now}
             state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
                                      best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0])
             if dist.main:  # last.pt first: if a kill comes before best.pt, last.pt is the best and a resume copies it
@@ -619,7 +634,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         "test_acc_last": test_acc,
         # of best.pt, chosen on the validation split (data.val_split > 0); None without one
         "test_acc_val_selected": (best["selected"] or {}).get("test_acc") if select_by == "val_acc" else None,
-        "best_test_acc": max(best["max_test"], test_acc),  # max over epochs: chosen on the test set, optimistic
+        # max over epochs (rank-adaptive methods: the epochs at the final ranks): chosen on the test set, optimistic
+        "best_test_acc": max(best["max_test"], test_acc),
         "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned,
@@ -645,7 +661,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     if not dist.main:
         return summary
     if pinned is not None:
-        warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)), say)
+        warn_pinned(pinned, sum(sum(m.adapted) for _, m in lowrank_named(model)), say,
+                    target=cfg.method.target_cr is not None)
     chosen = summary["test_acc_val_selected"]
     say(f"done: test acc {test_acc:.2f}% at the end"
         + (f", {chosen:.2f}% with best.pt (epoch {best['selected']['epoch']}, chosen on the validation split)"

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import spectra as spectral
+from .allocation import BudgetSchedule, allocate_ranks
 from .layers import LowRankLayer, replace_data
 from .tucker import mode_product, multi_mode_product, orthonormalize, unfold
 
@@ -284,6 +285,48 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
     jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
     vectors, host = _decide(layers, cores, jobs, tau, spectra, broadcast)
 
+    return _apply_decisions(layers, cores, jobs, vectors, host, optimizer)
+
+
+def truncate_to_budget(layers: Sequence[LowRankLayer], budget: float,
+                       optimizer: Optional[torch.optim.Optimizer] = None,
+                       broadcast: Optional[Callable[[torch.Tensor], None]] = None) -> List[TruncationInfo]:
+    """Step 4 under the target rule: the ranks of every adapted mode of every layer chosen together so that
+    the layers hold at most ``budget`` parameters (:func:`.allocation.allocate_ranks`: greedily, the singular
+    directions with the largest share of their layer's energy per parameter they cost).
+
+    With ``Mat_i(C_hat) = P_i Sigma_i V_i^T`` (all eigenpairs of the Gram matrices, one batched float64
+    ``eigh``), each mode keeps its leading k_i vectors as in :func:`truncate_layers`, so the same bound
+    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)`` holds; only the choice of k_i differs. A mode may
+    keep up to its augmented size (clipped to its cap), so a layer can take rank back. ``broadcast`` (data
+    parallel) gives every process the first process's ranks.
+    """
+    if not layers:
+        return []
+    cores = [layer.core.detach() for layer in layers]
+    jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
+    grams = []
+    for li, i in jobs:
+        m = unfold(cores[li], i).to(torch.float64)
+        grams.append(m @ m.transpose(0, 1))
+    pairs = mode_spectra(grams)
+    spectra = [lam.tolist() for lam, _ in pairs]  # one host synchronisation
+    bounds = [_clipped_bounds(layers[li], i, len(lam)) for (li, i), lam in zip(jobs, spectra)]
+    ks = allocate_ranks(spectra, jobs, [tuple(c.shape) for c in cores],
+                        [layer.full_shape for layer in layers], bounds, budget)
+    rows = []
+    for k, lam in zip(ks, spectra):
+        rows.append([float(k), float(sum(lam[k:])), math.sqrt(max(lam[k - 1], 0.0)), float(sum(lam))])
+    if broadcast is not None:
+        decided = torch.tensor(rows, dtype=torch.float64, device=cores[0].device)
+        broadcast(decided)
+        rows = decided.tolist()
+    return _apply_decisions(layers, cores, jobs, [vecs for _, vecs in pairs], rows, optimizer)
+
+
+def _apply_decisions(layers, cores, jobs, vectors, host, optimizer) -> List[TruncationInfo]:
+    """Rotate and cut every layer to its decided ranks (rows ``(k, tail_k, smallest kept sigma,
+    ||C_hat||^2)`` per job), re-orthonormalise, and stash the optimizer state (step 5)."""
     keep: List[List[Optional[torch.Tensor]]] = [[None] * layer.order for layer in layers]
     tail_sq = [0.0] * len(layers)
     norms = [0.0] * len(layers)
@@ -469,13 +512,19 @@ class TDLRT:
 
     ``spectra`` picks how truncation finds the spectra (:func:`truncate_layers`): ``"fast"`` (default) or
     the float64 reference ``"exact"``.
+
+    ``budget`` switches from the paper's rule (each mode truncated by ``tau`` on its own) to the target rule:
+    at every adapting step the ranks of all layers are chosen together under the parameter budget the
+    :class:`~.allocation.BudgetSchedule` gives for that step (:func:`truncate_to_budget`); ``tau`` and its
+    warm-up are then unused.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1,
                  average: Optional[Callable[[List[torch.Tensor]], None]] = None,
                  broadcast: Optional[Callable[[torch.Tensor], None]] = None,
-                 tau_warmup_steps: int = 0, tau_warmup_shape: str = "linear", spectra: str = "fast"):
-        if not 0 < tau < 1:
+                 tau_warmup_steps: int = 0, tau_warmup_shape: str = "linear", spectra: str = "fast",
+                 budget: Optional[BudgetSchedule] = None):
+        if budget is None and not 0 < tau < 1:
             raise ValueError(f"tau must be in (0, 1), got {tau}")
         if augment_every < 1:
             raise ValueError(f"augment_every must be >= 1, got {augment_every}")
@@ -485,6 +534,8 @@ class TDLRT:
         if spectra not in SPECTRA:
             raise ValueError(f"spectra must be one of {', '.join(SPECTRA)}, got {spectra!r}")
         self.spectra = spectra
+        self.budget = budget
+        self.last_budget = None         # the parameter budget of the last truncation (target rule)
         self.model, self.optimizer, self.tau, self.augment_every = model, optimizer, tau, augment_every
         self.tau_warmup_steps, self.tau_warmup_shape = int(tau_warmup_steps), tau_warmup_shape
         self.average, self.broadcast = average, broadcast
@@ -563,10 +614,13 @@ class TDLRT:
         """Step 4 on the layers :meth:`prepare_step` returned (after the optimizer stepped their cores), and
         the bookkeeping of step 5: their optimizer states are stashed in the augmented bases."""
         t0 = self._clock() if self.timing else 0.0
-        if ready:
+        if ready and self.budget is None:
             self.last_tau = self.current_tau()
         with torch.no_grad():
-            infos = truncate_layers(ready, self.last_tau, self.optimizer, self.broadcast, self.spectra)
+            if self.budget is not None and ready:
+                infos = truncate_to_budget(ready, self._budget_of(ready), self.optimizer, self.broadcast)
+            else:
+                infos = truncate_layers(ready, self.last_tau, self.optimizer, self.broadcast, self.spectra)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
         index = {id(layer): i for i, layer in enumerate(self.layers)}
@@ -580,6 +634,13 @@ class TDLRT:
         self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}
         self.steps += 1
         self._arm()
+
+    def _budget_of(self, ready: List[LowRankLayer]) -> float:
+        """The target rule's budget at this step for the layers being truncated: the schedule's budget of
+        all adapted layers less what the others (no capture this step) hold."""
+        self.last_budget = self.budget.params(self.steps)
+        stepped = {id(layer) for layer in ready}
+        return self.last_budget - sum(layer.num_params() for layer in self.layers if id(layer) not in stepped)
 
     def _clock(self) -> float:
         if self.layers and self.layers[0].core.is_cuda:
