@@ -10,19 +10,31 @@
 # writes checkpoints/last.pt every 100 steps: running the script again resumes unfinished runs and skips
 # finished ones. Finished runs' small files are copied to results/frontier_p/runs/ (never checkpoints), and
 # `tdlrt report results/frontier_p/runs out=results/frontier_p` regenerates the tables and plots from them.
-#   bash scripts/evidence/frontier_p.sh                 every job, two side by side
-#   bash scripts/evidence/frontier_p.sh tucker_cr97_s0  the named jobs only (in the order given)
-#   JOBS_PARALLEL=1 bash scripts/evidence/frontier_p.sh ...
+# SETTING=full: the same network and schedule on all 50,000 training images (data.val_split=0, as the committed
+# dense run), at 90% only: target_cr90_s0, tucker_cr90_s0, dense_s0, into outputs/cifar10_full/ and
+# results/cifar10_full/.
+#   bash scripts/evidence/rank_rules.sh                 every job, two side by side
+#   bash scripts/evidence/rank_rules.sh tucker_cr97_s0  the named jobs only (in the order given)
+#   JOBS_PARALLEL=1 bash scripts/evidence/rank_rules.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${OUT:-outputs/frontier_p}      # run folders (checkpoints included)
-keep=${KEEP:-results/frontier_p/runs}  # their small files, committed
-common="model=vgg16 model.width_mult=0.25 data=cifar10 data.limit_train=10000 data.val_split=0.1 epochs=20
+SETTING=${SETTING:-p}
+study=$([[ $SETTING == full ]] && echo cifar10_full || echo frontier_p)
+out=${OUT:-outputs/$study}      # run folders (checkpoints included)
+keep=${KEEP:-results/$study/runs}  # their small files, committed
+data=$([[ $SETTING == full ]] && echo "data.val_split=0" || echo "data.limit_train=10000 data.val_split=0.1")
+common="model=vgg16 model.width_mult=0.25 data=cifar10 $data epochs=20
         batch_size=128 optimizer=sgd momentum=0.9 lr=0.05 scheduler=cosine progress=false cost_report=false
-        checkpoint.every_n_steps=100 task_name=frontier_p"
+        checkpoint.every_n_steps=100 task_name=$study"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 jobs_list() {  # NAME OVERRIDES...
+  if [[ $SETTING == full ]]; then
+    echo "target_cr90_s0 method=tdlrt method.target_cr=90 seed=0"
+    echo "tucker_cr90_s0 method=tucker method.target_cr=90 seed=0"
+    echo "dense_s0 method=dense seed=0"
+    return
+  fi
   for s in 0 1 2; do
     echo "tucker_cr97_s$s method=tucker method.target_cr=97 seed=$s"
     echo "target_cr97_s$s method=tdlrt method.target_cr=97 seed=$s"
@@ -57,7 +69,7 @@ run_job() {  # NAME OVERRIDES...: train into $out/NAME unless finished, then kee
   echo "$(date +%T) done $name: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"test acc {s['test_acc']:.2f}% c.r. {s['compression_rate']:.2f}%\")" "$dir/summary.json")"
 }
 export -f run_job
-export out keep common
+export out keep common SETTING
 
 mkdir -p "$out"
 if [[ $# -gt 0 ]]; then

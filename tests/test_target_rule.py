@@ -1,0 +1,293 @@
+"""The target rule (method.target_cr): global rank allocation under a parameter budget on a cubic schedule.
+
+Mathematics against float64 references (the allocation's optimality conditions, the truncated HOSVD at the
+allocated ranks, ranks found on regressions with known Tucker ranks), then behaviour through the real CLI.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import TINY, run_dirs, run_tdlrt
+from tdlrt_cli.lowrank import TDLRT, BudgetSchedule, TuckerConv2d, allocate_ranks, augment, truncate_to_budget
+from tdlrt_cli.lowrank.allocation import layer_params
+from tdlrt_cli.lowrank.integrator import basis_gradients
+from tdlrt_cli.lowrank.tucker import hosvd, reconstruct
+
+f64 = torch.float64
+
+
+# --------------------------------------------------------------------------- the schedule
+
+def test_budget_schedule_is_the_cubic_ramp_of_gradual_pruning():
+    s = BudgetSchedule(dense=1000, fixed=100, target=0.9, start=10, end=110)
+    assert s.compression(0) == 0 and s.compression(10) == 0
+    assert s.compression(60) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert s.compression(110) == s.compression(10 ** 6) == pytest.approx(0.9)
+    values = [s.compression(t) for t in range(0, 130)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert s.params(200) == pytest.approx(0.1 * 1000 - 100)
+    with pytest.raises(ValueError):
+        BudgetSchedule(dense=10, fixed=0, target=1.0, start=0, end=1)
+    with pytest.raises(ValueError):
+        BudgetSchedule(dense=10, fixed=0, target=0.5, start=5, end=1)
+
+
+# --------------------------------------------------------------------------- the allocation
+
+def random_problem(seed):
+    """Three layers with channel modes adapted (kernel 3x3 kept), random decaying spectra per mode."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(16, 8, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3)]
+    shapes = [(8, 8, 3, 3), (16, 16, 3, 3), (16, 16, 3, 3)]
+    jobs, spectra, bounds = [], [], []
+    for li, shape in enumerate(shapes):
+        energy = float(torch.rand((), generator=g)) + 0.5
+        for i in (0, 1):
+            lam = torch.rand(shape[i], generator=g, dtype=f64).sort(descending=True).values
+            lam = lam ** (1 + 4 * float(torch.rand((), generator=g)))
+            jobs.append((li, i))
+            spectra.append((lam / lam.sum() * energy).tolist())
+            bounds.append((2, shape[i]))
+    return jobs, spectra, shapes, sizes, bounds
+
+
+def params_of(ranks, jobs, shapes, sizes):
+    per_layer = {li: list(shape) for li, shape in enumerate(shapes)}
+    for (li, i), r in zip(jobs, ranks):
+        per_layer[li][i] = r
+    return sum(layer_params(per_layer[li], sizes[li], [True, True, False, False]) for li in per_layer)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_spends_the_budget_and_never_exceeds_it(seed):
+    jobs, spectra, shapes, sizes, bounds = random_problem(seed)
+    floor = params_of([lo for lo, _ in bounds], jobs, shapes, sizes)
+    full = params_of([hi for _, hi in bounds], jobs, shapes, sizes)
+    for budget in (floor, floor + 0.3 * (full - floor), floor + 0.8 * (full - floor), full, 10 * full):
+        ranks = allocate_ranks(spectra, jobs, shapes, sizes, bounds, budget)
+        spent = params_of(ranks, jobs, shapes, sizes)
+        assert all(lo <= r <= hi for r, (lo, hi) in zip(ranks, bounds))
+        assert spent <= budget
+        # tight: no mode below its cap could take one more direction within the budget
+        for j, r in enumerate(ranks):
+            if r < bounds[j][1]:
+                grown = list(ranks)
+                grown[j] += 1
+                assert params_of(grown, jobs, shapes, sizes) > budget
+    assert allocate_ranks(spectra, jobs, shapes, sizes, bounds, 10 * full) == [hi for _, hi in bounds]
+    assert allocate_ranks(spectra, jobs, shapes, sizes, bounds, 0) == [lo for lo, _ in bounds]
+
+
+def test_allocation_gives_rank_to_the_layer_whose_energy_is_spread():
+    # two identical layers: A's energy spread evenly over 8 directions per mode, B's in 2
+    shapes, sizes = [(8, 8, 3, 3)] * 2, [(16, 16, 3, 3)] * 2
+    spread = [1.0 / 8] * 8
+    peaked = [0.5, 0.5] + [1e-6] * 6
+    jobs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    spectra = [spread, spread, peaked, peaked]
+    bounds = [(1, 8)] * 4
+    budget = params_of([8, 8, 2, 2], jobs, shapes, sizes)
+    assert allocate_ranks(spectra, jobs, shapes, sizes, bounds, budget) == [8, 8, 2, 2]
+
+
+def test_allocation_weighs_each_direction_by_the_parameters_it_costs():
+    # equal shares of energy, but a direction of the large layer costs 8x the parameters: the small one wins
+    jobs = [(0, 0), (1, 0)]
+    shapes, sizes = [(4, 64), (4, 8)], [(512, 64), (64, 8)]  # order-2 layers, only mode 0 adapted
+    spectra = [[0.25] * 4, [0.25] * 4]
+    bounds = [(1, 4), (1, 4)]
+
+    def params(r):
+        return sum(math.prod(s) for s in ((r[0], 64), (r[1], 8))) + 512 * r[0] + 64 * r[1]
+
+    budget = params([1, 4])
+    ranks = allocate_ranks(spectra, jobs, shapes, sizes, bounds, budget)
+    assert ranks == [1, 4]
+
+
+# --------------------------------------------------------------------------- the truncation step
+
+def stepped_layers(seed=0):
+    """Two float64 Tucker layers after an augmentation and a core step: C_hat in augmented bases."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [TuckerConv2d(12, 16, 3, padding=1, ranks=[6, 5, None, None], rank_bounds=[(1, 8), (1, 6), (3, 3), (3, 3)],
+                           dtype=f64, generator=g),
+              TuckerConv2d(16, 24, 3, padding=1, ranks=[8, 6, None, None], rank_bounds=[(2, 12), (2, 8), (3, 3), (3, 3)],
+                           dtype=f64, generator=g)]
+    net = nn.Sequential(*layers)
+    x = torch.randn(8, 12, 6, 6, dtype=f64, generator=g)
+    for layer in layers:
+        layer.capture = True
+    net(x).pow(2).sum().backward()
+    with torch.no_grad():
+        for layer in layers:
+            augment(layer, basis_gradients(layer))
+            layer.core.add_(0.05 * torch.randn(layer.core.shape, dtype=f64, generator=g))
+            layer.clear_capture()
+    return layers
+
+
+@pytest.mark.parametrize("fraction", [0.35, 0.6, 1.5])
+def test_truncation_to_a_budget_is_the_truncated_hosvd_at_the_allocated_ranks(fraction):
+    layers = stepped_layers()
+    before = [layer.weight_full().detach().clone() for layer in layers]
+    total = sum(layer.num_params() for layer in layers)
+    infos = truncate_to_budget(layers, fraction * total)
+    assert sum(layer.num_params() for layer in layers) <= fraction * total
+    for layer, w_hat, info in zip(layers, before, infos):
+        ranks = [r if a else None for r, a in zip(layer.ranks, layer.adapted)]
+        core, factors = hosvd(w_hat, ranks)  # float64 reference: truncated HOSVD of W_hat at these ranks
+        assert torch.allclose(layer.weight_full(), reconstruct(core, factors), atol=1e-10)
+        err = float((layer.weight_full().detach() - w_hat).norm() / w_hat.norm())
+        assert err <= info.rel_error + 1e-12  # the bound: sqrt(sum of discarded tails) / ||C_hat||
+        for i, u in enumerate(layer.factors):
+            if u is not None:
+                assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=f64), atol=1e-12)
+                lo, hi = layer.rank_bounds[i]
+                assert lo <= layer.ranks[i] <= hi
+    if fraction > 1:  # a budget above the current size lets ranks grow into the augmented directions
+        assert any(info.ranks[i] > r for info, layer in zip(infos, layers)
+                   for i, r in enumerate((6, 5) if layer.full_shape[0] == 16 else (8, 6)))
+
+
+# --------------------------------------------------------------------------- over a training run
+
+def two_layer_regression(target_ranks, seed=0, n=48):
+    """Two independent 12 -> 16 convs side by side, each fitting a target kernel of known Tucker ranks."""
+    g = torch.Generator().manual_seed(seed)
+    targets = [TuckerConv2d(12, 16, 3, padding=1, ranks=[*r, None, None], dtype=f64, generator=g) for r in target_ranks]
+    x = torch.randn(n, 12, 6, 6, dtype=f64, generator=g)
+    ys = [F.conv2d(x, t.weight_full().detach(), padding=1) for t in targets]
+    return x, ys
+
+
+class Pair(nn.Module):
+    def __init__(self, seed=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.b = (TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 8, None, None],
+                                       rank_bounds=[(1, 8), (1, 8), (3, 3), (3, 3)], dtype=f64, generator=g)
+                          for _ in range(2))
+
+    def loss(self, x, ys):
+        return F.mse_loss(self.a(x), ys[0]) + F.mse_loss(self.b(x), ys[1])
+
+
+def fit(model, integrator, x, ys, steps):
+    for _ in range(steps):
+        integrator.zero_grad()
+        model.loss(x, ys).backward()
+        integrator.step()
+    return float(model.loss(x, ys))
+
+
+def pair_budget(ranks_a, ranks_b, steps, dense=2 * 16 * 12 * 9):
+    need = sum(layer_params([*r, 3, 3], (16, 12, 3, 3), [True, True, False, False]) for r in (ranks_a, ranks_b))
+    return BudgetSchedule(dense=dense, fixed=0, target=1 - need / dense, start=0, end=steps)
+
+
+def test_target_rule_finds_each_layers_ranks_within_one_budget():
+    """Layer a's target kernel has Tucker ranks (6, 5), b's (2, 2); one budget that fits exactly those ranks:
+    the rule gives each layer what its spectrum asks for (equal ranks for both would not fit the targets)."""
+    x, ys = two_layer_regression([(6, 5), (2, 2)])
+    model = Pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    integrator = TDLRT(model, opt, tau=None, budget=pair_budget((6, 5), (2, 2), 60))
+    start = float(model.loss(x, ys))
+    end = fit(model, integrator, x, ys, 400)
+    assert model.a.ranks[:2] == (6, 5) and model.b.ranks[:2] == (2, 2)
+    assert end < 1e-8 * start
+
+
+def test_ranks_grow_back_when_a_layer_needs_more_later():
+    """Regrowth: under a fixed budget, layer a first fits a rank-(2, 2) kernel and b a rank-(6, 5) one; then the
+    targets swap. The directions b no longer needs lose their energy and a takes the rank back."""
+    x, first = two_layer_regression([(2, 2), (6, 5)], seed=3)
+    model = Pair()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    integrator = TDLRT(model, opt, tau=None, budget=pair_budget((6, 5), (2, 2), 50))
+    fit(model, integrator, x, first, 300)
+    assert model.a.ranks[:2] == (2, 2) and model.b.ranks[:2] == (6, 5)
+    swapped = [first[1], first[0]]
+    start = float(model.loss(x, swapped))
+    end = fit(model, integrator, x, swapped, 600)
+    assert model.a.ranks[:2] == (6, 5) and model.b.ranks[:2] == (2, 2)
+    assert end < 1e-6 * start
+
+
+def test_resume_in_the_middle_of_the_ramp_is_bitwise(tmp_path):
+    x, ys = two_layer_regression([(6, 5), (2, 2)])
+
+    def fresh():
+        model = Pair()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+        return model, TDLRT(model, opt, tau=None, augment_every=3, budget=pair_budget((6, 5), (2, 2), 60))
+
+    model, integrator = fresh()
+    fit(model, integrator, x, ys, 25)
+    torch.save({"model": model.state_dict(), "integrator": integrator.state_dict()}, tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model2, integrator2 = fresh()
+    model2.load_state_dict(state["model"])
+    integrator2.load_state_dict(state["integrator"])
+    fit(model, integrator, x, ys, 40)
+    fit(model2, integrator2, x, ys, 40)
+    for a, b in ((model.a, model2.a), (model.b, model2.b)):
+        assert a.ranks == b.ranks
+        assert torch.equal(a.weight_full(), b.weight_full())
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+def summary_of(base):
+    (run,) = run_dirs(base)
+    return run, json.loads((run / "summary.json").read_text())
+
+
+def test_cli_target_cr_lands_on_the_compression_and_best_pt_has_the_final_ranks(tmp_path):
+    run_tdlrt(["train", *TINY, "epochs=3", "data.val_split=64", "method=tdlrt", "method.target_cr=80",
+               "method.augment_every=2", "cost_report=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    run, summary = summary_of(tmp_path)
+    assert abs(summary["compression_rate"] - 80) <= 1
+    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    assert best["best"]["ranks"] == summary["ranks"]  # the selected network is the final network
+    assert summary["selected"]["compression_rate"] == pytest.approx(summary["compression_rate"])
+    assert summary["config"]["method"]["target_cr"] == 80
+    log = (run / "train.log").read_text()
+    assert "target_cr 80" in log and "tau" not in log.split("method", 1)[1].splitlines()[0]
+
+
+def test_cli_tau_rule_best_pt_is_chosen_among_epochs_at_the_final_ranks(tmp_path):
+    run_tdlrt(["train", *TINY, "epochs=3", "data.val_split=64", "method=tdlrt", "tau=0.3", "method.tau_warmup_epochs=0",
+               "cost_report=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    run, summary = summary_of(tmp_path)
+    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    ranks = {name: list(r) for name, r in best["best"]["ranks"].items()}
+    assert ranks == summary["ranks"]
+    rows = (run / "ranks.csv").read_text().splitlines()
+    assert summary["selected"]["epoch"] >= 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["method=tdlrt", "method.target_cr=90", "tau=0.2"], "tau=0.2 is not used with method.target_cr=90"),
+    (["method=tdlrt", "+method.sparsity=0.5"], "method=tdlrt does not use method.sparsity"),
+    (["method=tucker", "+method.ramp_end=0.3"], "method=tucker does not use method.ramp_end"),
+    (["method=tdlrt", "method.ramp_end=0.3"], "method.ramp_end=0.3 is used only by the target rule"),
+    (["method=tdlrt", "method.target_cr=100"], "method.target_cr=100.0 must be in (0, 100)"),
+    (["method=tdlrt", "method.target_cr=90", "method.ramp_start=0.6", "method.ramp_end=0.5"],
+     "0 <= ramp_start <= ramp_end <= 1"),
+    (["method=tdlrt", "method.target_cr=90", "method.tau_warmup_epochs=0"],
+     "method.tau_warmup_epochs=0.0 is not used by the target rule"),
+    (["method=tdlrt", "method.target_cr=90", "method.convert_linear=true"], "cannot be combined with method.target_cr"),
+    (["method=tdlrt", "method.target_cr=99.9", "method.r_min=4"], "method.target_cr=99.9 is out of reach"),
+])
+def test_cli_refuses_what_the_target_rule_would_ignore_in_one_line(tmp_path, args, says):
+    proc = run_tdlrt(["train", *TINY, *args, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "warning" not in line]
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
