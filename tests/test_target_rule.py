@@ -291,3 +291,38 @@ def test_cli_refuses_what_the_target_rule_would_ignore_in_one_line(tmp_path, arg
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "warning" not in line]
     assert len(lines) == 1 and says in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+TARGET = ["train", *TINY, "method=tdlrt", "method.target_cr=85", "method.augment_every=2", "method.ramp_end=1", "epochs=3",
+          "deterministic=true", "lr=0.1", "cost_report=false", "checkpoint.every_n_steps=3"]
+
+
+def test_cli_target_run_killed_mid_ramp_resumes_bitwise(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run_tdlrt(TARGET, tmp_path / "a")
+    (straight,) = run_dirs(tmp_path / "a" / "outputs")
+    killed = run_tdlrt(TARGET, tmp_path / "b", env={"TDLRT_FAULT_KILL_AT_STEP": "7"}, check=False)
+    assert killed.returncode == 137
+    (run,) = run_dirs(tmp_path / "b" / "outputs")
+    run_tdlrt(TARGET + [f"resume={run}"], tmp_path / "b")
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["ranks"] == b["ranks"] and a["global_step"] == b["global_step"] == 12
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (straight, run))
+    assert sa["compression_rate"] == sb["compression_rate"] and abs(sa["compression_rate"] - 85) <= 1
+
+
+def test_cli_target_rule_data_parallel_replicas_stay_identical(tmp_path):
+    from test_distributed import torchrun
+
+    args = [a for a in TARGET[1:] if not a.startswith(("batch_size", "checkpoint"))] + ["batch_size=32"]
+    proc = torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "outputs")
+    summary = json.loads((run / "summary.json").read_text())
+    dp = summary["data_parallel"]
+    assert dp["world_size"] == 2 and dp["replicas_identical"]
+    assert abs(summary["compression_rate"] - 85) <= 1
