@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .errors import ConfigError
 from .lowrank import TDLRT, BudgetSchedule, ConversionRules, RankPolicy, convert_to_lowrank, lowrank_layers
-from .lowrank.allocation import lower_bound_params
+from .lowrank.allocation import lower_bound_params, upper_bound_params
 from .metrics import parameter_report
 from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
                                 magnitude_scores, make_fixed, prunable_convs, snip_scores)
@@ -144,7 +144,7 @@ class Integrated(Method):
         budget = None
         if m.target_cr is not None:  # the target rule
             budget = target_budget(model, m.target_cr, m.ramp_start, m.ramp_end,
-                                   (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch)
+                                   (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch, m.augment_every)
         self.integrator = TDLRT(model, optimizer, self.cfg.tau, m.augment_every,
                                 average=dist.mean_ if dist.enabled else None,
                                 broadcast=dist.broadcast_ if dist.enabled else None,
@@ -158,21 +158,30 @@ class Integrated(Method):
 
 
 def target_budget(model: nn.Module, target_cr: float, ramp_start: float, ramp_end: float,
-                  adapting_steps: int) -> BudgetSchedule:
+                  adapting_steps: int, augment_every: int = 1) -> BudgetSchedule:
     """The target rule's schedule for ``model`` (converted): conv c.r. (the paper's definition, every conv
     kernel counted) rising to ``target_cr`` percent between the fractions ``ramp_start`` and ``ramp_end`` of
-    the adapting steps. Refuses a target the rank lower bounds cannot reach."""
+    the adapting steps. The ramp ends no later than the last adapting step (step ``t`` adapts when
+    ``t % augment_every == 0``), so that the last truncation already has the final budget. Refuses a target
+    outside what the rank bounds can give."""
     report = parameter_report(model)
     adapted = [layer for layer in lowrank_layers(model) if layer.is_conv]
     fixed = report["conv_params"] - sum(layer.num_params() for layer in adapted)
-    budget = BudgetSchedule(dense=report["conv_params_dense"], fixed=fixed, target=target_cr / 100.0,
-                            start=round(ramp_start * adapting_steps), end=round(ramp_end * adapting_steps))
-    floor = fixed + sum(lower_bound_params(layer) for layer in adapted)
-    reachable = 100.0 * (1 - floor / report["conv_params_dense"])
-    if reachable < target_cr:
+    dense = report["conv_params_dense"]
+    last = augment_every * ((max(adapting_steps, 1) - 1) // augment_every)  # the last adapting step
+    end = min(round(ramp_end * adapting_steps), last)
+    budget = BudgetSchedule(dense=dense, fixed=fixed, target=target_cr / 100.0,
+                            start=min(round(ramp_start * adapting_steps), end), end=end)
+    most = 100.0 * (1 - (fixed + sum(lower_bound_params(layer) for layer in adapted)) / dense)
+    least = 100.0 * (1 - (fixed + sum(upper_bound_params(layer) for layer in adapted)) / dense)
+    if target_cr > most:
+        r_min = min(layer.rank_bounds[i][0] for layer in adapted for i, a in enumerate(layer.adapted) if a)
         raise ConfigError(f"method.target_cr={target_cr:g} is out of reach: with every adapted rank at "
-                          f"method.r_min={min(layer.rank_bounds[i][0] for layer in adapted for i, a in enumerate(layer.adapted) if a)} "
-                          f"the conv compression rate is {reachable:.2f}% (lower r_min, or ask for less)")
+                          f"method.r_min={r_min} the conv compression rate is {most:.2f}% (lower r_min, or ask "
+                          f"for less)")
+    if target_cr < least:
+        raise ConfigError(f"method.target_cr={target_cr:g} is below the conv compression rate at the rank caps "
+                          f"({least:.2f}%): raise method.r_max_frac (at most 1) or method.r_max to ask for less")
     return budget
 
 

@@ -49,7 +49,7 @@ def random_problem(seed):
         for i in (0, 1):
             lam = torch.rand(shape[i], generator=g, dtype=f64).sort(descending=True).values
             lam = lam ** (1 + 4 * float(torch.rand((), generator=g)))
-            jobs.append((li, i))
+            jobs.append((li, (i,)))
             spectra.append((lam / lam.sum() * energy).tolist())
             bounds.append((2, shape[i]))
     return jobs, spectra, shapes, sizes, bounds
@@ -57,8 +57,9 @@ def random_problem(seed):
 
 def params_of(ranks, jobs, shapes, sizes):
     per_layer = {li: list(shape) for li, shape in enumerate(shapes)}
-    for (li, i), r in zip(jobs, ranks):
-        per_layer[li][i] = r
+    for (li, modes), r in zip(jobs, ranks):
+        for i in modes:
+            per_layer[li][i] = r
     return sum(layer_params(per_layer[li], sizes[li], [True, True, False, False]) for li in per_layer)
 
 
@@ -82,12 +83,60 @@ def test_allocation_spends_the_budget_and_never_exceeds_it(seed):
     assert allocate_ranks(spectra, jobs, shapes, sizes, bounds, 0) == [lo for lo, _ in bounds]
 
 
+def greedy_reference(spectra, units, shapes, sizes, bounds, budget):
+    """The allocation rule written plainly: rescore every unit at every pick (no heap, no versions)."""
+    ranks = {li: list(shape) for li, shape in enumerate(shapes)}
+    adapted = {li: [False] * len(shape) for li, shape in enumerate(shapes)}
+    for (li, modes), (lo, _) in zip(units, bounds):
+        for i in modes:
+            ranks[li][i], adapted[li][i] = lo, True
+    energy = {li: max(sum(lam) for (l2, _), lam in zip(units, spectra) if l2 == li) for li in ranks}
+
+    def params(li, r):
+        return layer_params(r, sizes[li], adapted[li])
+
+    def cost(u):
+        li, modes = units[u]
+        grown = list(ranks[li])
+        for i in modes:
+            grown[i] += 1
+        return params(li, grown) - params(li, ranks[li])
+
+    spent = sum(params(li, ranks[li]) for li in ranks)
+    withdrawn = set()
+    while True:
+        offers = [(spectra[u][ranks[li][modes[0]]] / energy[li] / cost(u), -u)
+                  for u, (li, modes) in enumerate(units) if ranks[li][modes[0]] < bounds[u][1] and u not in withdrawn]
+        if not offers:
+            break
+        u = -max(offers)[1]
+        li, modes = units[u]
+        if spent + cost(u) > budget:
+            withdrawn.add(u)
+            continue
+        spent += cost(u)
+        for i in modes:
+            ranks[li][i] += 1
+        withdrawn -= {k for k, (l2, _) in enumerate(units) if l2 == li}
+    return [ranks[li][modes[0]] for li, modes in units]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_equals_the_plain_greedy_rule(seed):
+    jobs, spectra, shapes, sizes, bounds = random_problem(seed)
+    full = params_of([hi for _, hi in bounds], jobs, shapes, sizes)
+    for fraction in (0.1, 0.25, 0.5, 0.75):
+        budget = fraction * full
+        assert allocate_ranks(spectra, jobs, shapes, sizes, bounds, budget) == \
+            greedy_reference(spectra, jobs, shapes, sizes, bounds, budget)
+
+
 def test_allocation_gives_rank_to_the_layer_whose_energy_is_spread():
     # two identical layers: A's energy spread evenly over 8 directions per mode, B's in 2
     shapes, sizes = [(8, 8, 3, 3)] * 2, [(16, 16, 3, 3)] * 2
     spread = [1.0 / 8] * 8
     peaked = [0.5, 0.5] + [1e-6] * 6
-    jobs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    jobs = [(0, (0,)), (0, (1,)), (1, (0,)), (1, (1,))]
     spectra = [spread, spread, peaked, peaked]
     bounds = [(1, 8)] * 4
     budget = params_of([8, 8, 2, 2], jobs, shapes, sizes)
@@ -96,7 +145,7 @@ def test_allocation_gives_rank_to_the_layer_whose_energy_is_spread():
 
 def test_allocation_weighs_each_direction_by_the_parameters_it_costs():
     # equal shares of energy, but a direction of the large layer costs 8x the parameters: the small one wins
-    jobs = [(0, 0), (1, 0)]
+    jobs = [(0, (0,)), (1, (0,))]
     shapes, sizes = [(4, 64), (4, 8)], [(512, 64), (64, 8)]  # order-2 layers, only mode 0 adapted
     spectra = [[0.25] * 4, [0.25] * 4]
     bounds = [(1, 4), (1, 4)]
@@ -154,6 +203,38 @@ def test_truncation_to_a_budget_is_the_truncated_hosvd_at_the_allocated_ranks(fr
                    for i, r in enumerate((6, 5) if layer.full_shape[0] == 16 else (8, 6)))
 
 
+def test_matrix_layers_keep_one_rank_for_both_modes():
+    """DLRT's matrix layers: both unfoldings have the same spectrum, so the budget buys directions of the
+    matrix, one rank for both modes (never a dead column in the cheaper mode)."""
+    from tdlrt_cli.lowrank import convert_to_lowrank, ConversionRules, RankPolicy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    convert_to_lowrank(net, RankPolicy(r_min=1), ConversionRules(), conv_format="matrix",
+                       generator=torch.Generator().manual_seed(0))
+    layers = [m for m in net.modules() if hasattr(m, "core")]
+    assert layers and all(layer.order == 2 for layer in layers)
+    total = sum(layer.num_params() for layer in layers)
+    truncate_to_budget(layers, 0.5 * total)
+    assert sum(layer.num_params() for layer in layers) <= 0.5 * total
+    for layer in layers:
+        assert layer.ranks[0] == layer.ranks[1]
+
+
+def test_schedule_edges_a_zero_length_ramp_and_the_last_adapting_step():
+    from tdlrt_cli.methods import target_budget
+    from tdlrt_cli.lowrank import convert_to_lowrank, ConversionRules, RankPolicy
+
+    step = BudgetSchedule(dense=100, fixed=0, target=0.8, start=5, end=5)
+    assert (step.compression(0), step.compression(5), step.compression(6)) == (0.0, 0.8, 0.8)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 3))
+    convert_to_lowrank(net, RankPolicy(), ConversionRules(), generator=torch.Generator().manual_seed(0))
+    # 30 adapting steps, adapting every 10th (steps 0, 10, 20): the ramp must end by step 20
+    schedule = target_budget(net, 75.0, 0.0, 1.0, 30, augment_every=10)
+    assert schedule.end == 20 and schedule.compression(20) == pytest.approx(0.75)
+    assert target_budget(net, 75.0, 0.0, 0.5, 30, augment_every=1).end == 15
+
+
 # --------------------------------------------------------------------------- over a training run
 
 def two_layer_regression(target_ranks, seed=0, n=48):
@@ -182,7 +263,7 @@ def fit(model, integrator, x, ys, steps):
         integrator.zero_grad()
         model.loss(x, ys).backward()
         integrator.step()
-    return float(model.loss(x, ys))
+    return float(model.loss(x, ys).detach())
 
 
 def pair_budget(ranks_a, ranks_b, steps, dense=2 * 16 * 12 * 9):
@@ -197,7 +278,7 @@ def test_target_rule_finds_each_layers_ranks_within_one_budget():
     model = Pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     integrator = TDLRT(model, opt, tau=None, budget=pair_budget((6, 5), (2, 2), 60))
-    start = float(model.loss(x, ys))
+    start = float(model.loss(x, ys).detach())
     end = fit(model, integrator, x, ys, 400)
     assert model.a.ranks[:2] == (6, 5) and model.b.ranks[:2] == (2, 2)
     assert end < 1e-8 * start
@@ -213,7 +294,7 @@ def test_ranks_grow_back_when_a_layer_needs_more_later():
     fit(model, integrator, x, first, 300)
     assert model.a.ranks[:2] == (2, 2) and model.b.ranks[:2] == (6, 5)
     swapped = [first[1], first[0]]
-    start = float(model.loss(x, swapped))
+    start = float(model.loss(x, swapped).detach())
     end = fit(model, integrator, x, swapped, 600)
     assert model.a.ranks[:2] == (6, 5) and model.b.ranks[:2] == (2, 2)
     assert end < 1e-6 * start
@@ -284,6 +365,7 @@ def test_cli_tau_rule_best_pt_is_chosen_among_epochs_at_the_final_ranks(tmp_path
      "method.tau_warmup_epochs=0.0 is not used by the target rule"),
     (["method=tdlrt", "method.target_cr=90", "method.convert_linear=true"], "cannot be combined with method.target_cr"),
     (["method=tdlrt", "method.target_cr=99.9", "method.r_min=4"], "method.target_cr=99.9 is out of reach"),
+    (["method=tdlrt", "method.target_cr=30"], "is below the conv compression rate at the rank caps"),
 ])
 def test_cli_refuses_what_the_target_rule_would_ignore_in_one_line(tmp_path, args, says):
     proc = run_tdlrt(["train", *TINY, *args, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, check=False)

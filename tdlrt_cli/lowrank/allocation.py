@@ -47,7 +47,9 @@ class BudgetSchedule:
         """``c(t) = c_f (1 - (1 - s)^3)``, ``s`` the clipped progress through ``[start, end]``."""
         if step >= self.end:
             return self.target
-        s = max(step - self.start, 0) / (self.end - self.start)
+        if step <= self.start:
+            return 0.0
+        s = (step - self.start) / (self.end - self.start)
         return self.target * (1.0 - (1.0 - s) ** 3)
 
     def params(self, step: int) -> float:
@@ -63,67 +65,89 @@ def layer_params(shape: Sequence[int], sizes: Sequence[int], adapted: Sequence[b
 def lower_bound_params(layer) -> int:
     """Parameters of a low-rank layer with every adapted mode at its lower rank bound (the least the target
     rule can give it)."""
-    shape = [min(layer.rank_bounds[i][0], n) if a else n
+    return _params_at(layer, 0)
+
+
+def upper_bound_params(layer) -> int:
+    """Parameters of a low-rank layer with every adapted mode at its rank cap (the most the target rule can
+    give it)."""
+    return _params_at(layer, 1)
+
+
+def _params_at(layer, bound: int) -> int:
+    shape = [min(layer.rank_bounds[i][bound], n) if a else n
              for i, (n, a) in enumerate(zip(layer.full_shape, layer.adapted))]
     return layer_params(shape, layer.full_shape, layer.adapted)
 
 
-def allocate_ranks(spectra: Sequence[Sequence[float]], jobs: Sequence[Tuple[int, int]],
+def allocate_ranks(spectra: Sequence[Sequence[float]], units: Sequence[Tuple[int, Tuple[int, ...]]],
                    shapes: Sequence[Sequence[int]], sizes: Sequence[Sequence[int]],
                    bounds: Sequence[Tuple[int, int]], budget: float) -> List[int]:
-    """The rank of every job (layer, adapted mode) under a parameter budget, chosen greedily by energy per
-    parameter.
+    """The rank of every unit under a parameter budget, chosen greedily by energy per parameter.
 
-    ``spectra[j]``: the squared singular values of ``Mat_i(C_hat)`` of job ``j = (layer, mode i)``, descending;
-    ``shapes[l]``: layer l's augmented core shape (a mode that is not adapted keeps its size); ``sizes[l]``:
-    its full sizes ``n``; ``bounds[j] = (lo, hi)``, already clipped to ``[1, len(spectra[j])]``.
+    A unit ``(layer l, modes)`` is one adapted mode of a Tucker layer, ``(l, (i,))``, or both modes of a
+    matrix, ``(l, (0, 1))``, which share one rank (the two unfoldings of a matrix have the same spectrum, and
+    a direction counts only if both keep it). ``spectra[u]``: the squared singular values of ``Mat_i(C_hat)``
+    of the unit's (first) mode, descending; ``shapes[l]``: layer l's augmented core shape (a mode that is not
+    adapted keeps its size); ``sizes[l]``: its full sizes ``n``; ``bounds[u] = (lo, hi)``, already clipped to
+    ``[1, len(spectra[u])]``.
 
-    Every job starts at ``lo``. A job at rank r offers its next direction with score
-    ``spectra[j][r] / ||C_hat_l||^2 / (n_i + prod_{m != i} r_m)``; the best offer that fits the remaining
-    budget is taken, an offer that does not fit is withdrawn, until no offer is left. The result keeps the
-    layers' parameters within the budget unless the lower bounds alone exceed it (then every job is at lo).
+    Every unit starts at ``lo``. A unit at rank r offers its next direction with score
+    ``spectra[u][r] / ||C_hat_l||^2 / cost``, ``cost`` the parameters one more rank adds to the layer
+    (``n_i + prod_{m != i} r_m`` for one Tucker mode: a column of ``U_i`` and a slice of the core); the best
+    offer that fits the remaining budget is taken, an offer that does not fit is withdrawn, until no offer
+    is left. The result keeps the layers' parameters within the budget unless the lower bounds alone exceed
+    it (then every unit is at lo).
     """
-    layers = sorted({li for li, _ in jobs})
+    layers = sorted({li for li, _ in units})
     ranks = {li: list(shapes[li]) for li in layers}
     adapted = {li: [False] * len(shapes[li]) for li in layers}
     energy = {li: 0.0 for li in layers}
-    for (li, i), lam in zip(jobs, spectra):
-        adapted[li][i] = True
+    for (li, modes), lam, (lo, _) in zip(units, spectra, bounds):
+        for i in modes:
+            adapted[li][i] = True
+            ranks[li][i] = lo
         energy[li] = max(energy[li], float(sum(lam)))  # ||C_hat||^2 (every mode's spectrum sums to it)
-    for (li, i), (lo, _) in zip(jobs, bounds):
-        ranks[li][i] = lo
-    spent = sum(layer_params(ranks[li], sizes[li], adapted[li]) for li in layers)
-    jobs_of = {li: [j for j, (l2, _) in enumerate(jobs) if l2 == li] for li in layers}
 
-    def cost(j: int) -> int:
-        li, i = jobs[j]
-        return sizes[li][i] + math.prod(r for m, r in enumerate(ranks[li]) if m != i)
+    def params(li: int) -> int:
+        return layer_params(ranks[li], sizes[li], adapted[li])
 
+    spent = sum(params(li) for li in layers)
+    units_of = {li: [u for u, (l2, _) in enumerate(units) if l2 == li] for li in layers}
     version = {li: 0 for li in layers}  # bumped when a layer's ranks change: its older offers are stale
 
-    def offer(j: int):
-        li, i = jobs[j]
-        r = ranks[li][i]
-        if r >= bounds[j][1]:
-            return None
-        share = float(spectra[j][r]) / energy[li] if energy[li] > 0 else 0.0
-        return (-share / cost(j), j, version[li])  # a heap pops the smallest: the largest score first
+    def cost(u: int) -> int:
+        li, modes = units[u]
+        before = params(li)
+        grown = list(ranks[li])
+        for i in modes:
+            grown[i] += 1
+        return layer_params(grown, sizes[li], adapted[li]) - before
 
-    heap = [o for o in (offer(j) for j in range(len(jobs))) if o is not None]
+    def offer(u: int):
+        li, modes = units[u]
+        r = ranks[li][modes[0]]
+        if r >= bounds[u][1]:
+            return None
+        share = float(spectra[u][r]) / energy[li] if energy[li] > 0 else 0.0
+        return (-share / cost(u), u, version[li])  # a heap pops the smallest: the largest score first
+
+    heap = [o for o in (offer(u) for u in range(len(units))) if o is not None]
     heapq.heapify(heap)
     while heap:
-        _, j, seen = heapq.heappop(heap)
-        li, i = jobs[j]
+        _, u, seen = heapq.heappop(heap)
+        li, modes = units[u]
         if seen != version[li]:
             continue  # stale: the layer changed since this offer was made
-        c = cost(j)
+        c = cost(u)
         if spent + c > budget:
             continue  # does not fit: withdrawn (a cheaper offer may still fit)
-        ranks[li][i] += 1
+        for i in modes:
+            ranks[li][i] += 1
         spent += c
         version[li] += 1
-        for k in jobs_of[li]:  # the layer's costs changed: fresh offers from each of its modes
+        for k in units_of[li]:  # the layer's costs changed: fresh offers from each of its units
             o = offer(k)
             if o is not None:
                 heapq.heappush(heap, o)
-    return [ranks[li][i] for li, i in jobs]
+    return [ranks[li][modes[0]] for li, modes in units]

@@ -312,8 +312,12 @@ def truncate_to_budget(layers: Sequence[LowRankLayer], budget: float,
     pairs = mode_spectra(grams)
     spectra = [lam.tolist() for lam, _ in pairs]  # one host synchronisation
     bounds = [_clipped_bounds(layers[li], i, len(lam)) for (li, i), lam in zip(jobs, spectra)]
-    ks = allocate_ranks(spectra, jobs, [tuple(c.shape) for c in cores],
-                        [layer.full_shape for layer in layers], bounds, budget)
+    units, unit_of = _rank_units(layers, jobs, bounds)
+    unit_ranks = allocate_ranks([spectra[first] for first, _, _ in units],
+                                [(jobs[first][0], modes) for first, modes, _ in units],
+                                [tuple(c.shape) for c in cores], [layer.full_shape for layer in layers],
+                                [b for _, _, b in units], budget)
+    ks = [unit_ranks[unit_of[j]] for j in range(len(jobs))]
     rows = []
     for k, lam in zip(ks, spectra):
         rows.append([float(k), float(sum(lam[k:])), math.sqrt(max(lam[k - 1], 0.0)), float(sum(lam))])
@@ -322,6 +326,26 @@ def truncate_to_budget(layers: Sequence[LowRankLayer], budget: float,
         broadcast(decided)
         rows = decided.tolist()
     return _apply_decisions(layers, cores, jobs, [vecs for _, vecs in pairs], rows, optimizer)
+
+
+def _rank_units(layers, jobs, bounds):
+    """What :func:`.allocation.allocate_ranks` decides: one rank per adapted mode of a Tucker layer, one rank
+    for both modes of a matrix (order 2: its unfoldings share their spectrum, and a direction kept by one
+    mode only is a dead parameter). Returns the units ``(first job, modes, (lo, hi))`` and each job's unit."""
+    units, unit_of = [], {}
+    for li, layer in enumerate(layers):
+        mine = [j for j, (l2, _) in enumerate(jobs) if l2 == li]
+        if layer.order == 2 and len(mine) == 2:
+            lo = max(bounds[j][0] for j in mine)
+            hi = max(min(bounds[j][1] for j in mine), lo)
+            groups = [(mine, (lo, hi))]
+        else:
+            groups = [([j], bounds[j]) for j in mine]
+        for members, bound in groups:
+            for j in members:
+                unit_of[j] = len(units)
+            units.append((members[0], tuple(jobs[j][1] for j in members), bound))
+    return units, unit_of
 
 
 def _apply_decisions(layers, cores, jobs, vectors, host, optimizer) -> List[TruncationInfo]:
