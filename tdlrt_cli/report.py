@@ -214,6 +214,8 @@ def knob_of(config: dict) -> str:
         return f"{float(v):g}"
 
     if name in ("tdlrt", "dlrt"):
+        if m.get("target_cr") is not None:  # the target rule (tau unused)
+            return f"target c.r.={num(m['target_cr'])}%"
         return f"tau={num(config.get('tau'))}"
     if name in ("tucker", "cp", "tt", "matrix"):
         return f"rank={num(m['rank_frac'])}" if m.get("rank_frac") is not None else f"target c.r.={num(m['target_cr'])}%"
@@ -597,6 +599,14 @@ def _extra(row: Row, keys: List[str]) -> str:
     return ", ".join(f"{k}={fmt(row.value(k))}" for k in keys if k not in KNOB_KEYS and row.value(k) is not MISSING)
 
 
+def rule_of(row: "Row") -> str:
+    """TDLRT/DLRT's rank rule: the target rule (method.target_cr) or the paper's tau rule; "" for others."""
+    if row.method not in ("tdlrt", "dlrt"):
+        return ""
+    target = row.value("method.target_cr")
+    return "target rule" if target not in (None, MISSING) else "paper's tau rule"
+
+
 def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
     """Per (data, model): best-checkpoint accuracy against c.r., one curve per method and setting of the
     other differing keys (an lr sweep gets one curve per lr)."""
@@ -610,7 +620,7 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
             curves: Dict[str, List[Row]] = {}
             for r in members:
                 if r.method == method:
-                    curves.setdefault(_extra(r, keys), []).append(r)
+                    curves.setdefault(", ".join(p for p in (rule_of(r), _extra(r, keys)) if p), []).append(r)
             for extra, pts in curves.items():
                 pts.sort(key=lambda r: r.cr[0])
                 label = METHOD_LABEL.get(method, method) + (f" ({extra})" if extra else "")
@@ -619,7 +629,11 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
                 if method == "dense":
                     ax.axhline(ys[0], color="grey", linestyle="--", label=f"{label} ({ys[0]:.1f}%)")
                     continue
-                ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
+                line = ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
+                for r, x, y in zip(pts, xs, ys):  # each point's knob, so that overlapping points can be told apart
+                    ax.annotate(r.knob.replace("target c.r.=", "").replace("rank=", "r=") or "", (x, y),
+                                textcoords="offset points", xytext=(4, 4), fontsize=6,
+                                color=line[0].get_color())
         ax.set_xlabel("conv compression rate (%)")
         ax.set_ylabel("test accuracy (%): validation-selected, else final")
         ax.set_title(f"{model} on {data}: accuracy vs compression")
@@ -691,7 +705,7 @@ def plot_rank_trajectories(rows: List[Row], out: Path, series_of: Dict[Path, tup
         extra = _extra(row, keys[(row.data, row.model)])
         fig.suptitle(f"{row.model} on {row.data}, {METHOD_LABEL[row.method]} {row.knob}"
                      + (f", {extra}" if extra else "") + f" (seed {run.seed})")
-        name = f"ranks_{row.data}_{row.model}_{row.method}_{row.knob.replace('=', '')}"
+        name = f"ranks_{row.data}_{row.model}_{row.method}_{_file_part(row.knob.replace('=', ''))}"
         written.append(_save(fig, out / (name + (f"_{_file_part(extra)}" if extra else "") + ".png")))
     return written
 
