@@ -52,6 +52,9 @@ jobs_list() {  # NAME OVERRIDES...
       echo "paper_tau0.175_s0 method=tdlrt tau=0.175 seed=0"
       echo "paper_tau0.1_s0 method=tdlrt tau=0.1 seed=0"
       echo "paper_tau0.13_s0 method=tdlrt tau=0.13 seed=0"  # the first try at 90%: it landed at 88%
+      # ablations of the target rule at 97%: adapting at every step; reaching the target in a quarter of training
+      echo "target_cr97_aug1_s0 method=tdlrt method.target_cr=97 method.augment_every=1 seed=0"
+      echo "target_cr97_ramp0.25_s0 method=tdlrt method.target_cr=97 method.ramp_end=0.25 seed=0"
     fi
   done
 }
