@@ -278,3 +278,21 @@ def test_eval_refuses_an_export_with_pickled_entries_before_loading_it(trained_r
     rewrite_archive(good, copy)
     proc = run_tdlrt(["eval", str(copy), "latency=false"], tmp_path)
     assert "test accuracy" in proc.stdout
+
+
+def test_export_and_eval_of_a_pruned_run(tmp_path):
+    """snip (and grasp, imp: the same torch.nn.utils.prune masks) export as plain convs with the mask applied."""
+    run_tdlrt(["train", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=snip"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    out = tmp_path / "pruned.pt2"
+    proc = run_tdlrt(["export", str(run), f"out={out}", "repeat=2"], tmp_path)
+    assert "wrote" in proc.stdout and "Traceback" not in proc.stderr
+    assert json.loads(out.with_name(out.name + ".json").read_text())["tdlrt_export"]["max_abs_error"] <= 1e-5
+    program = torch.export.load(str(out))
+    assert not any("weight_orig" in k or "weight_mask" in k for k in program.state_dict)
+    kernels = [w for w in program.state_dict.values() if w.dim() == 4]
+    zeros = sum(int((w == 0).sum()) for w in kernels) / sum(w.numel() for w in kernels)
+    assert zeros >= 0.85  # method.sparsity 0.9 of the convs but the first: the masked weights were exported
+    run_tdlrt(["eval", str(out), "latency=false", f"out={tmp_path / 'eval.json'}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])
