@@ -285,3 +285,19 @@ def test_unknown_spectra_is_refused():
         TDLRT(model, torch.optim.SGD(model.parameters(), lr=0.1), tau=0.1, spectra="approximate")
     with pytest.raises(ValueError, match="spectra"):
         truncate_layers([model.a], 0.1, spectra="approximate")
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+def test_a_non_finite_core_is_refused_before_any_decomposition(path):
+    from tdlrt_cli.lowrank import NonFiniteCore
+
+    g = torch.Generator().manual_seed(0)
+    layers = [TuckerConv2d(8, 8, 3, padding=1, ranks=[4, 4, None, None], generator=g) for _ in range(2)]
+    with torch.no_grad():
+        layers[1].core[0, 0, 0, 0] = float("inf")
+    before = [[t.clone() for t in (layer.core, *[u for u in layer.factors if u is not None])] for layer in layers]
+    with pytest.raises(NonFiniteCore, match="1 of 2"):
+        truncate_layers(layers, 0.1, spectra=path)
+    for layer, saved in zip(layers, before):  # nothing was changed
+        now = [layer.core, *[u for u in layer.factors if u is not None]]
+        assert all(torch.equal(a, b) for a, b in zip(now, saved))

@@ -120,6 +120,20 @@ class TruncationInfo:
     stash: Optional["StateStash"] = None  # the optimizer state of C_hat in the augmented bases (step 5)
 
 
+class NonFiniteCore(FloatingPointError):
+    """A stepped core holds NaN or Inf (the optimizer step diverged, e.g. at an infinite learning rate).
+
+    Raised by :func:`truncate_layers` before any decomposition, which would fail on such a core or keep
+    meaningless ranks; the layers are left as the step made them, for the caller to stop the run."""
+
+
+def check_finite_cores(cores: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteCore` when any of ``cores`` holds NaN or Inf (one host synchronisation)."""
+    finite = torch.stack([torch.isfinite(c).all() for c in cores])
+    if not bool(finite.all()):
+        raise NonFiniteCore(f"{int((~finite).sum())} of {len(cores)} stepped cores hold NaN/Inf")
+
+
 def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
     """Smallest ``k`` in ``[lo, hi]`` with ``sum_{j>=k} sigma_j^2 <= threshold_sq`` (sigma descending).
 
@@ -278,10 +292,14 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
     the projections it applies, so the same error bound holds. Ranks are decided on the device and read
     back in one host synchronisation for all layers. ``broadcast`` (data parallel) replaces the decisions,
     in place, by those of the first process, so that every replica keeps the same ranks.
+
+    A stepped core holding NaN or Inf raises :class:`NonFiniteCore` before anything is decomposed or
+    changed (one more host synchronisation).
     """
     if not layers:
         return []
     cores = [layer.core.detach() for layer in layers]
+    check_finite_cores(cores)
     jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
     vectors, host = _decide(layers, cores, jobs, tau, spectra, broadcast)
 
