@@ -29,6 +29,53 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
 
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that :class:`CifarUnpickler` does not admit."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2 (``encode(text, "latin1")``), latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise RefusedGlobal(f"it would call _codecs.encode with encoding {encoding!r}, not latin1")
+    return text.encode("latin1")
+
+
+# The globals a pickled CIFAR batch needs (a dict of bytes, lists and uint8 numpy arrays), as written by
+# Python 2 (the original files) and by numpy 1.x and 2.x pickles at protocols 2 to 5.
+CIFAR_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"),
+                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: dicts, lists, numbers, strings, bytes and numpy arrays.
+
+    Any other global (a function or class a crafted file would call when unpickled) raises
+    :class:`RefusedGlobal` before it is even imported, so reading a file runs no code of its author."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"it would call {module}.{name}, which a CIFAR batch never holds")
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR batch file, read with :class:`CifarUnpickler` (whatever its checksum); a file that is not a
+    pickled dict of plain data raises ``DataError`` naming it."""
+    try:
+        with open(path, "rb") as fh:
+            batch = CifarUnpickler(fh, encoding="latin1").load()
+    except RefusedGlobal as exc:
+        raise DataError(f"refusing to read {path}: not a CIFAR batch ({exc}); replace it with the original "
+                        f"file") from None
+    except Exception as exc:
+        raise DataError(f"cannot read {path} ({_why(exc)})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"cannot read {path}: it holds a {type(batch).__name__}, not a CIFAR batch (a dict)")
+    return batch
+
 
 def _why(exc: BaseException) -> str:
     """An exception as one short line (download errors span several)."""
@@ -54,7 +101,8 @@ class DataBundle:
 # --------------------------------------------------------------------------- readers
 
 def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTensors, int]:
-    """Read the original python-pickle CIFAR batches; copies with other checksums are read with a warning."""
+    """Read the original python-pickle CIFAR batches (:func:`read_cifar_batch`: no code in them runs); copies
+    with other checksums are read with a warning."""
     from torchvision.datasets import CIFAR10, CIFAR100
     from torchvision.datasets.utils import check_integrity
 
@@ -75,9 +123,8 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
     def read(entries):
         xs, ys = [], []
         for f, _ in entries:
+            d = read_cifar_batch(folder / f)
             try:
-                with open(folder / f, "rb") as fh:
-                    d = pickle.load(fh, encoding="latin1")
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d[label_key], dtype=np.int64))
             except Exception as exc:

@@ -105,19 +105,95 @@ def load_onnx(path: Path):
     return OnnxNetwork(path), json.loads(sidecar.read_text())
 
 
+# The records (paths below the archive's root folder) of a program saved by ``torch.export.save`` as
+# `tdlrt export` calls it. ``torch.export.load`` would unpickle other records with ``weights_only=False``
+# (legacy ``.pt`` weights and constants, custom and opaque objects, the pre-2.7 format) or load compiled
+# libraries (AOTInductor), that is run code chosen by whoever wrote the file.
+ARCHIVE_RECORDS = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                             r"|models/\w+\.json|extra/[\w.-]+|data/sample_inputs/\w+\.pt"
+                             r"|data/weights/\w+_weights_config\.json|data/weights/weight_\d+"
+                             r"|data/constants/\w+_constants_config\.json|data/constants/tensor_\d+")
+PAYLOAD_FILES = re.compile(r"(weight|tensor)_\d+")  # a config's raw (never pickled) tensor files
+
+
+def _unsafe_payloads(config) -> List[str]:
+    """The entries of a weights or constants config that ``torch.export.load`` would not read as raw tensor
+    bytes: ``use_pickle`` not false (unpickled with ``weights_only=False``) or another kind of file."""
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        return ["<config>"]
+    return [name for name, meta in entries.items()
+            if not isinstance(meta, dict) or meta.get("use_pickle") is not False
+            or not PAYLOAD_FILES.fullmatch(str(meta.get("path_name")))]
+
+
+def _plain_tensors(data: bytes) -> bool:
+    """Whether ``torch.load(weights_only=True)`` reads ``data`` (tensors, containers, numbers, strings)."""
+    import io
+    import pickle
+
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError):
+        return False
+    return True
+
+
+def check_archive(data: bytes, path: Path) -> None:
+    """Refuse, before torch reads it, a ``.pt2`` archive (``data``: its bytes) from which
+    ``torch.export.load`` could run code: every record must be one that ``torch.export.save`` writes for a
+    plain program (:data:`ARCHIVE_RECORDS`), no weight or constant may be pickled, and the sample inputs must
+    load with ``torch.load(weights_only=True)`` (torch falls back to ``weights_only=False`` otherwise).
+    Guaranteed: an archive that passes is read by torch without unpickling anything outside
+    ``weights_only=True``."""
+    import io
+    import zipfile
+
+    refuse = f"refusing {path}: "
+    advice = "; it was not written by `tdlrt export` (export the run again)"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            records = [name.split("/", 1)[1] if "/" in name else name for name in names]
+            if len(set(names)) != len(names):
+                raise CheckpointError(f"{refuse}it holds two records of the same name{advice}")
+            for name, record in zip(names, records):
+                if "/" not in name or not ARCHIVE_RECORDS.fullmatch(record):
+                    raise CheckpointError(f"{refuse}it holds {name}, a record `tdlrt export` does not write "
+                                          f"(torch.export.load may unpickle or run such records){advice}")
+            for name, record in zip(names, records):
+                if record.endswith("_config.json"):
+                    bad = _unsafe_payloads(json.loads(archive.read(name)))
+                    if bad:
+                        raise CheckpointError(f"{refuse}{name} asks for pickled entries ({', '.join(bad[:3])}), "
+                                              f"which loading would execute{advice}")
+                elif record.startswith("data/sample_inputs/") and not _plain_tensors(archive.read(name)):
+                    raise CheckpointError(f"{refuse}{name} holds more than tensors, which torch would unpickle "
+                                          f"with weights_only=False, executing it{advice}")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged zip or JSON
+        raise CheckpointError(f"{refuse}cannot check it ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]}){advice}") from None
+
+
 def load_export(path: Path):
-    """An exported ``.pt2`` program and the metadata `tdlrt export` stored in it."""
+    """An exported ``.pt2`` program and the metadata `tdlrt export` stored in it; the file is read once and
+    checked by :func:`check_archive` before torch loads it from the same bytes."""
+    import io
     import logging
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot load the exported program {path}: not a .pt2 archive")
+    data = path.read_bytes()
+    check_archive(data, path)
     extra = {"tdlrt.json": ""}
     quiet = logging.getLogger("torch.export")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # torch logs a traceback before its own error on archives it cannot read
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except Exception as exc:
         raise CheckpointError(f"cannot load the exported program {path} ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None

@@ -159,16 +159,36 @@ def _input_shapes(model: nn.Module, example: torch.Tensor) -> dict:
     return shapes
 
 
+def unpruned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in which every layer pruned with ``torch.nn.utils.prune`` (the snip, grasp
+    and imp baselines) is a plain layer whose weight is the masked one, ``weight_orig * weight_mask``
+    (``prune.remove``); ``model`` itself is left as it is.
+
+    A pruned layer holds its masked weight as a tensor computed from ``weight_orig``, which
+    ``copy.deepcopy`` refuses (only graph leaves can be deep-copied): the copy gets a detached clone of it,
+    which ``prune.remove`` then replaces by the product of the copied ``weight_orig`` and mask."""
+    from torch.nn.utils import prune
+
+    memo = {}
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                masked = getattr(m, hook._tensor_name)
+                memo[id(masked)] = masked.detach().clone()
+    net = copy.deepcopy(model, memo)
+    for m in net.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(m, hook._tensor_name)
+    return net
+
+
 def plain_network(model: nn.Module, example: torch.Tensor, merge: str = "auto", device: str = "cpu",
                   merge_batch: int = 1, repeat: int = 20) -> Tuple[nn.Module, List[LayerChoice]]:
     """A copy of ``model`` made of standard torch modules only, BatchNorm folded (a ``torch.fx`` graph)."""
     from torch.fx.experimental.optimization import fuse
-    from torch.nn.utils import prune
 
-    net = copy.deepcopy(model).eval().cpu()
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d) and hasattr(m, "weight_orig"):
-            prune.remove(m, "weight")  # pruning baselines: bake the mask into the weight
+    net = unpruned_copy(model).eval().cpu()
     shapes = _input_shapes(net, example.cpu())
     choices = []
     for name, m in list(net.named_modules()):

@@ -30,7 +30,7 @@ from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_o
 from .faults import faults
 from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger
-from .lowrank import LowRankLayer, orthonormality_error
+from .lowrank import LowRankLayer, NonFiniteCore, orthonormality_error
 from .methods import factorise, method_of
 from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
@@ -122,14 +122,18 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
 
 
 class Diverged(UserError):
-    """The training loss became NaN or Inf."""
+    """The training loss became NaN or Inf, or (``weights``) a step made the low-rank cores NaN or Inf."""
 
-    def __init__(self, step: int, epoch: int, checkpoint: Optional[Path] = None, skipped_all: bool = False):
-        self.step, self.epoch, self.skipped_all = step, epoch, skipped_all
+    def __init__(self, step: int, epoch: int, checkpoint: Optional[Path] = None, skipped_all: bool = False,
+                 weights: bool = False):
+        self.step, self.epoch, self.skipped_all, self.weights = step, epoch, skipped_all, weights
         keep = (f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet")
         if skipped_all:
             super().__init__(f"the training loss was NaN/Inf again at step {step} (epoch {epoch + 1}) after "
                              f"nan_max_skips steps were skipped; stopped, {keep} (lower lr, or raise nan_max_skips)")
+        elif weights:
+            super().__init__(f"the low-rank cores became NaN/Inf in the optimizer step at step {step} (epoch "
+                             f"{epoch + 1}); stopped, {keep} (lower lr)")
         else:
             super().__init__(f"the training loss became NaN/Inf at step {step} (epoch {epoch + 1}); stopped, {keep} "
                              f"(nan_policy=skip skips such steps instead)")
@@ -262,9 +266,13 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             faults.die()
         try:
             stepper.step()
-        except RuntimeError:  # a decomposition of a NaN core fails: report the loss, not the linear algebra
+        except (NonFiniteCore, RuntimeError) as exc:
+            # NaN/Inf cores (found before truncation) or a decomposition that failed on them: report the
+            # non-finite loss that caused it if there was one, else the weights; never the linear algebra
             if int(bad_step) >= 0:
                 raise Diverged(int(bad_step), epoch) from None
+            if isinstance(exc, NonFiniteCore):
+                raise Diverged(global_step + 1, epoch, weights=True) from None
             raise
         if per_step_sched:
             scheduler.step()
@@ -574,7 +582,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             except Diverged as exc:
                 last = ckpt_dir / "last.pt"
                 logger.close()
-                raise Diverged(exc.step, exc.epoch, last if last.is_file() else None, exc.skipped_all) from None
+                raise Diverged(exc.step, exc.epoch, last if last.is_file() else None, exc.skipped_all,
+                               exc.weights) from None
             global_step = stats.pop("global_step")
             dist.sync_batchnorm(model)  # running statistics of process 0 (each process saw its own batches)
             test_loss, test_acc = evaluate(model, data.test, amp, device, dist)

@@ -1,4 +1,5 @@
 """Data readers and the on-device loader."""
+import os
 import pickle
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from tdlrt_cli.config import DataConfig
-from tdlrt_cli.data import DataError, DeviceLoader, ImageTensors, build_data, random_crop_flip
+from tdlrt_cli.data import DataError, DeviceLoader, ImageTensors, _cifar, build_data, random_crop_flip
 
 
 def write_cifar10(root, n=20, seed=0):
@@ -111,3 +112,77 @@ def test_imagefolder_reads_class_folders(tmp_path):
     with pytest.raises(DataError, match="data.root"):
         build_data(DataConfig(name="imagefolder", root=str(tmp_path / "none"), download=False), 4, 4,
                    torch.device("cpu"), 0)
+
+
+class CreatesFile:
+    """Unpickling it creates the file ``path``: stands for any code a crafted pickle can run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_crafted_cifar_batch_runs_no_code_and_is_refused_naming_it(tmp_path, protocol):
+    folder = write_cifar10(tmp_path)
+    marker = tmp_path / "payload-ran"
+    with open(folder / "data_batch_1", "wb") as fh:  # a dict like a batch, with a payload among its values
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": CreatesFile(marker)}, fh,
+                    protocol=protocol)
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(name="cifar10", root=str(tmp_path), download=False), 16, 64, torch.device("cpu"), 0)
+    assert not marker.exists(), "unpickling the batch ran its payload"
+    message = str(info.value)
+    assert str(folder / "data_batch_1") in message and "\n" not in message
+    assert "builtins.open" in message or "io.open" in message
+
+
+def test_a_crafted_cifar_batch_stops_tdlrt_train_with_one_line(tmp_path):
+    from conftest import run_tdlrt
+
+    folder = write_cifar10(tmp_path / "data")
+    marker = tmp_path / "payload-ran"
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump(CreatesFile(marker), fh, protocol=2)
+    proc = run_tdlrt(["train", "data=cifar10", f"data.root={tmp_path / 'data'}", "model=vgg16",
+                      "model.width_mult=0.125", "epochs=1", "device=cpu", "progress=false"], tmp_path, check=False)
+    assert not marker.exists(), "unpickling the batch ran its payload"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tdlrt: error: refusing to read") and "data_batch_1" in lines[0]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_batches_written_by_this_python_and_numpy_are_read(tmp_path, protocol):
+    from tdlrt_cli.data import read_cifar_batch
+
+    batch = {"data": np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072), "labels": [3, 7],
+             "batch_label": "training batch 1 of 5", "filenames": [b"a.png", "b.png"]}
+    with open(tmp_path / "batch", "wb") as fh:
+        pickle.dump(batch, fh, protocol=protocol)
+    read = read_cifar_batch(tmp_path / "batch")
+    assert np.array_equal(read["data"], batch["data"]) and read["labels"] == [3, 7]
+    assert read["filenames"] == [b"a.png", "b.png"]
+
+
+def test_the_real_cifar10_batches_load():
+    from pathlib import Path
+
+    from conftest import ROOT
+    from tdlrt_cli.data import read_cifar_batch
+
+    root = Path(os.environ.get("TDLRT_DATA", ROOT / "data"))
+    if not (root / "cifar-10-batches-py" / "test_batch").is_file():
+        pytest.skip(f"no CIFAR-10 copy in {root}/cifar-10-batches-py (set TDLRT_DATA or put it in data/)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a copy with other checksums is read with a warning
+        train, test, k = _cifar(root, "cifar10", download=False)
+    assert k == 10 and train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and set(test.labels.tolist()) == set(range(10))
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as fh:  # the project's own copy: trusted
+        plain = pickle.load(fh, encoding="latin1")
+    restricted = read_cifar_batch(root / "cifar-10-batches-py" / "test_batch")
+    assert restricted.keys() == plain.keys() and np.array_equal(restricted["data"], plain["data"])
+    assert all(np.array_equal(restricted[key], plain[key]) for key in plain)

@@ -202,3 +202,97 @@ def test_export_and_eval_bad_input(tmp_path):
     proc = run_tdlrt(["eval", str(not_export)], tmp_path, check=False)
     assert proc.returncode == 2 and "cannot load the exported program" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class CreatesFile:
+    """A pickle payload: unpickling it creates the file ``path`` (stands for any code a pickle can run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def rewrite_archive(src, dst, change=lambda records: records):
+    """A copy of the zip ``src`` at ``dst`` whose records (name -> bytes) are ``change(records)``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin:
+        records = {name: zin.read(name) for name in zin.namelist()}
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in change(records).items():
+            zout.writestr(name, data)
+
+
+def payload(marker) -> bytes:
+    """``torch.save`` of an object whose unpickling creates ``marker``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save((CreatesFile(marker),), buffer)
+    return buffer.getvalue()
+
+
+def pickled_weight(marker):
+    """``change`` for :func:`rewrite_archive`: the first weight marked ``use_pickle``, its file replaced by a
+    pickle that creates ``marker`` when loaded as ``torch.export.load`` loads such weights."""
+    def change(records):
+        (name,) = [n for n in records if n.endswith("data/weights/model_weights_config.json")]
+        config = json.loads(records[name])
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        records[name] = json.dumps(config).encode()
+        records[name.replace("model_weights_config.json", first["path_name"])] = payload(marker)
+        return records
+
+    return change
+
+
+def pickled_sample_inputs(marker):
+    """``change``: sample inputs that only ``weights_only=False`` reads (torch falls back to it), creating
+    ``marker``."""
+    def change(records):
+        (name,) = [n for n in records if n.endswith("data/sample_inputs/model.pt")]
+        records[name] = payload(marker)
+        return records
+
+    return change
+
+
+@pytest.mark.parametrize("craft", [pickled_weight, pickled_sample_inputs])
+def test_eval_refuses_an_export_with_pickled_entries_before_loading_it(trained_run, tmp_path, craft):
+    good = tmp_path / "net.pt2"
+    run_tdlrt(["export", str(trained_run), f"out={good}", "merge=chain", "repeat=2"], tmp_path)
+    marker = tmp_path / "payload-ran"
+    crafted = tmp_path / "crafted.pt2"
+    rewrite_archive(good, crafted, craft(marker))
+    (tmp_path / "crafted.pt2.json").write_bytes((tmp_path / "net.pt2.json").read_bytes())
+    proc = run_tdlrt(["eval", str(crafted), "latency=false"], tmp_path, check=False)
+    assert not marker.exists(), "the pickle in the archive was executed"
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("tdlrt: error: refusing")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(crafted) in proc.stderr
+    # the same rewrite with nothing changed loads (the copy itself is not what is refused)
+    copy = tmp_path / "copy.pt2"
+    rewrite_archive(good, copy)
+    proc = run_tdlrt(["eval", str(copy), "latency=false"], tmp_path)
+    assert "test accuracy" in proc.stdout
+
+
+def test_export_and_eval_of_a_pruned_run(tmp_path):
+    """snip (and grasp, imp: the same torch.nn.utils.prune masks) export as plain convs with the mask applied."""
+    run_tdlrt(["train", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=snip"], tmp_path)
+    (run,) = run_dirs(tmp_path / "outputs")
+    out = tmp_path / "pruned.pt2"
+    proc = run_tdlrt(["export", str(run), f"out={out}", "repeat=2"], tmp_path)
+    assert "wrote" in proc.stdout and "Traceback" not in proc.stderr
+    assert json.loads(out.with_name(out.name + ".json").read_text())["tdlrt_export"]["max_abs_error"] <= 1e-5
+    program = torch.export.load(str(out))
+    assert not any("weight_orig" in k or "weight_mask" in k for k in program.state_dict)
+    kernels = [w for w in program.state_dict.values() if w.dim() == 4]
+    zeros = sum(int((w == 0).sum()) for w in kernels) / sum(w.numel() for w in kernels)
+    assert zeros >= 0.85  # method.sparsity 0.9 of the convs but the first: the masked weights were exported
+    run_tdlrt(["eval", str(out), "latency=false", f"out={tmp_path / 'eval.json'}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])

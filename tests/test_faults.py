@@ -80,6 +80,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_an_infinite_lr_stops_before_truncation_with_one_line(tmp_path):
+    """lr=inf makes the stepped cores non-finite while the loss of that step was finite: the integrator
+    refuses to truncate them and the run stops like at a NaN loss, not with a linear-algebra traceback."""
+    proc = run_tdlrt(["train", *TINY, "method=tdlrt", "lr=inf"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error: ") and "NaN/Inf" in line and "at step 1 (epoch 1)" in line
+    assert "no checkpoint was written yet" in line
+
+
 def test_nan_loss_skipped_when_configured(tmp_path):
     proc = run_tdlrt(["train", *TINY, "method=dense", "nan_policy=skip"], tmp_path, env={"TDLRT_FAULT_NAN_AT_STEP": "2"})
     assert "skipped 1 step(s) with a non-finite loss" in proc.stderr

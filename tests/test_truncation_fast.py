@@ -285,3 +285,40 @@ def test_unknown_spectra_is_refused():
         TDLRT(model, torch.optim.SGD(model.parameters(), lr=0.1), tau=0.1, spectra="approximate")
     with pytest.raises(ValueError, match="spectra"):
         truncate_layers([model.a], 0.1, spectra="approximate")
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+def test_a_non_finite_core_is_refused_before_any_decomposition(path):
+    from tdlrt_cli.lowrank import NonFiniteCore
+
+    g = torch.Generator().manual_seed(0)
+    layers = [TuckerConv2d(8, 8, 3, padding=1, ranks=[4, 4, None, None], generator=g) for _ in range(2)]
+    with torch.no_grad():
+        layers[1].core[0, 0, 0, 0] = float("inf")
+    before = [[t.clone() for t in (layer.core, *[u for u in layer.factors if u is not None])] for layer in layers]
+    with pytest.raises(NonFiniteCore, match="1 of 2"):
+        truncate_layers(layers, 0.1, spectra=path)
+    for layer, saved in zip(layers, before):  # nothing was changed
+        now = [layer.core, *[u for u in layer.factors if u is not None]]
+        assert all(torch.equal(a, b) for a, b in zip(now, saved))
+
+
+@pytest.mark.parametrize("tau", [1e-2, 1e-5])
+def test_a_binding_cap_with_the_dominant_subspace_outside_the_power_step_is_decided_exactly(tau):
+    """n = 128, cap 64, eigenvalues 0.8^j of mode 0's Gram matrix in its trailing coordinates: span(G E_64)
+    is (up to round-off) the leading coordinates, which hold almost none of ||C||^2. The Ritz path reaches the
+    cap with a tail above tau^2 ||C||^2; nothing certifies its subspace there, so the exact path decides, and
+    the fast path discards what the exact one discards (tau = 1e-2: the exact rank is below the cap;
+    1e-5: the cap binds on both paths)."""
+    g = torch.Generator().manual_seed(8)
+    lam = 0.8 ** torch.arange(128, dtype=f64)
+    v, _ = torch.linalg.qr(torch.randn(128, 128, dtype=f64, generator=g))
+    core = torch.diag(lam.flip(0).sqrt()) @ v.T  # Mat_0(C) M^T = diag(0.8^127, ..., 0.8^0)
+    layers = make_layers([(core, (64, 128))], torch.float32, g)
+    (_, (exact, (info_exact,)), (fast, (info_fast,))) = both_paths(layers, tau)
+    assert exact[0].ranks[0] == (42 if tau == 1e-2 else 64)  # 0.8^42 < tau^2 <= 0.8^41; or the cap
+    assert info_exact.rel_error ** 2 < 1e-3  # the exact path keeps nearly all of ||C||^2 (both modes' tails)
+    assert fast[0].ranks == exact[0].ranks
+    assert info_fast.rel_error ** 2 == pytest.approx(info_exact.rel_error ** 2, rel=1e-3, abs=1e-6)
+    w_fast, w_exact = (layer.weight_full().detach().to(f64) for layer in (fast[0], exact[0]))
+    assert float((w_fast - w_exact).norm()) <= 1e-3 * float(w_exact.norm())

@@ -120,6 +120,20 @@ class TruncationInfo:
     stash: Optional["StateStash"] = None  # the optimizer state of C_hat in the augmented bases (step 5)
 
 
+class NonFiniteCore(FloatingPointError):
+    """A stepped core holds NaN or Inf (the optimizer step diverged, e.g. at an infinite learning rate).
+
+    Raised by :func:`truncate_layers` before any decomposition, which would fail on such a core or keep
+    meaningless ranks; the layers are left as the step made them, for the caller to stop the run."""
+
+
+def check_finite_cores(cores: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteCore` when any of ``cores`` holds NaN or Inf (one host synchronisation)."""
+    finite = torch.stack([torch.isfinite(c).all() for c in cores])
+    if not bool(finite.all()):
+        raise NonFiniteCore(f"{int((~finite).sum())} of {len(cores)} stepped cores hold NaN/Inf")
+
+
 def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
     """Smallest ``k`` in ``[lo, hi]`` with ``sum_{j>=k} sigma_j^2 <= threshold_sq`` (sigma descending).
 
@@ -191,7 +205,8 @@ def _exact_decisions(layers, cores, jobs, tau: float):
 def _fast_decisions(layers, cores, jobs, tau: float):
     """As :func:`_exact_decisions`, from :func:`.spectra.fast_decisions` in the core's precision: only the
     ``min(r_max, n)`` leading (Ritz) vectors, tails ``t_k = ||C_hat||^2 - sum_{j<k} theta_j``, and
-    ``near = 1`` where round-off could flip the rank (those jobs are redone by the exact path)."""
+    ``near = 1`` where round-off could flip the rank or where the cap binds on a Ritz subspace with a tail
+    above ``tau^2 ||C_hat||^2`` (those jobs are redone by the exact path)."""
     grams = [spectral.gram(unfold(cores[li], i)) for li, i in jobs]
     bounds = [_clipped_bounds(layers[li], i, g.shape[0]) for (li, i), g in zip(jobs, grams)]
     vectors, rows = spectral.fast_decisions(grams, bounds, tau)
@@ -201,10 +216,11 @@ def _fast_decisions(layers, cores, jobs, tau: float):
 def _decide(layers, cores, jobs, tau: float, spectra: str, broadcast):
     """Vectors per job and the decisions ``(k, tail_k, smallest kept sigma, ||C_hat||^2)`` on the host.
 
-    The fast path's decisions within round-off of the threshold are redone by the exact path, so that both
-    paths keep the same ranks wherever the float64 spectrum decides them clearly. One host
-    synchronisation (two when some decision is redone); ``broadcast`` replaces the decisions by the first
-    process's, so every process also redoes the same ones.
+    The fast path's decisions within round-off of the threshold, and those where the rank cap binds on a
+    Ritz subspace that may miss the dominant one, are redone by the exact path, so that both paths keep the
+    same ranks wherever the float64 spectrum decides them clearly, and the same vectors where the cap
+    binds. One host synchronisation (two when some decision is redone); ``broadcast`` replaces the
+    decisions by the first process's, so every process also redoes the same ones.
     """
     if spectra not in SPECTRA:
         raise ValueError(f"spectra must be one of {', '.join(SPECTRA)}, got {spectra!r}")
@@ -275,13 +291,19 @@ def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
     ``Mat_i(C_hat) Mat_i(C_hat)^T`` (r_hat x r_hat) in one batched float64 eigen-decomposition (the
     reference); ``"fast"`` works in the core's precision and, where the rank cap is below the augmented
     size, takes only the leading Ritz pairs (:mod:`.spectra`); its tails are the exact discarded energies of
-    the projections it applies, so the same error bound holds. Ranks are decided on the device and read
-    back in one host synchronisation for all layers. ``broadcast`` (data parallel) replaces the decisions,
-    in place, by those of the first process, so that every replica keeps the same ranks.
+    the projections it applies, so the same error bound holds, and a mode whose rank reaches its cap with a
+    tail above ``tau^2 ||C_hat||^2`` is decided by the exact path (a Ritz subspace can miss the dominant
+    one there). Ranks are decided on the device and read back in one host synchronisation for all layers.
+    ``broadcast`` (data parallel) replaces the decisions, in place, by those of the first process, so that
+    every replica keeps the same ranks.
+
+    A stepped core holding NaN or Inf raises :class:`NonFiniteCore` before anything is decomposed or
+    changed (one more host synchronisation).
     """
     if not layers:
         return []
     cores = [layer.core.detach() for layer in layers]
+    check_finite_cores(cores)
     jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
     vectors, host = _decide(layers, cores, jobs, tau, spectra, broadcast)
 

@@ -15,9 +15,15 @@ precision (at least float32) and does less of that work:
   ``Q^T G Q = Y diag(theta) Y^T``, ``P = Q Y``: an ``m x m`` eigenproblem instead of ``n x n``, and only its
   eigenvalues where the rank keeps all m vectors (then ``P = Q`` spans the same space).
 
-Whatever the quality of the subspace, ``t_k`` is the exact discarded energy of the projection that is
-applied, so the truncation error bound holds; and ``theta_j <= lambda_j`` (Cauchy interlacing) makes every
-``t_k`` an upper bound of the exact tail, so the decided rank is never below the exact one.
+``t_k`` is the exact discarded energy of the projection that is applied, so ``||W_new - W_hat||^2 <= sum_i
+t_{k_i}`` holds whatever the subspace; and ``theta_j <= lambda_j`` (Cauchy interlacing) makes every ``t_k``
+an upper bound of the exact tail, so the decided rank is never below the exact one. Where the rank stops
+below the cap, ``t_k <= tau^2 ||C_hat||^2``: the tolerance holds too. Where it reaches the cap ``hi < n``
+with ``t_k`` above that, nothing certifies the subspace: one power step cannot find dominant directions
+that ``G E_m`` barely reaches (eigenvalues ``0.8^j`` in the trailing coordinates of a 128 x 128 G, cap 64:
+the Ritz vectors discard nearly all of ``||C_hat||^2``, the exact ones 6e-7 of it). Such decisions are
+flagged like those within round-off of the threshold (``near``, :func:`decide`) and redone by the exact
+path, so the fast path saves work where the tolerance decides the rank, not where the cap does.
 """
 from __future__ import annotations
 
@@ -102,7 +108,8 @@ def decide(g: torch.Tensor, m: int, lo: torch.Tensor, hi: torch.Tensor, tau: flo
     the smallest k in ``[lo, hi]`` with ``t_k <= tau^2 total``; since t is non-increasing,
     ``k = lo + #{j in [lo, hi) : t_j > tau^2 total}``. ``near`` flags a decision that round-off could flip:
     some ``t_j``, j in ``[lo, hi)`` (the only tails it depends on), lies within :func:`roundoff_margin` of
-    the threshold. ``lo <= hi <= m`` are per-matrix bounds (long tensors).
+    the threshold; or, on the Ritz path (``m < n``), the rank reaches the cap ``hi`` with ``t_k`` above the
+    threshold (see the module's docstring). ``lo <= hi <= m`` are per-matrix bounds (long tensors).
 
     Returns the vectors (b x n x m, the leading k of them kept) and rows
     ``(k, t_k, sqrt(theta_{k-1}), total, near)`` (b x 5).
@@ -120,10 +127,12 @@ def decide(g: torch.Tensor, m: int, lo: torch.Tensor, hi: torch.Tensor, tau: flo
     window = (j >= lo.unsqueeze(-1)) & (j < hi.unsqueeze(-1))
     k = lo + ((t > threshold) & window).sum(-1)
     margin = roundoff_margin(g.dtype, n, total).unsqueeze(-1)
-    near = ((t - threshold).abs() <= margin) & window
-    rows = torch.stack([k.to(t.dtype), t.gather(-1, k.unsqueeze(-1)).squeeze(-1),
-                        theta.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1).clamp_min(0).sqrt(), total,
-                        near.any(-1).to(t.dtype)], -1)
+    near = (((t - threshold).abs() <= margin) & window).any(-1)
+    t_k = t.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    if m < n:  # the cap binds on the Ritz subspace: nothing certifies that it holds the dominant one
+        near |= (k == hi) & (t_k > threshold.squeeze(-1))
+    rows = torch.stack([k.to(t.dtype), t_k, theta.gather(-1, (k - 1).unsqueeze(-1)).squeeze(-1).clamp_min(0).sqrt(),
+                        total, near.to(t.dtype)], -1)
     if m < n:
         vecs = ritz_vectors(q, h, k < m)
     return vecs, rows
