@@ -416,3 +416,12 @@ def test_report_labels_target_runs_by_their_target_not_by_the_unused_tau():
     assert knob_of({"tau": 0.1, "method": {"name": "tdlrt", "target_cr": 90.0}}) == "target c.r.=90%"
     assert knob_of({"tau": 0.1, "method": {"name": "tdlrt", "target_cr": None}}) == "tau=0.1"
     assert knob_of({"tau": 0.2, "method": {"name": "dlrt"}}) == "tau=0.2"
+
+
+def test_a_non_finite_core_stops_the_target_rule_before_any_decomposition():
+    from tdlrt_cli.lowrank import NonFiniteCore
+
+    layers = stepped_layers()
+    layers[1].core.data[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteCore):
+        truncate_to_budget(layers, 1e9)

@@ -326,6 +326,7 @@ def truncate_to_budget(layers: Sequence[LowRankLayer], budget: float,
     if not layers:
         return []
     cores = [layer.core.detach() for layer in layers]
+    check_finite_cores(cores)
     jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
     grams = []
     for li, i in jobs:
