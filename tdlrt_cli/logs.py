@@ -92,7 +92,8 @@ class RunLogger:
         self._append("metrics.csv", [row])
 
     def step_ranks(self, step: int, epoch: int, ranks: Dict[str, List[int]]) -> None:
-        """ranks_steps.csv: every layer's ranks at a training step (step 0 and every logging step)."""
+        """ranks_steps.csv: every layer's ranks at a training step (step 0, every logging step, and every step
+        whose truncation changed a rank)."""
         rows = []
         for layer, r in ranks.items():
             r4 = list(r) + [""] * (4 - len(r))

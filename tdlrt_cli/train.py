@@ -301,7 +301,10 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
                       "correct": correct.detach().cpu(), "seen": seen, "skipped": skipped})
             bar.close()
             raise StopRequested(stop.requested(dist), global_step)
-        if global_step % log_every == 0 or i == len(loader) - 1:
+        logging_step = global_step % log_every == 0 or i == len(loader) - 1
+        if integrator is not None and integrator.last_info and not logging_step:
+            log_rank_change(logger, model, global_step, epoch + 1)  # rank curves exact at any run length
+        if logging_step:
             check_finite()
             rate = seen_here / (time.perf_counter() - t0)
             values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"],
@@ -341,11 +344,20 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             "epoch_time_s": dt, "images_per_s": seen_here * dist.world / max(dt, 1e-9), "global_step": global_step}
 
 
+def log_rank_change(logger, model, global_step: int, epoch: int) -> None:
+    """A row per layer in ranks_steps.csv when some rank changed since the last rows (integers: no sync)."""
+    ranks = layer_ranks(model)
+    if ranks != getattr(logger, "last_ranks", None):
+        logger.step_ranks(global_step, epoch, ranks)
+        logger.last_ranks = ranks
+
+
 def log_ranks(logger, model, global_step: int, epoch: int) -> dict:
     """Every layer's per-mode ranks at ``global_step``: a row per layer in ranks_steps.csv, and the
     TensorBoard scalars ``ranks/<layer>/<mode>`` (returned, for the caller's batch of scalars)."""
     ranks = layer_ranks(model)
     logger.step_ranks(global_step, epoch, ranks)
+    logger.last_ranks = ranks
     return {f"ranks/{name}/{mode}": value for name, r in ranks.items() for mode, value in zip(("out", "in", "kh", "kw"), r)}
 
 

@@ -425,3 +425,19 @@ def test_a_non_finite_core_stops_the_target_rule_before_any_decomposition():
     layers[1].core.data[0, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteCore):
         truncate_to_budget(layers, 1e9)
+
+
+def test_ranks_steps_has_a_row_at_every_rank_change(tmp_path):
+    import csv
+
+    run_tdlrt(["train", *TINY, "method=tdlrt", "method.target_cr=85", "method.augment_every=1", "epochs=2",
+               "log_every_n_steps=50", "cost_report=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    with open(tmp_path / "run" / "ranks_steps.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(int(row["step"]), {})[row["layer"]] = (row["r_out"], row["r_in"])
+    steps = sorted(by_step)
+    assert len(steps) > 3  # step 0, the last step of each epoch, and the changes between (log_every is 50)
+    changed = [b for a, b in zip(steps, steps[1:]) if by_step[a] != by_step[b]]
+    assert len(changed) >= 2
