@@ -63,15 +63,15 @@ class RunLogger:
         if not write:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        if resume_epoch is not None:
-            for name in ("metrics.csv", "ranks.csv"):
-                _truncate_csv(self.dir / name, resume_epoch)
-        if resume_step is not None:
-            _truncate_csv(self.dir / "ranks_steps.csv", resume_step, column="step")
+        # A fresh start (no resume) keeps nothing logged by an attempt that died before its first checkpoint
+        # in this folder (the same command started again): the run starts again from step 0.
+        for name in ("metrics.csv", "ranks.csv"):
+            _truncate_csv(self.dir / name, resume_epoch if resume_epoch is not None else 0)
+        _truncate_csv(self.dir / "ranks_steps.csv", resume_step if resume_step is not None else -1, column="step")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = resume_step + 1 if resume_step is not None else None
+            purge = resume_step + 1 if resume_step is not None else (0 if (self.dir / "tensorboard").is_dir() else None)
             self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:

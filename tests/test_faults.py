@@ -135,3 +135,21 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resum
     assert a["global_step"] == b["global_step"] == 12
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_run_killed_before_its_first_checkpoint_and_started_again_logs_each_row_once(tmp_path):
+    """Killed at step 2 (no last.pt yet), the same command starts the run again in its folder: the rows the
+    dead attempt logged (ranks at step 0 and at the rank changes) are not kept twice."""
+    import csv
+
+    folder = tmp_path / "job"
+    args = ARGS + [f"hydra.run.dir={folder}", "cost_report=false"]
+    assert run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "2"}, check=False).returncode == 137
+    assert (folder / "ranks_steps.csv").is_file() and not (folder / "checkpoints" / "last.pt").is_file()
+    run_tdlrt(args, tmp_path)
+    with open(folder / "ranks_steps.csv", newline="") as fh:
+        keys = [(row["step"], row["layer"]) for row in csv.DictReader(fh)]
+    assert keys and len(keys) == len(set(keys))
+    with open(folder / "metrics.csv", newline="") as fh:
+        epochs = [row["epoch"] for row in csv.DictReader(fh)]
+    assert epochs == ["1", "2", "3"]
