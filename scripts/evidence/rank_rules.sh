@@ -68,8 +68,8 @@ run_job() {  # NAME OVERRIDES...: train into $out/NAME unless finished, then kee
       || { echo "$(date +%T) $name failed: see $out/$name.log"; return 0; }
   fi
   mkdir -p "$keep/$name/.hydra"
-  cp "$dir"/summary.json "$dir"/metrics.csv "$dir"/ranks.csv "$dir"/train.log "$keep/$name/"
-  [[ -f $dir/ranks_steps.csv ]] && cp "$dir"/ranks_steps.csv "$keep/$name/"
+  cp "$dir"/summary.json "$dir"/metrics.csv "$dir"/train.log "$keep/$name/"
+  for f in ranks.csv ranks_steps.csv; do [[ -f $dir/$f ]] && cp "$dir/$f" "$keep/$name/"; done
   cp "$dir"/.hydra/config.yaml "$dir"/.hydra/overrides.yaml "$keep/$name/.hydra/"
   echo "$(date +%T) done $name: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"test acc {s['test_acc']:.2f}% c.r. {s['compression_rate']:.2f}%\")" "$dir/summary.json")"
 }
