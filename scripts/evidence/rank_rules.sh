@@ -55,6 +55,8 @@ jobs_list() {  # NAME OVERRIDES...
       # ablations of the target rule at 97%: adapting at every step; reaching the target in a quarter of training
       echo "target_cr97_aug1_s0 method=tdlrt method.target_cr=97 method.augment_every=1 seed=0"
       echo "target_cr97_ramp0.25_s0 method=tdlrt method.target_cr=97 method.ramp_end=0.25 seed=0"
+      # at 80%: rank caps at the full channel count (start at half, as the default)
+      echo "target_cr80_rmax1_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
     fi
   done
 }
