@@ -29,7 +29,7 @@ NOT_TRAINING_KEYS = (
     "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
     "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
     "cost_report", "cost_repeat",         # the cost report measured after training
-    "device",                             # auto, cpu, cuda:N
+    "device", "threads",                  # auto, cpu, cuda:N; CPU threads
     "data.download", "data.num_workers",  # fetching the files, loader processes
     "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
 )
@@ -150,6 +150,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None  # CPU threads of torch; null: $OMP_NUM_THREADS, else half the cores (<= 8)
     precision: str = "fp32"
     deterministic: bool = False
     ckpt_path: Optional[str] = None
@@ -179,6 +180,7 @@ class TrainConfig:
         one_of("nan_policy", self.nan_policy, ("stop", "skip"))
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device={self.device} is not one of: auto, cpu, cuda, cuda:N")
+        need(self.threads is None or self.threads >= 1, f"threads={self.threads} must be >= 1 (null: automatic)")
         need(self.lr > 0, f"lr={self.lr} must be > 0")
         need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
@@ -432,6 +434,7 @@ FIELD_HELP = {
     "batch_size": "training batch size",
     "seed": "seed of initialisation, data order and augmentation",
     "device": "auto (CUDA if there is a GPU), cpu, cuda or cuda:N",
+    "threads": "CPU threads of torch; null: $OMP_NUM_THREADS if set, else half the CPU cores (at most 8)",
     "precision": "fp32 or bf16 (autocast; the low-rank algebra stays fp32)",
     "deterministic": "torch.use_deterministic_algorithms (slower, bitwise repeatable)",
     "ckpt_path": "resume from this checkpoint, in its run folder (same as resume=)",

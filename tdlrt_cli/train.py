@@ -36,6 +36,7 @@ from .metrics import flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
+from .runtime import set_threads
 
 
 
@@ -380,9 +381,15 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
         + (f", {count(data.val)} validation" if data.val is not None else "") + f", {count(data.test)} test"
         + f" | method {method}",
         f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
-        f"{total_epochs} epochs of {len(data.train)} steps, batch {cfg.batch_size} | device {device}, {cfg.precision} "
+        f"{total_epochs} epoch{'s' if total_epochs != 1 else ''} of {len(data.train)} steps, batch {cfg.batch_size} | "
+        f"device {device}{threads_note() if device.type == 'cpu' else ''}, {cfg.precision} "
         f"| seed {cfg.seed}",
     ]
+
+
+def threads_note() -> str:
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n != 1 else ''})"
 
 
 def pace_note(device: torch.device, steps: int, say: Callable[[str], None]) -> Callable[[float], None]:
@@ -392,7 +399,8 @@ def pace_note(device: torch.device, steps: int, say: Callable[[str], None]) -> C
         if device.type == "cpu" and epoch_s > 600:
             hours, minutes = divmod(round(epoch_s / 60), 60)
             say(f"tdlrt: note: an epoch takes about {f'{hours} h ' if hours else ''}{minutes} min on this CPU "
-                f"({seconds_per_step:.1f} s per step); device=cuda on a GPU, or +experiment=quick for a small run")
+                f"({seconds_per_step:.1f} s per step, {torch.get_num_threads()} threads); device=cuda on a GPU, "
+                f"+experiment=quick for a small run, or threads=N if other jobs share this machine's cores")
     return note
 
 
@@ -476,6 +484,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(cfg.seed, cfg.deterministic)
+    set_threads(cfg.threads)
     run_dir = Path(run_dir)
     lock = RunLock(run_dir).acquire() if dist.main else None  # one writer per run folder
     try:

@@ -87,3 +87,20 @@ def test_config_is_plain_yaml_serialisable():
     cfg = make()
     OmegaConf.to_yaml(cfg)
     assert "hydra" not in OmegaConf.to_container(cfg)
+
+
+def test_threads_default_and_setting():
+    """threads: given, else $OMP_NUM_THREADS, else half the cores (at most 8)."""
+    from tdlrt_cli.runtime import resolve_threads
+    import os
+
+    assert resolve_threads(3) == 3
+    old = os.environ.get("OMP_NUM_THREADS")
+    try:
+        os.environ["OMP_NUM_THREADS"] = "2"
+        assert resolve_threads(None) == 2
+        os.environ.pop("OMP_NUM_THREADS")
+        assert 1 <= resolve_threads(None) <= 8
+    finally:
+        if old is not None:
+            os.environ["OMP_NUM_THREADS"] = old

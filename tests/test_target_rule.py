@@ -5,6 +5,7 @@ allocated ranks, ranks found on regressions with known Tucker ranks), then behav
 """
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -340,6 +341,7 @@ def test_cli_target_cr_lands_on_the_compression_and_best_pt_has_the_final_ranks(
     assert summary["config"]["method"]["target_cr"] == 80
     log = (run / "train.log").read_text()
     assert "target_cr 80" in log and "tau" not in log.split("method", 1)[1].splitlines()[0]
+    assert re.search(r"device cpu \(\d+ threads?\)", log)  # the threads the run used
 
 
 def test_cli_tau_rule_best_pt_is_chosen_among_epochs_at_the_final_ranks(tmp_path):
@@ -441,3 +443,4 @@ def test_ranks_steps_has_a_row_at_every_rank_change(tmp_path):
     assert len(steps) > 3  # step 0, the last step of each epoch, and the changes between (log_every is 50)
     changed = [b for a, b in zip(steps, steps[1:]) if by_step[a] != by_step[b]]
     assert len(changed) >= 2
+
