@@ -96,7 +96,7 @@ def pid_alive(pid: int) -> bool:
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (no process has a number too large for a pid_t)
         return False
     except OSError:
         pass  # it exists, another user's

@@ -51,6 +51,17 @@ def is_free(key: str) -> bool:
 
 # --------------------------------------------------------------------------- one writer per run folder
 
+MAX_PID = 2 ** 31 - 1  # the largest a pid_t holds (Linux allows up to 2**22)
+
+
+class DamagedLock(ConfigError):
+    """A ``.lock`` that no tdlrt process wrote as it is: which process holds the folder cannot be told."""
+
+    def __init__(self, lock: "RunLock", why: str):
+        super().__init__(f"{lock.path} is a damaged lock ({why}); if no tdlrt command is writing {lock.run_dir}, "
+                         f"remove {lock.path} and run the command again")
+
+
 @dataclass
 class RunLock:
     """``<run>/.lock`` names the process writing the run (PID, host, start time). A second writer is
@@ -64,18 +75,31 @@ class RunLock:
         return Path(self.run_dir) / LOCK_NAME
 
     def holder(self) -> Optional[dict]:
+        """The lock's record, None without a lock; a lock that is not one tdlrt writes (a folder, unreadable,
+        not JSON, a PID that is not a positive number a process can have) raises :class:`DamagedLock`."""
         try:
             data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            return {}  # unreadable: a writer killed mid-write; nobody can be holding it
+        except IsADirectoryError:
+            raise DamagedLock(self, "it is a folder") from None
+        except OSError as exc:
+            raise DamagedLock(self, f"unreadable: {exc.strerror or exc}") from None
+        except ValueError:
+            raise DamagedLock(self, "not the JSON record tdlrt writes") from None
+        if not isinstance(data, dict):
+            raise DamagedLock(self, "not the JSON record tdlrt writes")
+        pid = data.get("pid")
+        if type(pid) is not int or not 0 < pid <= MAX_PID:
+            raise DamagedLock(self, f"its pid {json.dumps(pid)} is not a process id")
+        if not isinstance(data.get("host", ""), str):
+            raise DamagedLock(self, f"its host {json.dumps(data['host'])} is not a host name")
+        return data
 
     def check(self) -> None:
-        """Raise if a live process other than this one holds the folder."""
+        """Raise if a live process other than this one holds the folder (or the lock is damaged)."""
         held = self.holder()
-        if not held or self._mine(held):
+        if held is None or self._mine(held):
             return
         if held.get("host") == socket.gethostname() and not pid_alive(held["pid"]):
             return
@@ -113,7 +137,11 @@ class RunLock:
         return bool(held) and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
 
     def release(self) -> None:
-        if self._mine(self.holder()):
+        try:
+            mine = self._mine(self.holder())
+        except DamagedLock:
+            return  # not this process's record: leave it to the user
+        if mine:
             self.path.unlink(missing_ok=True)
 
 
@@ -437,7 +465,10 @@ def remove_if_fresh(prepared: Optional[Prepared]) -> None:
     run = prepared.run_dir
     if any((run / "checkpoints").glob("*.pt")) or (run / "metrics.csv").exists() or (run / "summary.json").exists():
         return  # it trained something: keep it
-    held = RunLock(prepared.run_dir).holder()
+    try:
+        held = RunLock(prepared.run_dir).holder()
+    except DamagedLock:
+        return  # not this command's lock: leave the folder as it is
     if held and not RunLock._mine(held):
         return  # another process writes there now
     shutil.rmtree(prepared.fresh, ignore_errors=True)

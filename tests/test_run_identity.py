@@ -143,6 +143,27 @@ def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, 
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("content, needle", [
+    ('{"pid": 99999999999999999999, "host": "HOST"}', "its pid 99999999999999999999 is not a process id"),
+    ('{"pid": true, "host": "HOST"}', "its pid true is not a process id"),
+    ('{"pid": -5, "host": "HOST"}', "its pid -5 is not a process id"),
+    ('{"pid": 12, "host": 7}', "its host 7 is not a host name"),
+    ("{\"pid\": 1", "not the JSON record tdlrt writes"),
+    (None, "it is a folder"),
+], ids=["huge-pid", "bool-pid", "negative-pid", "host-not-text", "not-json", "folder"])
+def test_a_damaged_lock_is_one_line_saying_what_to_do_and_touches_nothing(run, tmp_path, content, needle):
+    if content is None:
+        (run / ".lock").mkdir()
+    else:
+        (run / ".lock").write_text(content.replace("HOST", socket.gethostname()))
+    before = snapshot(run)
+    line = one_line(run_tdlrt(["train", f"resume={run}", "epochs=2"], tmp_path, check=False),
+                    f"{run / '.lock'} is a damaged lock ({needle})", f"remove {run / '.lock'} and run the command again")
+    assert "Traceback" not in line
+    assert snapshot(run) == before and (run / ".lock").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".lock")) == [".lock"]
+
+
 def test_two_writers_started_together_one_is_refused(tmp_path):
     exe = Path(sys.executable).parent / "tdlrt"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
