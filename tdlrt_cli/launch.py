@@ -316,6 +316,8 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
             train_config(cfg)
             cfg.hydra.job.num = number
             job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            check_names(job_dir.parent, "hydra.sweep.dir" if _value(overrides, "hydra.sweep.dir") else "task_name")
+            check_names(job_dir, "hydra.sweep.subdir")
             last = job_dir / "checkpoints" / "last.pt"
             RunLock(job_dir).check()
             if last.is_file() and cfg.checkpoint.auto_resume:
@@ -357,8 +359,12 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if target is not None:
         path = Path(target).expanduser()
         key = "resume" if resume is not None else "ckpt_path"
-        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        if not ckpt.is_file():
+        try:
+            ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+            found = ckpt.is_file()
+        except OSError as exc:  # a name too long, a folder that cannot be read
+            raise CheckpointError(f"checkpoint not found: {key}={target} ({exc.strerror or exc})") from None
+        if not found:
             raise CheckpointError(f"checkpoint not found: {key}={target}" + (
                 " (the folder has no checkpoints/last.pt)" if path.is_dir() else " (no such file or run folder)"))
         ckpt = ckpt.resolve()
@@ -372,6 +378,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if folder is None:
         raise ConfigError("hydra.run.dir= is empty; give a folder for the run (or leave it out for a new one "
                           "under outputs/)")
+    check_names(folder, "hydra.run.dir" if _value(mine, "hydra.run.dir") is not None else "task_name")
     if run_dir is None and ckpt is None:  # auto-resume: the same job started again in its folder
         last = folder / "checkpoints" / "last.pt"
         if last.is_file():
@@ -438,6 +445,36 @@ def _original_overrides(run_dir: Path) -> List[str]:
     except Exception:
         raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+
+
+def check_names(folder: Path, key: str) -> None:
+    """Refuse a folder the file system cannot hold, by its name alone (before any file call, which would fail
+    with "File name too long"): a part of the path longer than a name may be there (NAME_MAX bytes, 255 on
+    most), or a path so long that the files written inside it would pass PATH_MAX."""
+    path = Path(folder).expanduser().absolute()
+    existing, name_max = Path(path.anchor), 255
+    for part in path.parts[1:]:
+        if existing is not None:
+            name_max = _pathconf(existing, "PC_NAME_MAX", name_max)
+        size = len(os.fsencode(part))
+        if size > name_max:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-8:]
+            raise ConfigError(f"{key}: the folder name {shown!r} is {size} bytes long, more than the {name_max} a "
+                              f"name may have on this file system; choose a shorter {key}")
+        if existing is not None:
+            existing = existing / part if (existing / part).is_dir() else None  # the rest is yet to be made
+    path_max = _pathconf(Path(path.anchor), "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(str(path)))
+    if size + 256 > path_max:  # room for the longest name written inside
+        raise ConfigError(f"{key}: the folder's path is {size} bytes long; the files in it would pass the "
+                          f"{path_max} bytes a path may have on this file system; choose a shorter {key}")
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError):
+        return default
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -111,6 +111,21 @@ def test_refused_input_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+LONG = "n" * 300  # more than the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hydra.run.dir=sub/" + LONG], "hydra.run.dir: the folder name 'nnnnnnnnnnnnnnnnnnnn...nnnnnnnn' is 300 bytes"),
+    (["task_name=" + LONG], "task_name: the folder name"),
+    (["-m", "hydra.sweep.dir=sub/" + LONG], "hydra.sweep.dir: the folder name"),
+    (["-m", "hydra.sweep.subdir=" + LONG], "hydra.sweep.subdir: the folder name"),
+    (["resume=" + LONG], "checkpoint not found: resume=nnn"),
+], ids=["run-dir", "task-name", "sweep-dir", "sweep-subdir", "resume"])
+def test_a_folder_name_too_long_is_one_line_before_anything_is_written(tmp_path, args, needle):
+    one_line(run_tdlrt(["train", *TINY, *args], tmp_path, check=False), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_non_run_folder_and_empty_run_dir_are_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
