@@ -45,8 +45,15 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
 def disk_full_error(path: Path):
     from .errors import DiskFull
 
-    run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}" \
-        if path.parent.name == "checkpoints" else "; free space and run the command again"
+    run = "; free space and run the command again"
+    if path.parent.name == "checkpoints":
+        if (path.parent / "last.pt").is_file():
+            run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}"
+        else:  # nothing to resume from: the same run, started again in its folder
+            from .launch import resume_command
+
+            run = (f"; no checkpoint was written yet: free space, then start the run again in its folder: "
+                   f"{resume_command(path.parent.parent)}")
     return DiskFull(f"no space left on the device of {path.parent} while writing {path.name}: the previous "
                     f"{path.name} (if any) is kept{run}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -445,6 +446,21 @@ def _original_overrides(run_dir: Path) -> List[str]:
     except Exception:
         raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume from
+    its last.pt; without one, the run starts again there)."""
+    overrides = []
+    try:
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
+    except Exception:  # no Hydra files (library use): the folder alone
+        pass
+    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
+            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
+    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
 
 
 def check_names(folder: Path, key: str) -> None:

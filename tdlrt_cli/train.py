@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -28,7 +27,7 @@ from .data import build_data
 from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
-from .launch import RunLock, config_drift, describe_drift
+from .launch import RunLock, config_drift, describe_drift, resume_command
 from .logs import Console, RunLogger
 from .lowrank import LowRankLayer, NonFiniteCore, orthonormality_error
 from .methods import factorise, method_of
@@ -178,20 +177,6 @@ class StopRequested(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(signum, step)
         self.signum, self.step = signum, step
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume)."""
-    overrides = []
-    try:
-        from omegaconf import OmegaConf
-
-        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
-    except Exception:  # no Hydra files (library use): the folder alone
-        pass
-    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
-            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
-    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -538,8 +523,10 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             repair_best(resume, ckpt_dir, say)
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
-        logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
-                           resume_step=global_step if resume is not None else None)
+        # a run started again in its folder before it wrote a checkpoint (a full disk) logs from the start
+        again = resume is None and any((run_dir / name).is_file() for name in ("metrics.csv", "ranks_steps.csv"))
+        logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else (0 if again else None),
+                           resume_step=global_step if resume is not None else (-1 if again else None))
         remove_stale_temporaries(ckpt_dir)
     else:  # data parallel: only the first process writes logs and checkpoints
         logger = RunLogger(run_dir, tensorboard=False, write=False)

@@ -135,3 +135,26 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resum
     assert a["global_step"] == b["global_step"] == 12
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_full_disk_at_the_first_checkpoint_prints_a_command_that_works(tmp_path):
+    """The first checkpoint write fails with ENOSPC: there is no last.pt to resume from, so the line names the
+    command that starts the run again in its folder; running it finishes the run there, logging each epoch once."""
+    import shlex
+
+    args = ["train", *TINY, "method=tdlrt", "epochs=1", "tau=0.3"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT": "1"}, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error: no space left on the device") and "no checkpoint was written yet" in line
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert not (run / "checkpoints" / "last.pt").exists()
+    command = shlex.split(line.split("start the run again in its folder: ", 1)[1])
+    assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
+    run_tdlrt(command[1:], tmp_path)
+    assert run_dirs(tmp_path / "outputs") == [run]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()] == ["epoch", "1"]
+    rows = [tuple(r.split(",")[:3:2]) for r in (run / "ranks_steps.csv").read_text().splitlines()[1:]]
+    assert rows and len(rows) == len(set(rows))  # (step, layer): each once
