@@ -17,8 +17,10 @@ and returns the command line to hand to Hydra. A resumed session's Hydra files g
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -30,7 +32,8 @@ from typing import List, Optional, Tuple
 
 from .config import CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
-from .files import pid_alive
+from .faults import faults
+from .files import is_disk_full, pid_alive, remove_stale_temporaries
 
 # Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
 # (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
@@ -44,6 +47,13 @@ HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
                "--version", "--run", "-r", "--package", "-p", "--resolve", "--config-path", "-cp",
                "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
 LOCK_NAME = ".lock"
+LOCK_TEMPORARY = re.compile(r"^\.lock\.(?P<pid>\d+)\.tmp$")  # a lock being written (by that process)
+
+
+def stale_lock_temporary(path: Path) -> bool:
+    """A lock temporary whose process is gone (killed, or stopped by a full disk before it could remove it)."""
+    match = LOCK_TEMPORARY.match(path.name)
+    return bool(match) and not pid_alive(int(match.group("pid")))
 
 
 def is_free(key: str) -> bool:
@@ -116,8 +126,16 @@ class RunLock:
         tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
         try:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record))
+            remove_stale_temporaries(self.run_dir, LOCK_TEMPORARY)
+            with open(tmp, "w") as fh:
+                if faults.disk_full_in_lock:  # fault injection: the disk is full when the run starts
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                fh.write(json.dumps(record))
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc, Path(self.run_dir)):
+                raise ConfigError(f"no space left on the device of {self.run_dir}: cannot start the run there; "
+                                  f"free space and run the command again") from None
             raise ConfigError(f"cannot write the run folder {self.run_dir} ({exc.strerror or exc}); choose a "
                               f"writable hydra.run.dir") from None
         try:
@@ -421,7 +439,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         train_config(cfg)
         if writer:
             RunLock(folder).check()
-        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())) \
+        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME and not stale_lock_temporary(p)
+                                                                     for p in folder.iterdir())) \
                 and not (folder / ".hydra").is_dir():
             raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
     if not writer:
@@ -430,8 +449,27 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
         mine += [f"hydra.run.dir={_quote(str(folder))}"]
     fresh = _first_missing(folder)
-    RunLock(folder).acquire()
+    try:
+        RunLock(folder).acquire()
+    except ConfigError:
+        _remove_empty(folder, fresh)  # the folders made for it (a full disk); never one another process uses
+        raise
     return Prepared(mine, folder, fresh)
+
+
+def _remove_empty(folder: Path, top: Optional[Path]) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    if top is None:
+        return
+    path = Path(folder).absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top or path == path.parent:
+            return
+        path = path.parent
 
 
 def _original_overrides(run_dir: Path) -> List[str]:

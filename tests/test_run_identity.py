@@ -134,6 +134,22 @@ def test_non_run_folder_and_empty_run_dir_are_refused(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_a_full_disk_at_the_start_leaves_nothing_and_the_same_command_then_runs(tmp_path):
+    """Writing the lock (the first file of a run) fails with ENOSPC: one line, no lock temporary and no folder
+    left; a folder holding only a dead process's lock temporary (what an earlier tdlrt left) counts as empty."""
+    args = ["train", *TINY, "epochs=1", "hydra.run.dir=new/run"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_DISK_FULL_IN_LOCK": "1"}, check=False)
+    one_line(proc, "no space left on the device of", "free space and run the command again")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "new" / "run").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "new" / "run" / f".lock.{dead.pid}.tmp").write_text("")  # the earlier start's temporary
+    run_tdlrt(args, tmp_path)
+    run = tmp_path / "new" / "run"
+    assert (run / "checkpoints" / "last.pt").is_file() and not list(run.glob(".lock*"))
+
+
 def test_a_sweep_is_validated_before_its_first_job(tmp_path):
     proc = run_tdlrt(["train", "-m", *TINY, "method=tdlrt", "tau=0.1,2,0.2"], tmp_path, check=False)
     one_line(proc, "sweep job 1 (tau=2) of 3", "tau=2.0 must be in (0, 1)")
