@@ -1,5 +1,5 @@
 """Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2
-(an interrupted run: 130 for SIGINT, 143 for SIGTERM)."""
+(an interrupted run: 128 + the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
 import os
 import sys
 from contextlib import contextmanager
@@ -26,7 +26,7 @@ class DiskFull(UserError):
 
 
 class Interrupted(UserError):
-    """The run was stopped by SIGINT or SIGTERM after writing a checkpoint; exits 128 + the signal number."""
+    """The run was stopped by SIGINT, SIGTERM or SIGHUP after writing a checkpoint; exits 128 + the signal number."""
 
     prefix = "stopped"
 
@@ -44,5 +44,8 @@ def exit_on_user_error(*also, describe=str):
     except (UserError, *also) as exc:
         if os.environ.get("TDLRT_DEBUG"):
             raise
-        print(f"tdlrt: {getattr(exc, 'prefix', 'error')}: {describe(exc)}", file=sys.stderr)
+        try:
+            print(f"tdlrt: {getattr(exc, 'prefix', 'error')}: {describe(exc)}", file=sys.stderr)
+        except OSError:
+            pass  # no terminal any more (SIGHUP): the exit status still tells
         sys.exit(getattr(exc, "exit_code", 2))

@@ -8,8 +8,8 @@ TDLRT_FAULT_KILL_IN_CHECKPOINT=N the N-th checkpoint write dies with half of the
 TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT=N  the N-th checkpoint write fails with ENOSPC (no space left);
 TDLRT_FAULT_DISK_FULL_IN_LOCK=1  writing the run folder's lock (the first file of a run) fails with ENOSPC;
 TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN (TDLRT_FAULT_NAN_STEPS=K: of steps N to N+K-1);
-TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, or TERM) after
-                                 step N, as a user's Ctrl-C or a scheduler's SIGTERM would.
+TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, TERM or HUP) after
+                                 step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would.
 """
 from __future__ import annotations
 

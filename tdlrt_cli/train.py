@@ -139,9 +139,10 @@ class Diverged(UserError):
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during training: the current step finishes,
-    ``last.pt`` is written, and the run stops with one line naming the command that resumes it. A second
-    signal stops at once (the last checkpoint written stays the one to resume from)."""
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's pre-emption) and SIGHUP (the terminal closed) during training:
+    the current step finishes, ``last.pt`` is written, and the run stops with one line naming the command that
+    resumes it (also written to train.log: after SIGHUP nobody reads stderr). A second signal stops at once
+    (the last checkpoint written stays the one to resume from)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -149,7 +150,7 @@ class StopSignals:
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -544,12 +545,15 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                            "compression/rate": parameter_report(model)["compression_rate"]})
     for line in start_block(cfg, run_dir, data, model, total_epochs, device, start_epoch if resume is not None else None):
         say(line)
-    stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, one line, exit 130/143
+    stop = StopSignals().install()  # Ctrl-C / SIGTERM / SIGHUP: finish the step, write last.pt, one line, exit 128+N
 
     def stopped(signum: int, step: int, epoch: int) -> Interrupted:
         logger.close()
-        return Interrupted(f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {ckpt_dir / 'last.pt'} "
-                           f"written; resume with: {resume_command(run_dir)}", signum)
+        line = (f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {ckpt_dir / 'last.pt'} "
+                f"written; resume with: {resume_command(run_dir)}")
+        if isinstance(say, Console):
+            say.record(f"tdlrt: stopped: {line}")
+        return Interrupted(line, signum)
 
     try:
         for epoch in range(start_epoch, total_epochs):

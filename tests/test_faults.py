@@ -110,12 +110,12 @@ def test_two_runs_never_share_a_folder(tmp_path):
     assert len(run_dirs(tmp_path / "outputs")) == 2
 
 
-@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143), ("HUP", 129)])
 def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resumes_bitwise(tmp_path, straight,
                                                                                            sig, code):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM after step 6 (mid-epoch 2): the step finishes, last.pt holds
-    step 6, one line says how to resume, exit 128 + signal; the command it names ends where the straight
-    run ends, bitwise."""
+    """Ctrl-C (SIGINT), a scheduler's SIGTERM or a closed terminal's SIGHUP after step 6 (mid-epoch 2): the
+    step finishes, last.pt holds step 6, one line (also in train.log) says how to resume, exit 128 + signal;
+    the command it names ends where the straight run ends, bitwise."""
     import shlex
 
     stopped = run_tdlrt(ARGS, tmp_path, env={"TDLRT_FAULT_SIGNAL_AT_STEP": "6", "TDLRT_FAULT_SIGNAL": sig},
@@ -127,6 +127,7 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resum
     (run,) = run_dirs(tmp_path / "outputs")
     state = final_state(run)
     assert (state["epoch"], state["global_step"]) == (1, 6) and state["position"]["batch"] == 2
+    assert (run / "train.log").read_text().strip().endswith(line)  # read after a closed terminal (SIGHUP)
     command = shlex.split(line.split("resume with: ", 1)[1])
     assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
     run_tdlrt(command[1:], tmp_path)
