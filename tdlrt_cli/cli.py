@@ -93,18 +93,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"tdlrt: error: unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         sys.exit(2)
-    if command == "report":
-        from .report import main as report_main
+    if command in ("report", "export", "eval"):
+        from .errors import exit_on_interrupt
 
-        return report_main(rest)
-    if command == "export":
-        from .export import main as export_main
-
-        return export_main(rest)
-    if command == "eval":
-        from .evaluate import main as eval_main
-
-        return eval_main(rest)
+        with exit_on_interrupt(command):  # Ctrl-C: one line, exit 130
+            if command == "report":
+                from .report import main as entry
+            elif command == "export":
+                from .export import main as entry
+            else:
+                from .evaluate import main as entry
+            return entry(rest)
     if command == "completion" or command in ("train", "bench") and _installs_completion(rest):
         from .helptext import completion
 

@@ -49,3 +49,21 @@ def exit_on_user_error(*also, describe=str):
         except OSError:
             pass  # no terminal any more (SIGHUP): the exit status still tells
         sys.exit(getattr(exc, "exit_code", 2))
+
+
+@contextmanager
+def exit_on_interrupt(command: str):
+    """Ctrl-C (``KeyboardInterrupt``) during `tdlrt <command>` ends as one line and exit status 130, not a
+    traceback; ``TDLRT_DEBUG=1`` raises it instead. Outputs are written complete or not at all, so an
+    interrupted command leaves each of them as it was or as its complete new version."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        try:
+            print(f"tdlrt: stopped: SIGINT during tdlrt {command}; no half-written file is left (each output is its "
+                  f"earlier version, or its complete new one)", file=sys.stderr)
+        except OSError:
+            pass
+        sys.exit(130)

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from .cost import flops, timings_ms
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
-from .files import atomic_write_text, strict_json
+from .faults import faults
+from .files import atomic_write_text, signals_deferred, strict_json
 from .lowrank.export import conv_chain, is_factorised, merged
 from .files import remove_stale_temporaries
 from .runs import find_checkpoint, load_trained
@@ -256,9 +257,11 @@ def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
         write_program(program, tmp, fmt, metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        sidecar.unlink(missing_ok=True)
-        os.replace(tmp, out)
-        atomic_write_text(sidecar, strict_json(metadata))
+        faults.sigint_now("export_write")
+        with signals_deferred():  # a Ctrl-C from here on comes once both files are in place
+            sidecar.unlink(missing_ok=True)
+            os.replace(tmp, out)
+            atomic_write_text(sidecar, strict_json(metadata))
     except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1][:160]
         raise UserError(f"cannot write {out} ({reason}); choose a writable out=FILE") from None

@@ -9,7 +9,10 @@ TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT=N  the N-th checkpoint write fails with ENOS
 TDLRT_FAULT_DISK_FULL_IN_LOCK=1  writing the run folder's lock (the first file of a run) fails with ENOSPC;
 TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN (TDLRT_FAULT_NAN_STEPS=K: of steps N to N+K-1);
 TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, TERM or HUP) after
-                                 step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would.
+                                 step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would;
+TDLRT_FAULT_SIGINT_AT=P          the process sends itself SIGINT (a Ctrl-C) at point P of `tdlrt export` or
+                                 `tdlrt eval`: ``export_write`` (the program written to its temporary file, not
+                                 yet renamed), ``eval`` (the test accuracy measured, the report not yet written).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class Faults:
         self.nan_steps = int(env.get("TDLRT_FAULT_NAN_STEPS", 1))
         self.signal_at_step = int(env.get("TDLRT_FAULT_SIGNAL_AT_STEP", 0))
         self.signal = getattr(signal, "SIG" + env.get("TDLRT_FAULT_SIGNAL", "INT"))
+        self.sigint_at = env.get("TDLRT_FAULT_SIGINT_AT", "")
         self.checkpoints_written = 0
 
     def kill_now(self, step: int, phase: str) -> bool:
@@ -39,6 +43,10 @@ class Faults:
     def signal_now(self, step: int) -> None:
         if self.signal_at_step == step:
             os.kill(os.getpid(), self.signal)
+
+    def sigint_now(self, point: str) -> None:
+        if self.sigint_at == point:
+            os.kill(os.getpid(), signal.SIGINT)
 
     @staticmethod
     def die() -> None:

@@ -83,6 +83,28 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done: for steps that must all happen or none (a
+    file and the sidecar that describes it). Outside the main thread: no change."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in received[:1]:
+            os.kill(os.getpid(), signum)  # delivered now, to the handler that was there before
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path, "w") as fh:

@@ -347,3 +347,37 @@ def test_eval_reports_latency_median_and_iqr(trained_run, tmp_path):
         for b in (1, 128):
             assert cost[side][f"latency_ms_batch{b}"] > 0 and cost[side][f"latency_iqr_ms_batch{b}"] >= 0
     assert "median [IQR]" in proc.stdout
+
+
+# --------------------------------------------------------------------------- Ctrl-C during export and eval
+
+def stopped_by_ctrl_c(args, cwd, point):
+    """Run ``tdlrt args`` with a Ctrl-C (SIGINT) at ``point``: exit 130, one `tdlrt: stopped:` line."""
+    proc = run_tdlrt(args, cwd, env={"TDLRT_FAULT_SIGINT_AT": point}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"tdlrt: stopped: SIGINT during tdlrt {args[0]}"), proc.stderr[-2000:]
+    return proc
+
+
+def test_ctrl_c_during_export_is_one_line_and_keeps_the_earlier_files(trained_run, tmp_path):
+    """Interrupted with the new program written to its temporary file: the earlier export and its sidecar stay
+    as they were, no temporary is left; with no earlier export, no file at all."""
+    out = tmp_path / "net.pt2"
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"old model")
+    (tmp_path / "net.pt2.json").write_text("{}")
+    before = snapshot(tmp_path)
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    unchanged(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.pt2.json"]
+
+
+def test_ctrl_c_during_eval_is_one_line_and_writes_no_report(trained_run, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text('{"old": 1}')
+    before = snapshot(tmp_path)
+    stopped_by_ctrl_c(["eval", str(trained_run), "latency=false", f"out={out}"], tmp_path, "eval")
+    unchanged(before)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
