@@ -452,11 +452,25 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir = Path(run_dir)
     lock = RunLock(run_dir).acquire() if dist.main else None  # one writer per run folder
+    thread_hook = threading.excepthook
+
+    def quiet_if_folder_gone(args) -> None:  # TensorBoard's writer thread, say: the main thread reports it
+        if not (issubclass(args.exc_type, OSError) and not run_dir.is_dir()):
+            thread_hook(args)
+
+    threading.excepthook = quiet_if_folder_gone
     try:
         return _train(cfg, run_dir, config_dict, dist, device, start_time)
+    except Exception:
+        if dist.main and not run_dir.is_dir():  # whatever failed, it failed because the folder went away
+            raise UserError(f"the run folder {run_dir} disappeared during the run (deleted or moved): stopped, "
+                            f"nothing more can be written there; start the run again") from None
+        raise
     finally:
         if lock is not None:
             lock.release()
+        if run_dir.is_dir():  # (gone: writer threads may still fail on their way out; keep them quiet)
+            threading.excepthook = thread_hook
 
 
 def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,

@@ -159,3 +159,36 @@ def test_a_full_disk_at_the_first_checkpoint_prints_a_command_that_works(tmp_pat
     assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()] == ["epoch", "1"]
     rows = [tuple(r.split(",")[:3:2]) for r in (run / "ranks_steps.csv").read_text().splitlines()[1:]]
     assert rows and len(rows) == len(set(rows))  # (step, layer): each once
+
+
+@pytest.mark.parametrize("method", ["tdlrt", "dense"])
+def test_the_run_folder_deleted_during_training_is_one_line(tmp_path, method):
+    """The run folder is deleted after the first epoch: the next write fails, and the run stops with one line
+    saying the folder disappeared (not Hydra's "Error executing job" over a FileNotFoundError); nothing makes
+    the folder again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    args = [*cmd, "train", *TINY, f"method={method}", "epochs=200", "cost_report=false", "hydra.run.dir=run"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "run").rename(tmp_path / "gone")  # as `rm -r` would, atomically (the run keeps writing)
+        shutil.rmtree(tmp_path / "gone")
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err and "Error executing job" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line == (f"tdlrt: error: the run folder {tmp_path / 'run'} disappeared during the run (deleted or "
+                    f"moved): stopped, nothing more can be written there; start the run again")
+    assert not (tmp_path / "run").exists()
