@@ -196,6 +196,47 @@ def test_report_lists_empty_and_damaged_runs_and_never_marks_them(tmp_path):
     assert "empty (0 epochs)" in states["zero"] and "damaged summary.json" in states["broken"]
 
 
+ABSURD_METRICS = [  # (run, what replaces the good number in summary.json, the warning's words)
+    ("huge-acc", ('"test_acc": 50.0', '"test_acc": 1e308'), "test_acc=1e+308 is outside [0, 100]"),
+    ("overflowing-acc", ('"test_acc": 50.0', '"test_acc": 1e400'), "test_acc=inf is not finite"),
+    ("bool-acc", ('"test_acc": 50.0', '"test_acc": true'), "test_acc=true is not a number"),
+    ("text-acc", ('"test_acc": 50.0', '"test_acc": "50.0"'), 'test_acc="50.0" is not a number'),
+    ("nan-best", ('"best_test_acc": 50.0', '"best_test_acc": NaN'), "best_test_acc=nan is not finite"),
+    ("negative-acc", ('"best_test_acc": 50.0', '"best_test_acc": -3'), "best_test_acc=-3 is outside [0, 100]"),
+    ("huge-cr", ('"compression_rate": 90.0', '"compression_rate": 1e308'), "compression_rate=1e+308 is outside"),
+    ("cr-above-100", ('"compression_rate": 90.0', '"compression_rate": 101'), "compression_rate=101 is outside"),
+    ("selected-acc", ('"epochs": 1', '"epochs": 1, "selected": {"by": "val_acc", "test_acc": 1e300}'),
+     "selected.test_acc=1e+300 is outside [0, 100]"),
+    ("text-wall-time", ('"epochs": 1', '"epochs": 1, "wall_time_s": "long"'), 'wall_time_s="long" is not a number'),
+]
+
+
+def test_report_lists_runs_with_absurd_metrics_as_damaged_and_never_marks_them(tmp_path):
+    """Non-finite, out-of-range or non-numeric metrics in summary.json (by hand, or another tool's writer) make
+    the run damaged: a warning naming the key, listed apart, in no row or plot; the other runs are reported."""
+    runs = tmp_path / "runs"
+    finished_run(runs / "good", 40.0)
+    finished_run(runs / "negative-cr", 30.0, compression_rate=-25.0, config=dict(CONFIG, tau=0.3))  # a real one
+    for name, (old, new), _ in ABSURD_METRICS:
+        summary = finished_run(runs / name, 50.0, config=dict(CONFIG, tau=0.2)) / "summary.json"
+        text = summary.read_text()
+        assert old in text
+        summary.write_text(new.join(text.rsplit(old, 1)))  # the summary's own key (after the config's)
+    out = tmp_path / "rep"
+    proc = run_tdlrt(["report", str(runs), f"out={out}"], tmp_path)
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == len(ABSURD_METRICS) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name, _, words in ABSURD_METRICS:
+        line = next((w for w in warnings if f"{os.sep}{name}{os.sep}summary.json" in w), "")
+        assert line.startswith("tdlrt: warning: skipping") and words in line and "listed as damaged" in line, line
+    assert "2 runs in 2 rows" in proc.stdout
+    md = (out / "table.md").read_text()
+    assert "**40.00 ± 0.00**" in md and "50.00" not in md.split("Unfinished")[0]
+    states = {os.path.basename(r.split(",")[0]): r for r in (out / "unfinished.csv").read_text().splitlines()[1:]}
+    assert set(states) == {name for name, _, _ in ABSURD_METRICS}
+    assert all("damaged summary.json" in state for state in states.values())
+
+
 def test_report_writes_plots_atomically_and_removes_stale_temporaries(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
