@@ -129,6 +129,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from .train import main as entry
 
     prepared = _prepare(rest)
+    if prepared.finished:
+        print(f"tdlrt: {prepared.finished}", file=sys.stderr)
+        return
     sys.argv = [f"tdlrt-{command}"] + prepared.argv + _rank_overrides(rest)
     try:
         _run_hydra(entry)

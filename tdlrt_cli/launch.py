@@ -290,6 +290,7 @@ class Prepared:
     argv: List[str]                        # what Hydra gets
     run_dir: Optional[Path] = None         # run mode: the folder, locked by this process
     fresh: Optional[Path] = None           # the highest folder this command creates (removed if it fails early)
+    finished: Optional[str] = None         # the run is finished and nothing is to be done: why (nothing runs)
 
 
 def run_folder_of(ckpt: Path) -> Optional[Path]:
@@ -428,6 +429,10 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         if resumed["epochs"] < done and resumed["method"]["name"] != "imp":
             raise ConfigError(f"epochs={resumed['epochs']} but the run in {run_dir or ckpt} has completed {done} "
                               f"epochs (a resume may extend epochs, not shorten them)")
+        if run_dir is not None and done >= resumed["epochs"] and resumed["method"]["name"] != "imp" \
+                and (run_dir / "summary.json").is_file():
+            return Prepared(mine, finished=(f"{run_dir} is finished ({done} of {resumed['epochs']} epochs, summary.json "
+                                            f"written): nothing to do, nothing was changed (a larger epochs= extends it)"))
         if run_dir is not None:
             mine += [f"hydra.run.dir={_quote(str(run_dir))}"]
             folder = run_dir

@@ -527,6 +527,11 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     # best.pt: the epoch with the best validation accuracy (data.val_split > 0), else the best test accuracy
     select_by = "val_acc" if data.val is not None else "test_acc"
     start_epoch, global_step, best, position = 0, 0, {"metric": -1.0, "max_test": -1.0, "selected": None}, None
+    before = float(resume.get("elapsed_s") or 0.0) if resume is not None else 0.0  # earlier sessions' wall time
+
+    def elapsed() -> float:
+        """The run's wall time: the earlier sessions' (up to the checkpoint resumed from) and this one's."""
+        return before + time.time() - start_time
     skip_budget = [cfg.nan_max_skips]  # nan_policy=skip: the steps the run may still skip
     ckpt_dir = run_dir / "checkpoints"
     if resume is not None:
@@ -550,7 +555,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         if dist.main:
             save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
                                              pos["global_step"], best, pos, shape,
-                                             skipped_steps=cfg.nan_max_skips - skip_budget[0]), ckpt_dir / "last.pt")
+                                             skipped_steps=cfg.nan_max_skips - skip_budget[0], elapsed_s=elapsed()),
+                            ckpt_dir / "last.pt")
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
@@ -622,7 +628,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                                  if improved else best["selected"]),
                     "ranks": ranks_now}
             state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                     best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0])
+                                     best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0],
+                                     elapsed_s=elapsed())
             if dist.main:  # last.pt first: if a kill comes before best.pt, last.pt is the best and a resume copies it
                 save_checkpoint(state, ckpt_dir / "last.pt")
                 if improved:
@@ -653,7 +660,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned,
-        **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
+        **flops_per_image(model, example), "wall_time_s": elapsed(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
         "provenance": provenance(start_time),
@@ -699,12 +706,14 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
 
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
-                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0) -> dict:
+                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0,
+                     elapsed_s: float = 0.0) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
-    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
+    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch; ``elapsed_s``:
+    the run's wall time so far, over all its sessions (a resumed run's summary adds its own)."""
     return {
         "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
-        "position": position, "skipped_steps": skipped_steps,
+        "position": position, "skipped_steps": skipped_steps, "elapsed_s": elapsed_s,
         "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -62,6 +62,31 @@ def test_resume_restores_the_runs_own_config(run, tmp_path, how):
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("how", ["resume={run}", "hydra.run.dir={run}"])
+def test_a_finished_run_resumed_with_its_epochs_says_so_and_changes_nothing(run, tmp_path, how):
+    before = snapshot(run)
+    proc = run_tdlrt(["train", how.format(run=run), "epochs=1", *([] if how.startswith("resume") else RUN)], tmp_path)
+    assert proc.stderr.strip().splitlines()[-1] == (f"tdlrt: {run} is finished (1 of 1 epochs, summary.json written): "
+                                                    f"nothing to do, nothing was changed (a larger epochs= extends it)")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_wall_time_is_the_runs_total_over_its_sessions(run, tmp_path):
+    """The checkpoint carries the wall time so far; a resumed run's summary adds its own session to it."""
+    from tdlrt_cli.checkpoint import save_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    first = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert 0 < state["elapsed_s"] <= first
+    state["elapsed_s"] = 1000.0  # as if the first session had taken 1000 s to its checkpoint
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, last)
+    run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
+    total = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    resumed = torch.load(last, weights_only=True)["elapsed_s"]
+    assert 1000 < resumed <= total < 1000 + 300
+
+
 def test_a_resume_keeps_the_epochs_it_was_last_extended_to(run, tmp_path):
     run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
     run_tdlrt(["train", f"resume={run}", "progress=false"], tmp_path)  # no epochs=: the run's 2, not the first 1
@@ -207,8 +232,8 @@ def test_two_writers_started_together_one_is_refused(tmp_path):
     assert codes in ([0, 0], [0, 2]), results
     if codes == [0, 2]:  # the second found the first's lock
         assert "is in use by tdlrt PID" in next(err for code, err in results if code == 2)
-    else:  # the second started after the first had finished: it continued the finished run
-        assert any("continuing that run" in err for _, err in results)
+    else:  # the second started after the first had finished: it found the run finished
+        assert any("is finished (1 of 1 epochs" in err for _, err in results)
     rows = (tmp_path / "same" / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2  # header + epoch 1, never twice
 
