@@ -126,8 +126,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         sys.argv = [f"tdlrt-{command}"] + rest
         return _run_hydra(entry)
-    from .train import main as entry
+    from .launch import sweep_report
+    from .train import SWEEP_FAILURES, main as entry
 
+    multirun = any(a in ("-m", "--multirun") for a in rest)
     prepared = _prepare(rest)
     if prepared.finished:
         print(f"tdlrt: {prepared.finished}", file=sys.stderr)
@@ -138,10 +140,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     except SystemExit as exc:
         if exc.code == 2:  # refused after the checks above (data missing, a checkpoint that does not load)
             remove_if_fresh(prepared)
+        if multirun and exc.code:  # stopped (Ctrl-C, SIGTERM): the jobs left, and how to run them
+            left = sweep_report(prepared.sweep, SWEEP_FAILURES)
+            if left:
+                print(f"tdlrt: stopped: {left}", file=sys.stderr)
         raise
     finally:
         if prepared.run_dir is not None:
             RunLock(prepared.run_dir).release()
+    left = sweep_report(prepared.sweep, SWEEP_FAILURES) if multirun else None
+    if left:  # jobs failed (each said why as it ended); the others ran
+        print(f"tdlrt: error: {left}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _installs_completion(args: List[str]) -> bool:

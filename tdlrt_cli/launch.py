@@ -291,6 +291,7 @@ class Prepared:
     run_dir: Optional[Path] = None         # run mode: the folder, locked by this process
     fresh: Optional[Path] = None           # the highest folder this command creates (removed if it fails early)
     finished: Optional[str] = None         # the run is finished and nothing is to be done: why (nothing runs)
+    sweep: Optional["Sweep"] = None        # -m: the jobs, to say at the end which did not finish
 
 
 def run_folder_of(ckpt: Path) -> Optional[Path]:
@@ -309,15 +310,16 @@ def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = T
     stamp = stamp or time.strftime("%Y-%m-%d_%H-%M-%S")
     with Composer() as compose:
         if multirun:
-            sweep_dir = _check_sweep(compose, overrides)
+            sweep_dir, jobs = _check_sweep(compose, overrides)
             pin = [f"hydra.sweep.dir={_quote(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
                 is None else []  # the folder checked and made here (its name holds the time)
-            return Prepared(args + pin)
+            return Prepared(args + pin, sweep=Sweep(sweep_dir, jobs, bool(pin)) if sweep_dir else None)
         return _prepare_run(compose, overrides, stamp, writer)
 
 
-def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
-    """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder."""
+def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tuple[str, Path]]]:
+    """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder.
+    Returns it and every job's swept overrides and folder (None and none for a sweeper that picks its jobs)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     if _value(overrides, "resume") is not None:
@@ -328,9 +330,12 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
                           f"cluster's login node, or use hydra/launcher=local on this machine")
     sweeper = _value(overrides, "hydra/sweeper")
     if sweeper not in (None, "basic"):
-        return None  # another sweeper chooses its jobs as it goes
+        return None, []  # another sweeper chooses its jobs as it goes
     jobs = [job for batch in BasicSweeper.split_arguments(_parse(overrides), None) for job in batch]
+    swept = [o.input_line.split("=", 1)[0] for o in _parse(overrides) if o.is_sweep_override()]
+    listed = []
     for number, job in enumerate(jobs):
+        mine = [j for j in job if j.split("=", 1)[0] in swept]
         try:
             cfg = compose(job)
             train_config(cfg)
@@ -344,9 +349,8 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
                 drift = config_drift(saved_config(last)[0], train_config(cfg))
                 if drift:
                     raise ConfigError(f"{job_dir} holds a run with other settings: {describe_drift(drift)}")
+            listed.append((" ".join(mine), str(cfg.hydra.sweep.subdir)))
         except Exception as exc:
-            swept = [o.input_line for o in _parse(overrides) if o.is_sweep_override()]
-            mine = [j for j in job if any(j.split("=", 1)[0] == s.split("=", 1)[0] for s in swept)]
             exc.args = (f"sweep job {number} ({' '.join(mine) or 'its overrides'}) of {len(jobs)}: {_message(exc)}",)
             raise ConfigError(*exc.args) from None
     if jobs:  # every job checked: the sweep folder may be made now (Hydra would make it next)
@@ -356,8 +360,36 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
         except OSError as exc:
             raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be created ({exc.strerror or exc}); choose a "
                               f"writable folder") from None
-        return sweep_dir
-    return None
+        return sweep_dir, [(swept_here, sweep_dir / subdir) for swept_here, subdir in listed]
+    return None, []
+
+
+@dataclass
+class Sweep:
+    """A sweep (``-m``) checked before its first job: its folder and each job's swept overrides and folder."""
+    folder: Path
+    jobs: List[Tuple[str, Path]]
+    pinned: bool  # the command did not name hydra.sweep.dir (its name holds the time)
+
+
+def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Optional[str]:
+    """One line on the jobs of a sweep that did not finish (no summary.json: failed, stopped, never started)
+    and how to run them; None when all finished. ``failed``: (number, folder) of the jobs that ended with an
+    error in this process (a sweeper's own jobs, which ``sweep`` does not list)."""
+    jobs = list(sweep.jobs) if sweep is not None else []
+    left = [f"job {n} ({swept or 'its overrides'})" for n, (swept, folder) in enumerate(jobs)
+            if not (folder / "summary.json").is_file()]
+    listed = {folder.resolve() for _, folder in jobs}
+    others = [f"job {n} ({folder})" for n, folder in failed if folder.resolve() not in listed]
+    left += others
+    if not left:
+        return None
+    total = f" of {len(jobs)}" if jobs and not others else ""  # (a sweeper's jobs are not counted before)
+    again = f"the same command with hydra.sweep.dir={sweep.folder}" if sweep is not None and sweep.pinned else \
+        "the same command"
+    shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    return (f"{len(left)}{total} sweep jobs did not finish: {shown}; once the cause is fixed, {again} runs "
+            f"them (finished jobs are skipped, stopped ones resume)")
 
 
 def _message(exc: BaseException) -> str:

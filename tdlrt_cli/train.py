@@ -473,6 +473,22 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
             threading.excepthook = thread_hook
 
 
+def finished_summary(run_dir: Path, resume: Optional[dict], ckpt_path: Optional[str], epochs: int) -> Optional[dict]:
+    """The summary of a run resumed from its own last.pt that has nothing left to train (all ``epochs`` done,
+    summary.json written); None otherwise (also when summary.json does not parse: the run writes it anew)."""
+    import json
+
+    if resume is None or int(resume.get("epoch", 0)) < epochs or resume.get("position") or resume.get("method") == "imp":
+        return None
+    if Path(ckpt_path).resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "test_acc" in summary else None
+
+
 def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,
            start_time: float) -> dict:
     say = Console(run_dir / "train.log") if dist.main else (lambda line: None)
@@ -483,9 +499,16 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); resume it with "
                               f"resume={run_dir} or start in another folder")
         cfg.ckpt_path = str(left_behind)
-        say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
     method = method_of(cfg)  # what the method adds to the loop (integrator, pruning, rounds)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    done = dist.broadcast_object(finished_summary(run_dir, resume, cfg.ckpt_path, method.epochs()) if dist.main else None)
+    if done is not None:  # (a sweep run again: its finished jobs; the CLI says so before Hydra for a single run)
+        if dist.main:
+            print(f"tdlrt: {run_dir} is finished ({resume['epoch']} of {method.epochs()} epochs, summary.json "
+                  f"written): nothing to do; its checkpoints, logs and summary are left as they are", file=sys.stderr)
+        return done
+    if left_behind:
+        say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
     if resume is not None and not method.resumable:
         raise ConfigError(f"method={cfg.method.name} runs cannot be resumed (masks and rewind point are not "
                           f"checkpointed); start it again in a new folder")
@@ -768,6 +791,9 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
 
 # --------------------------------------------------------------------------- Hydra entry point
 
+SWEEP_FAILURES: list = []  # (job number, folder) of the sweep jobs that ended with an error in this process
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -779,12 +805,21 @@ def main() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"tdlrt: warning: {message}\n"
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-    def _run(cfg) -> float:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    def _run(cfg) -> Optional[float]:
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            with exit_on_user_error():
+            with exit_on_user_error(describe=lambda exc: f"sweep job {hydra_cfg.job.num} ({run_dir}): {exc}"
+                                    if hydra_cfg.mode == RunMode.MULTIRUN else str(exc)):
                 tc = from_dictconfig(cfg)
                 summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        except SystemExit as exc:
+            if exc.code == 2 and hydra_cfg.mode == RunMode.MULTIRUN:
+                SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
+                return None  # the job's error is printed; the sweep goes on, and says at the end what did not finish
+            raise
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (data loading, the final report)
             last = run_dir / "checkpoints" / "last.pt"
             where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"

@@ -181,6 +181,30 @@ def test_a_sweep_is_validated_before_its_first_job(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_failed_sweep_job_does_not_stop_the_sweep_and_the_end_says_what_did_not_finish(tmp_path):
+    """lr=inf makes job 1 stop at its first step: jobs 0 and 2 still run, the last line lists job 1 and how to
+    run it; the sweep run again (job 1 fixed) skips the finished jobs, leaving their files as they are."""
+    args = ["train", "-m", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=tdlrt",
+            "cost_report=false", "hydra.sweep.dir=sw"]
+    proc = run_tdlrt(args + ["lr=0.05,inf,0.01"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert any(line.startswith(f"tdlrt: error: sweep job 1 ({tmp_path / 'sw' / '1'}): ") and "NaN/Inf" in line
+               for line in lines)
+    assert lines[-1] == ("tdlrt: error: 1 of 3 sweep jobs did not finish: job 1 (lr=inf); once the cause is fixed, "
+                         "the same command runs them (finished jobs are skipped, stopped ones resume)")
+    sw = tmp_path / "sw"
+    assert [(sw / str(n) / "summary.json").is_file() for n in range(3)] == [True, False, True]
+
+    def run_files(n):  # (Hydra writes its .hydra/ files for every job it launches)
+        return {k: v for k, v in snapshot(sw / str(n)).items() if not k.startswith(".hydra")}
+
+    before = {n: run_files(n) for n in (0, 2)}
+    again = run_tdlrt(args + ["lr=0.05,0.02,0.01"], tmp_path)
+    assert again.stderr.count("is finished (1 of 1 epochs, summary.json written): nothing to do") == 2
+    assert {n: run_files(n) for n in (0, 2)} == before and (sw / "1" / "summary.json").is_file()
+
+
 def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
