@@ -46,7 +46,7 @@ def disk_full_error(path: Path):
     from .errors import DiskFull
 
     run = "; free space and run the command again"
-    if path.parent.name == "checkpoints":
+    if path.parent.name == "checkpoints" and path.suffix == ".pt":
         if (path.parent / "last.pt").is_file():
             run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}"
         else:  # nothing to resume from: the same run, started again in its folder

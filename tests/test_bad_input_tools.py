@@ -323,10 +323,27 @@ def test_a_failed_export_write_keeps_the_old_files_and_no_temporary(tmp_path):
     out = tmp_path / "net.onnx"
     out.write_bytes(b"old model")
     (tmp_path / "net.onnx.json").write_text("{}")
-    with pytest.raises(UserError, match="cannot write .*net.onnx.*No space left"):
+    with pytest.raises(UserError, match="no space left on the device of .* while writing net.onnx"):
         write_atomically(FailingProgram(), out, "onnx", {"x": 1})
     assert out.read_bytes() == b"old model" and (tmp_path / "net.onnx.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.json"]
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_files(trained_run, tmp_path):
+    """The .pt2 write fails with ENOSPC half-way: one line (torch's zip writer, given the file, aborted the
+    process with a C++ `terminate called ... c10::Error`, exit 134), the earlier export and sidecar kept."""
+    out = tmp_path / "net.pt2"
+    out.write_bytes(b"old model")
+    (tmp_path / "net.pt2.json").write_text("{}")
+    before = snapshot(tmp_path)
+    proc = run_tdlrt(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path,
+                     env={"TDLRT_FAULT_DISK_FULL_IN_EXPORT": "1"}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"tdlrt: error: no space left on the device of {tmp_path} while writing net.pt2")
+    assert "free space and run the command again" in lines[0]
+    unchanged(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.pt2.json"]
 
 
 MERGE_CASES = [  # (id, chain ms, merged ms, decision)
