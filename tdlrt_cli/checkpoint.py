@@ -20,7 +20,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write ``state`` to ``path`` through a temporary file and an atomic rename: a reader (or a resumed
     run after a crash) sees either the old file or the new one, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # (not its parents: a run folder deleted meanwhile is not made again)
     faults.checkpoints_written += 1
     with atomic_file(path, "wb") as fh:
         if faults.kill_in_checkpoint == faults.checkpoints_written:  # fault injection: die mid-write

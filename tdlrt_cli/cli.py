@@ -93,18 +93,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"tdlrt: error: unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         sys.exit(2)
-    if command == "report":
-        from .report import main as report_main
+    if command in ("report", "export", "eval"):
+        from .errors import exit_on_interrupt
 
-        return report_main(rest)
-    if command == "export":
-        from .export import main as export_main
-
-        return export_main(rest)
-    if command == "eval":
-        from .evaluate import main as eval_main
-
-        return eval_main(rest)
+        with exit_on_interrupt(command):  # Ctrl-C: one line, exit 130
+            if command == "report":
+                from .report import main as entry
+            elif command == "export":
+                from .export import main as entry
+            else:
+                from .evaluate import main as entry
+            return entry(rest)
     if command == "completion" or command in ("train", "bench") and _installs_completion(rest):
         from .helptext import completion
 
@@ -127,19 +126,32 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         sys.argv = [f"tdlrt-{command}"] + rest
         return _run_hydra(entry)
-    from .train import main as entry
+    from .launch import sweep_report
+    from .train import SWEEP_FAILURES, main as entry
 
+    multirun = any(a in ("-m", "--multirun") for a in rest)
     prepared = _prepare(rest)
+    if prepared.finished:
+        print(f"tdlrt: {prepared.finished}", file=sys.stderr)
+        return
     sys.argv = [f"tdlrt-{command}"] + prepared.argv + _rank_overrides(rest)
     try:
         _run_hydra(entry)
     except SystemExit as exc:
         if exc.code == 2:  # refused after the checks above (data missing, a checkpoint that does not load)
             remove_if_fresh(prepared)
+        if multirun and exc.code:  # stopped (Ctrl-C, SIGTERM): the jobs left, and how to run them
+            left = sweep_report(prepared.sweep, SWEEP_FAILURES)
+            if left:
+                print(f"tdlrt: stopped: {left}", file=sys.stderr)
         raise
     finally:
         if prepared.run_dir is not None:
             RunLock(prepared.run_dir).release()
+    left = sweep_report(prepared.sweep, SWEEP_FAILURES) if multirun else None
+    if left:  # jobs failed (each said why as it ended); the others ran
+        print(f"tdlrt: error: {left}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _installs_completion(args: List[str]) -> bool:

@@ -1,5 +1,5 @@
 """Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2
-(an interrupted run: 130 for SIGINT, 143 for SIGTERM)."""
+(an interrupted run: 128 + the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
 import os
 import sys
 from contextlib import contextmanager
@@ -26,7 +26,7 @@ class DiskFull(UserError):
 
 
 class Interrupted(UserError):
-    """The run was stopped by SIGINT or SIGTERM after writing a checkpoint; exits 128 + the signal number."""
+    """The run was stopped by SIGINT, SIGTERM or SIGHUP after writing a checkpoint; exits 128 + the signal number."""
 
     prefix = "stopped"
 
@@ -44,5 +44,26 @@ def exit_on_user_error(*also, describe=str):
     except (UserError, *also) as exc:
         if os.environ.get("TDLRT_DEBUG"):
             raise
-        print(f"tdlrt: {getattr(exc, 'prefix', 'error')}: {describe(exc)}", file=sys.stderr)
+        try:
+            print(f"tdlrt: {getattr(exc, 'prefix', 'error')}: {describe(exc)}", file=sys.stderr)
+        except OSError:
+            pass  # no terminal any more (SIGHUP): the exit status still tells
         sys.exit(getattr(exc, "exit_code", 2))
+
+
+@contextmanager
+def exit_on_interrupt(command: str):
+    """Ctrl-C (``KeyboardInterrupt``) during `tdlrt <command>` ends as one line and exit status 130, not a
+    traceback; ``TDLRT_DEBUG=1`` raises it instead. Outputs are written complete or not at all, so an
+    interrupted command leaves each of them as it was or as its complete new version."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        try:
+            print(f"tdlrt: stopped: SIGINT during tdlrt {command}; no half-written file is left (each output is its "
+                  f"earlier version, or its complete new one)", file=sys.stderr)
+        except OSError:
+            pass
+        sys.exit(130)

@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
+from .faults import faults
 from .files import atomic_write_text, strict_json
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -263,6 +264,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
                           f"{tuple(shape)}")
     model = model.to(device).eval()
     test_loss, test_acc = evaluate(model, data.test, nullcontext, device)
+    faults.sigint_now("eval")
     result = {"source": str(path), "data": cfg.data.name, "test_acc": test_acc, "test_loss": test_loss,
               "test_examples": data.test.num_examples}
     dense = dense_reference(cfg.model.name, shape, cfg.model.width_mult, device)

@@ -10,6 +10,8 @@ run, the per-layer choices and the check that the export computes what the low-r
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import json
 import os
 import re
@@ -25,7 +27,8 @@ import torch.nn as nn
 
 from .cost import flops, timings_ms
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
-from .files import atomic_write_text, strict_json
+from .faults import faults
+from .files import atomic_write_text, disk_full_error, is_disk_full, signals_deferred, strict_json
 from .lowrank.export import conv_chain, is_factorised, merged
 from .files import remove_stale_temporaries
 from .runs import find_checkpoint, load_trained
@@ -231,8 +234,17 @@ def trace_program(net: nn.Module, example: torch.Tensor, fmt: str):
 
 
 def write_program(program, out: Path, fmt: str, metadata: dict) -> None:
+    """``.pt2``: the archive is built in memory and written with Python's file I/O, so a failed write (a full
+    disk) is an OSError; torch's zip writer, given the file, aborts the process instead (``terminate called
+    ... c10::Error``, when its destructor retries the write)."""
     if fmt == "pt2":
-        torch.export.save(program, str(out), extra_files={"tdlrt.json": json.dumps(metadata)})
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={"tdlrt.json": json.dumps(metadata)})
+        with open(out, "wb") as fh:
+            if faults.disk_full_in_export:  # fault injection: the disk fills half-way through the file
+                fh.write(buffer.getbuffer()[: buffer.tell() // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fh.write(buffer.getbuffer())
     else:
         program.save(str(out))
 
@@ -256,10 +268,14 @@ def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
         write_program(program, tmp, fmt, metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        sidecar.unlink(missing_ok=True)
-        os.replace(tmp, out)
-        atomic_write_text(sidecar, strict_json(metadata))
+        faults.sigint_now("export_write")
+        with signals_deferred():  # a Ctrl-C from here on comes once both files are in place
+            sidecar.unlink(missing_ok=True)
+            os.replace(tmp, out)
+            atomic_write_text(sidecar, strict_json(metadata))
     except (OSError, RuntimeError) as exc:  # torch reports a failed write as a RuntimeError
+        if is_disk_full(exc, out.parent):
+            raise disk_full_error(out) from None
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1][:160]
         raise UserError(f"cannot write {out} ({reason}); choose a writable out=FILE") from None
     finally:

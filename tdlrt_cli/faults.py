@@ -6,9 +6,14 @@ TDLRT_FAULT_KILL_PHASE=P         where in step N: ``after`` (default, once the s
                                  truncation of that step);
 TDLRT_FAULT_KILL_IN_CHECKPOINT=N the N-th checkpoint write dies with half of the file written;
 TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT=N  the N-th checkpoint write fails with ENOSPC (no space left);
+TDLRT_FAULT_DISK_FULL_IN_LOCK=1  writing the run folder's lock (the first file of a run) fails with ENOSPC;
+TDLRT_FAULT_DISK_FULL_IN_EXPORT=1  `tdlrt export` fails with ENOSPC half-way through writing the .pt2 file;
 TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN (TDLRT_FAULT_NAN_STEPS=K: of steps N to N+K-1);
-TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, or TERM) after
-                                 step N, as a user's Ctrl-C or a scheduler's SIGTERM would.
+TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, TERM or HUP) after
+                                 step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would;
+TDLRT_FAULT_SIGINT_AT=P          the process sends itself SIGINT (a Ctrl-C) at point P of `tdlrt export` or
+                                 `tdlrt eval`: ``export_write`` (the program written to its temporary file, not
+                                 yet renamed), ``eval`` (the test accuracy measured, the report not yet written).
 """
 from __future__ import annotations
 
@@ -22,10 +27,13 @@ class Faults:
         self.kill_phase = env.get("TDLRT_FAULT_KILL_PHASE", "after")
         self.kill_in_checkpoint = int(env.get("TDLRT_FAULT_KILL_IN_CHECKPOINT", 0))
         self.disk_full_in_checkpoint = int(env.get("TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT", 0))
+        self.disk_full_in_lock = bool(int(env.get("TDLRT_FAULT_DISK_FULL_IN_LOCK", 0)))
+        self.disk_full_in_export = bool(int(env.get("TDLRT_FAULT_DISK_FULL_IN_EXPORT", 0)))
         self.nan_at_step = int(env.get("TDLRT_FAULT_NAN_AT_STEP", 0))
         self.nan_steps = int(env.get("TDLRT_FAULT_NAN_STEPS", 1))
         self.signal_at_step = int(env.get("TDLRT_FAULT_SIGNAL_AT_STEP", 0))
         self.signal = getattr(signal, "SIG" + env.get("TDLRT_FAULT_SIGNAL", "INT"))
+        self.sigint_at = env.get("TDLRT_FAULT_SIGINT_AT", "")
         self.checkpoints_written = 0
 
     def kill_now(self, step: int, phase: str) -> bool:
@@ -37,6 +45,10 @@ class Faults:
     def signal_now(self, step: int) -> None:
         if self.signal_at_step == step:
             os.kill(os.getpid(), self.signal)
+
+    def sigint_now(self, point: str) -> None:
+        if self.sigint_at == point:
+            os.kill(os.getpid(), signal.SIGINT)
 
     @staticmethod
     def die() -> None:

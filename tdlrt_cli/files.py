@@ -45,8 +45,15 @@ def is_disk_full(exc: BaseException, folder: Path) -> bool:
 def disk_full_error(path: Path):
     from .errors import DiskFull
 
-    run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}" \
-        if path.parent.name == "checkpoints" else "; free space and run the command again"
+    run = "; free space and run the command again"
+    if path.parent.name == "checkpoints" and path.suffix == ".pt":
+        if (path.parent / "last.pt").is_file():
+            run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}"
+        else:  # nothing to resume from: the same run, started again in its folder
+            from .launch import resume_command
+
+            run = (f"; no checkpoint was written yet: free space, then start the run again in its folder: "
+                   f"{resume_command(path.parent.parent)}")
     return DiskFull(f"no space left on the device of {path.parent} while writing {path.name}: the previous "
                     f"{path.name} (if any) is kept{run}")
 
@@ -76,6 +83,28 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done: for steps that must all happen or none (a
+    file and the sidecar that describes it). Outside the main thread: no change."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in received[:1]:
+            os.kill(os.getpid(), signum)  # delivered now, to the handler that was there before
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path, "w") as fh:
@@ -96,7 +125,7 @@ def pid_alive(pid: int) -> bool:
         return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (no process has a number too large for a pid_t)
         return False
     except OSError:
         pass  # it exists, another user's

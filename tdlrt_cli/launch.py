@@ -17,8 +17,11 @@ and returns the command line to hand to Hydra. A resumed session's Hydra files g
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import sys
@@ -29,7 +32,8 @@ from typing import List, Optional, Tuple
 
 from .config import CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
-from .files import pid_alive
+from .faults import faults
+from .files import is_disk_full, pid_alive, remove_stale_temporaries
 
 # Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
 # (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
@@ -43,6 +47,13 @@ HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "-
                "--version", "--run", "-r", "--package", "-p", "--resolve", "--config-path", "-cp",
                "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
 LOCK_NAME = ".lock"
+LOCK_TEMPORARY = re.compile(r"^\.lock\.(?P<pid>\d+)\.tmp$")  # a lock being written (by that process)
+
+
+def stale_lock_temporary(path: Path) -> bool:
+    """A lock temporary whose process is gone (killed, or stopped by a full disk before it could remove it)."""
+    match = LOCK_TEMPORARY.match(path.name)
+    return bool(match) and not pid_alive(int(match.group("pid")))
 
 
 def is_free(key: str) -> bool:
@@ -50,6 +61,17 @@ def is_free(key: str) -> bool:
 
 
 # --------------------------------------------------------------------------- one writer per run folder
+
+MAX_PID = 2 ** 31 - 1  # the largest a pid_t holds (Linux allows up to 2**22)
+
+
+class DamagedLock(ConfigError):
+    """A ``.lock`` that no tdlrt process wrote as it is: which process holds the folder cannot be told."""
+
+    def __init__(self, lock: "RunLock", why: str):
+        super().__init__(f"{lock.path} is a damaged lock ({why}); if no tdlrt command is writing {lock.run_dir}, "
+                         f"remove {lock.path} and run the command again")
+
 
 @dataclass
 class RunLock:
@@ -64,18 +86,31 @@ class RunLock:
         return Path(self.run_dir) / LOCK_NAME
 
     def holder(self) -> Optional[dict]:
+        """The lock's record, None without a lock; a lock that is not one tdlrt writes (a folder, unreadable,
+        not JSON, a PID that is not a positive number a process can have) raises :class:`DamagedLock`."""
         try:
             data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else {}
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
-            return {}  # unreadable: a writer killed mid-write; nobody can be holding it
+        except IsADirectoryError:
+            raise DamagedLock(self, "it is a folder") from None
+        except OSError as exc:
+            raise DamagedLock(self, f"unreadable: {exc.strerror or exc}") from None
+        except ValueError:
+            raise DamagedLock(self, "not the JSON record tdlrt writes") from None
+        if not isinstance(data, dict):
+            raise DamagedLock(self, "not the JSON record tdlrt writes")
+        pid = data.get("pid")
+        if type(pid) is not int or not 0 < pid <= MAX_PID:
+            raise DamagedLock(self, f"its pid {json.dumps(pid)} is not a process id")
+        if not isinstance(data.get("host", ""), str):
+            raise DamagedLock(self, f"its host {json.dumps(data['host'])} is not a host name")
+        return data
 
     def check(self) -> None:
-        """Raise if a live process other than this one holds the folder."""
+        """Raise if a live process other than this one holds the folder (or the lock is damaged)."""
         held = self.holder()
-        if not held or self._mine(held):
+        if held is None or self._mine(held):
             return
         if held.get("host") == socket.gethostname() and not pid_alive(held["pid"]):
             return
@@ -91,8 +126,16 @@ class RunLock:
         tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
         try:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record))
+            remove_stale_temporaries(self.run_dir, LOCK_TEMPORARY)
+            with open(tmp, "w") as fh:
+                if faults.disk_full_in_lock:  # fault injection: the disk is full when the run starts
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                fh.write(json.dumps(record))
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc, Path(self.run_dir)):
+                raise ConfigError(f"no space left on the device of {self.run_dir}: cannot start the run there; "
+                                  f"free space and run the command again") from None
             raise ConfigError(f"cannot write the run folder {self.run_dir} ({exc.strerror or exc}); choose a "
                               f"writable hydra.run.dir") from None
         try:
@@ -113,7 +156,11 @@ class RunLock:
         return bool(held) and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
 
     def release(self) -> None:
-        if self._mine(self.holder()):
+        try:
+            mine = self._mine(self.holder())
+        except DamagedLock:
+            return  # not this process's record: leave it to the user
+        if mine:
             self.path.unlink(missing_ok=True)
 
 
@@ -243,6 +290,8 @@ class Prepared:
     argv: List[str]                        # what Hydra gets
     run_dir: Optional[Path] = None         # run mode: the folder, locked by this process
     fresh: Optional[Path] = None           # the highest folder this command creates (removed if it fails early)
+    finished: Optional[str] = None         # the run is finished and nothing is to be done: why (nothing runs)
+    sweep: Optional["Sweep"] = None        # -m: the jobs, to say at the end which did not finish
 
 
 def run_folder_of(ckpt: Path) -> Optional[Path]:
@@ -261,15 +310,16 @@ def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = T
     stamp = stamp or time.strftime("%Y-%m-%d_%H-%M-%S")
     with Composer() as compose:
         if multirun:
-            sweep_dir = _check_sweep(compose, overrides)
+            sweep_dir, jobs = _check_sweep(compose, overrides)
             pin = [f"hydra.sweep.dir={_quote(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
                 is None else []  # the folder checked and made here (its name holds the time)
-            return Prepared(args + pin)
+            return Prepared(args + pin, sweep=Sweep(sweep_dir, jobs, bool(pin)) if sweep_dir else None)
         return _prepare_run(compose, overrides, stamp, writer)
 
 
-def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
-    """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder."""
+def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tuple[str, Path]]]:
+    """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder.
+    Returns it and every job's swept overrides and folder (None and none for a sweeper that picks its jobs)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     if _value(overrides, "resume") is not None:
@@ -280,23 +330,27 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
                           f"cluster's login node, or use hydra/launcher=local on this machine")
     sweeper = _value(overrides, "hydra/sweeper")
     if sweeper not in (None, "basic"):
-        return None  # another sweeper chooses its jobs as it goes
+        return None, []  # another sweeper chooses its jobs as it goes
     jobs = [job for batch in BasicSweeper.split_arguments(_parse(overrides), None) for job in batch]
+    swept = [o.input_line.split("=", 1)[0] for o in _parse(overrides) if o.is_sweep_override()]
+    listed = []
     for number, job in enumerate(jobs):
+        mine = [j for j in job if j.split("=", 1)[0] in swept]
         try:
             cfg = compose(job)
             train_config(cfg)
             cfg.hydra.job.num = number
             job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+            check_names(job_dir.parent, "hydra.sweep.dir" if _value(overrides, "hydra.sweep.dir") else "task_name")
+            check_names(job_dir, "hydra.sweep.subdir")
             last = job_dir / "checkpoints" / "last.pt"
             RunLock(job_dir).check()
             if last.is_file() and cfg.checkpoint.auto_resume:
                 drift = config_drift(saved_config(last)[0], train_config(cfg))
                 if drift:
                     raise ConfigError(f"{job_dir} holds a run with other settings: {describe_drift(drift)}")
+            listed.append((" ".join(mine), str(cfg.hydra.sweep.subdir)))
         except Exception as exc:
-            swept = [o.input_line for o in _parse(overrides) if o.is_sweep_override()]
-            mine = [j for j in job if any(j.split("=", 1)[0] == s.split("=", 1)[0] for s in swept)]
             exc.args = (f"sweep job {number} ({' '.join(mine) or 'its overrides'}) of {len(jobs)}: {_message(exc)}",)
             raise ConfigError(*exc.args) from None
     if jobs:  # every job checked: the sweep folder may be made now (Hydra would make it next)
@@ -306,8 +360,36 @@ def _check_sweep(compose, overrides: List[str]) -> Optional[Path]:
         except OSError as exc:
             raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be created ({exc.strerror or exc}); choose a "
                               f"writable folder") from None
-        return sweep_dir
-    return None
+        return sweep_dir, [(swept_here, sweep_dir / subdir) for swept_here, subdir in listed]
+    return None, []
+
+
+@dataclass
+class Sweep:
+    """A sweep (``-m``) checked before its first job: its folder and each job's swept overrides and folder."""
+    folder: Path
+    jobs: List[Tuple[str, Path]]
+    pinned: bool  # the command did not name hydra.sweep.dir (its name holds the time)
+
+
+def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Optional[str]:
+    """One line on the jobs of a sweep that did not finish (no summary.json: failed, stopped, never started)
+    and how to run them; None when all finished. ``failed``: (number, folder) of the jobs that ended with an
+    error in this process (a sweeper's own jobs, which ``sweep`` does not list)."""
+    jobs = list(sweep.jobs) if sweep is not None else []
+    left = [f"job {n} ({swept or 'its overrides'})" for n, (swept, folder) in enumerate(jobs)
+            if not (folder / "summary.json").is_file()]
+    listed = {folder.resolve() for _, folder in jobs}
+    others = [f"job {n} ({folder})" for n, folder in failed if folder.resolve() not in listed]
+    left += others
+    if not left:
+        return None
+    total = f" of {len(jobs)}" if jobs and not others else ""  # (a sweeper's jobs are not counted before)
+    again = f"the same command with hydra.sweep.dir={sweep.folder}" if sweep is not None and sweep.pinned else \
+        "the same command"
+    shown = ", ".join(left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+    return (f"{len(left)}{total} sweep jobs did not finish: {shown}; once the cause is fixed, {again} runs "
+            f"them (finished jobs are skipped, stopped ones resume)")
 
 
 def _message(exc: BaseException) -> str:
@@ -329,8 +411,12 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if target is not None:
         path = Path(target).expanduser()
         key = "resume" if resume is not None else "ckpt_path"
-        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-        if not ckpt.is_file():
+        try:
+            ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+            found = ckpt.is_file()
+        except OSError as exc:  # a name too long, a folder that cannot be read
+            raise CheckpointError(f"checkpoint not found: {key}={target} ({exc.strerror or exc})") from None
+        if not found:
             raise CheckpointError(f"checkpoint not found: {key}={target}" + (
                 " (the folder has no checkpoints/last.pt)" if path.is_dir() else " (no such file or run folder)"))
         ckpt = ckpt.resolve()
@@ -344,6 +430,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if folder is None:
         raise ConfigError("hydra.run.dir= is empty; give a folder for the run (or leave it out for a new one "
                           "under outputs/)")
+    check_names(folder, "hydra.run.dir" if _value(mine, "hydra.run.dir") is not None else "task_name")
     if run_dir is None and ckpt is None:  # auto-resume: the same job started again in its folder
         last = folder / "checkpoints" / "last.pt"
         if last.is_file():
@@ -374,6 +461,10 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         if resumed["epochs"] < done and resumed["method"]["name"] != "imp":
             raise ConfigError(f"epochs={resumed['epochs']} but the run in {run_dir or ckpt} has completed {done} "
                               f"epochs (a resume may extend epochs, not shorten them)")
+        if run_dir is not None and done >= resumed["epochs"] and resumed["method"]["name"] != "imp" \
+                and (run_dir / "summary.json").is_file():
+            return Prepared(mine, finished=(f"{run_dir} is finished ({done} of {resumed['epochs']} epochs, summary.json "
+                                            f"written): nothing to do, nothing was changed (a larger epochs= extends it)"))
         if run_dir is not None:
             mine += [f"hydra.run.dir={_quote(str(run_dir))}"]
             folder = run_dir
@@ -385,7 +476,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         train_config(cfg)
         if writer:
             RunLock(folder).check()
-        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME for p in folder.iterdir())) \
+        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME and not stale_lock_temporary(p)
+                                                                     for p in folder.iterdir())) \
                 and not (folder / ".hydra").is_dir():
             raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
     if not writer:
@@ -394,8 +486,27 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
         mine += [f"hydra.run.dir={_quote(str(folder))}"]
     fresh = _first_missing(folder)
-    RunLock(folder).acquire()
+    try:
+        RunLock(folder).acquire()
+    except ConfigError:
+        _remove_empty(folder, fresh)  # the folders made for it (a full disk); never one another process uses
+        raise
     return Prepared(mine, folder, fresh)
+
+
+def _remove_empty(folder: Path, top: Optional[Path]) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    if top is None:
+        return
+    path = Path(folder).absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top or path == path.parent:
+            return
+        path = path.parent
 
 
 def _original_overrides(run_dir: Path) -> List[str]:
@@ -410,6 +521,51 @@ def _original_overrides(run_dir: Path) -> List[str]:
     except Exception:
         raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume from
+    its last.pt; without one, the run starts again there)."""
+    overrides = []
+    try:
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
+    except Exception:  # no Hydra files (library use): the folder alone
+        pass
+    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
+            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
+    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
+
+
+def check_names(folder: Path, key: str) -> None:
+    """Refuse a folder the file system cannot hold, by its name alone (before any file call, which would fail
+    with "File name too long"): a part of the path longer than a name may be there (NAME_MAX bytes, 255 on
+    most), or a path so long that the files written inside it would pass PATH_MAX."""
+    path = Path(folder).expanduser().absolute()
+    existing, name_max = Path(path.anchor), 255
+    for part in path.parts[1:]:
+        if existing is not None:
+            name_max = _pathconf(existing, "PC_NAME_MAX", name_max)
+        size = len(os.fsencode(part))
+        if size > name_max:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-8:]
+            raise ConfigError(f"{key}: the folder name {shown!r} is {size} bytes long, more than the {name_max} a "
+                              f"name may have on this file system; choose a shorter {key}")
+        if existing is not None:
+            existing = existing / part if (existing / part).is_dir() else None  # the rest is yet to be made
+    path_max = _pathconf(Path(path.anchor), "PC_PATH_MAX", 4096)
+    size = len(os.fsencode(str(path)))
+    if size + 256 > path_max:  # room for the longest name written inside
+        raise ConfigError(f"{key}: the folder's path is {size} bytes long; the files in it would pass the "
+                          f"{path_max} bytes a path may have on this file system; choose a shorter {key}")
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError):
+        return default
 
 
 def check_writable(folder: Path, key: str) -> None:
@@ -437,7 +593,10 @@ def remove_if_fresh(prepared: Optional[Prepared]) -> None:
     run = prepared.run_dir
     if any((run / "checkpoints").glob("*.pt")) or (run / "metrics.csv").exists() or (run / "summary.json").exists():
         return  # it trained something: keep it
-    held = RunLock(prepared.run_dir).holder()
+    try:
+        held = RunLock(prepared.run_dir).holder()
+    except DamagedLock:
+        return  # not this command's lock: leave the folder as it is
     if held and not RunLock._mine(held):
         return  # another process writes there now
     shutil.rmtree(prepared.fresh, ignore_errors=True)

@@ -43,7 +43,14 @@ class Console:
         self.log = log
 
     def __call__(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except OSError:
+            pass  # the terminal is gone (SIGHUP): the run goes on to its checkpoint, the log keeps the line
+        self.record(line)
+
+    def record(self, line: str) -> None:
+        """The line in train.log only."""
         if self.log is not None:
             try:
                 with open(self.log, "a") as fh:

@@ -344,6 +344,37 @@ def _run_folders(base: Path) -> Iterable[Path]:
     return sorted(found)
 
 
+PERCENT = (0.0, 100.0)
+COMPRESSION = (-1000.0, 100.0)  # below 0: more parameters than the dense network (a Tucker layer at full rank)
+
+
+def metric(summary: dict, key: str, bounds: Tuple[float, float], where: str = "") -> Optional[float]:
+    """``summary[key]`` as a float, None when absent or null; a value that is not a number (``true``, a
+    string), not finite (``1e400`` reads as inf) or outside ``bounds`` raises ValueError: the run is damaged."""
+    value = summary.get(key)
+    name = where + key
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={json.dumps(value)} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not finite")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name}={value:g} is outside [{bounds[0]:g}, {bounds[1]:g}]")
+    return float(value)
+
+
+def check_metrics(s: dict) -> None:
+    """Refuse a summary.json whose numbers a table or plot would use cannot be a run's (see :func:`metric`)."""
+    for key, bounds in (("test_acc", PERCENT), ("best_test_acc", PERCENT), ("compression_rate", COMPRESSION),
+                        ("wall_time_s", (0.0, math.inf))):
+        metric(s, key, bounds)
+    if s.get("compression_rate") is None:
+        raise KeyError("compression_rate")
+    if isinstance(s.get("selected"), dict):
+        metric(s["selected"], "test_acc", PERCENT, where="selected.")
+
+
 def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
     """Finished runs (summary.json) and unfinished run folders (no summary.json) under the paths."""
     runs, unfinished, seen = [], [], set()
@@ -361,6 +392,7 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
                 if s.get("test_acc") is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
                     unfinished.append(empty_run(f.parent, s))
                     continue
+                check_metrics(s)
                 best = s.get("best_test_acc")
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
                                 int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -28,7 +27,7 @@ from .data import build_data
 from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
-from .launch import RunLock, config_drift, describe_drift
+from .launch import RunLock, config_drift, describe_drift, resume_command
 from .logs import Console, RunLogger
 from .lowrank import LowRankLayer, NonFiniteCore, orthonormality_error
 from .methods import factorise, method_of
@@ -141,9 +140,10 @@ class Diverged(UserError):
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during training: the current step finishes,
-    ``last.pt`` is written, and the run stops with one line naming the command that resumes it. A second
-    signal stops at once (the last checkpoint written stays the one to resume from)."""
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's pre-emption) and SIGHUP (the terminal closed) during training:
+    the current step finishes, ``last.pt`` is written, and the run stops with one line naming the command that
+    resumes it (also written to train.log: after SIGHUP nobody reads stderr). A second signal stops at once
+    (the last checkpoint written stays the one to resume from)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -151,7 +151,7 @@ class StopSignals:
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -179,20 +179,6 @@ class StopRequested(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(signum, step)
         self.signum, self.step = signum, step
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume)."""
-    overrides = []
-    try:
-        from omegaconf import OmegaConf
-
-        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
-    except Exception:  # no Hydra files (library use): the folder alone
-        pass
-    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
-            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
-    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -487,11 +473,41 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -
     set_threads(cfg.threads)
     run_dir = Path(run_dir)
     lock = RunLock(run_dir).acquire() if dist.main else None  # one writer per run folder
+    thread_hook = threading.excepthook
+
+    def quiet_if_folder_gone(args) -> None:  # TensorBoard's writer thread, say: the main thread reports it
+        if not (issubclass(args.exc_type, OSError) and not run_dir.is_dir()):
+            thread_hook(args)
+
+    threading.excepthook = quiet_if_folder_gone
     try:
         return _train(cfg, run_dir, config_dict, dist, device, start_time)
+    except Exception:
+        if dist.main and not run_dir.is_dir():  # whatever failed, it failed because the folder went away
+            raise UserError(f"the run folder {run_dir} disappeared during the run (deleted or moved): stopped, "
+                            f"nothing more can be written there; start the run again") from None
+        raise
     finally:
         if lock is not None:
             lock.release()
+        if run_dir.is_dir():  # (gone: writer threads may still fail on their way out; keep them quiet)
+            threading.excepthook = thread_hook
+
+
+def finished_summary(run_dir: Path, resume: Optional[dict], ckpt_path: Optional[str], epochs: int) -> Optional[dict]:
+    """The summary of a run resumed from its own last.pt that has nothing left to train (all ``epochs`` done,
+    summary.json written); None otherwise (also when summary.json does not parse: the run writes it anew)."""
+    import json
+
+    if resume is None or int(resume.get("epoch", 0)) < epochs or resume.get("position") or resume.get("method") == "imp":
+        return None
+    if Path(ckpt_path).resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "test_acc" in summary else None
 
 
 def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,
@@ -504,9 +520,16 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); resume it with "
                               f"resume={run_dir} or start in another folder")
         cfg.ckpt_path = str(left_behind)
-        say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
     method = method_of(cfg)  # what the method adds to the loop (integrator, pruning, rounds)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    done = dist.broadcast_object(finished_summary(run_dir, resume, cfg.ckpt_path, method.epochs()) if dist.main else None)
+    if done is not None:  # (a sweep run again: its finished jobs; the CLI says so before Hydra for a single run)
+        if dist.main:
+            print(f"tdlrt: {run_dir} is finished ({resume['epoch']} of {method.epochs()} epochs, summary.json "
+                  f"written): nothing to do; its checkpoints, logs and summary are left as they are", file=sys.stderr)
+        return done
+    if left_behind:
+        say(f"{left_behind} is there: continuing that run (checkpoint.auto_resume=false turns this off)")
     if resume is not None and not method.resumable:
         raise ConfigError(f"method={cfg.method.name} runs cannot be resumed (masks and rewind point are not "
                           f"checkpointed); start it again in a new folder")
@@ -548,6 +571,11 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     # best.pt: the epoch with the best validation accuracy (data.val_split > 0), else the best test accuracy
     select_by = "val_acc" if data.val is not None else "test_acc"
     start_epoch, global_step, best, position = 0, 0, {"metric": -1.0, "max_test": -1.0, "selected": None}, None
+    before = float(resume.get("elapsed_s") or 0.0) if resume is not None else 0.0  # earlier sessions' wall time
+
+    def elapsed() -> float:
+        """The run's wall time: the earlier sessions' (up to the checkpoint resumed from) and this one's."""
+        return before + time.time() - start_time
     skip_budget = [cfg.nan_max_skips]  # nan_policy=skip: the steps the run may still skip
     ckpt_dir = run_dir / "checkpoints"
     if resume is not None:
@@ -559,6 +587,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             repair_best(resume, ckpt_dir, say)
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
+        # (a run started again in its folder before it wrote a checkpoint logs from the start: RunLogger)
         logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
                            resume_step=global_step if resume is not None else None)
         remove_stale_temporaries(ckpt_dir)
@@ -569,7 +598,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         if dist.main:
             save_checkpoint(checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, pos["epoch"],
                                              pos["global_step"], best, pos, shape,
-                                             skipped_steps=cfg.nan_max_skips - skip_budget[0]), ckpt_dir / "last.pt")
+                                             skipped_steps=cfg.nan_max_skips - skip_budget[0], elapsed_s=elapsed()),
+                            ckpt_dir / "last.pt")
 
     test_loss, test_acc = float("nan"), float("nan")
     full_shapes = {n: list(m.full_shape) for n, m in model.named_modules() if hasattr(m, "full_shape")}
@@ -578,12 +608,15 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                            "compression/rate": parameter_report(model)["compression_rate"]})
     for line in start_block(cfg, run_dir, data, model, total_epochs, device, start_epoch if resume is not None else None):
         say(line)
-    stop = StopSignals().install()  # Ctrl-C / SIGTERM: finish the step, write last.pt, one line, exit 130/143
+    stop = StopSignals().install()  # Ctrl-C / SIGTERM / SIGHUP: finish the step, write last.pt, one line, exit 128+N
 
     def stopped(signum: int, step: int, epoch: int) -> Interrupted:
         logger.close()
-        return Interrupted(f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {ckpt_dir / 'last.pt'} "
-                           f"written; resume with: {resume_command(run_dir)}", signum)
+        line = (f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {ckpt_dir / 'last.pt'} "
+                f"written; resume with: {resume_command(run_dir)}")
+        if isinstance(say, Console):
+            say.record(f"tdlrt: stopped: {line}")
+        return Interrupted(line, signum)
 
     try:
         for epoch in range(start_epoch, total_epochs):
@@ -638,7 +671,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                                  if improved else best["selected"]),
                     "ranks": ranks_now}
             state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
-                                     best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0])
+                                     best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0],
+                                     elapsed_s=elapsed())
             if dist.main:  # last.pt first: if a kill comes before best.pt, last.pt is the best and a resume copies it
                 save_checkpoint(state, ckpt_dir / "last.pt")
                 if improved:
@@ -669,7 +703,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": total_epochs, "steps": global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned,
-        **flops_per_image(model, example), "wall_time_s": time.time() - start_time,
+        **flops_per_image(model, example), "wall_time_s": elapsed(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "run_dir": str(run_dir), "config": config_dict,
         "provenance": provenance(start_time),
@@ -715,12 +749,14 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
 
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
-                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0) -> dict:
+                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0,
+                     elapsed_s: float = 0.0) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
-    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch."""
+    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch; ``elapsed_s``:
+    the run's wall time so far, over all its sessions (a resumed run's summary adds its own)."""
     return {
         "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
-        "position": position, "skipped_steps": skipped_steps,
+        "position": position, "skipped_steps": skipped_steps, "elapsed_s": elapsed_s,
         "data_shape": list(data_shape) if data_shape else None,
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -775,6 +811,9 @@ def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
 
 # --------------------------------------------------------------------------- Hydra entry point
 
+SWEEP_FAILURES: list = []  # (job number, folder) of the sweep jobs that ended with an error in this process
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -786,12 +825,21 @@ def main() -> None:
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"tdlrt: warning: {message}\n"
 
     @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-    def _run(cfg) -> float:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    def _run(cfg) -> Optional[float]:
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            with exit_on_user_error():
+            with exit_on_user_error(describe=lambda exc: f"sweep job {hydra_cfg.job.num} ({run_dir}): {exc}"
+                                    if hydra_cfg.mode == RunMode.MULTIRUN else str(exc)):
                 tc = from_dictconfig(cfg)
                 summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        except SystemExit as exc:
+            if exc.code == 2 and hydra_cfg.mode == RunMode.MULTIRUN:
+                SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
+                return None  # the job's error is printed; the sweep goes on, and says at the end what did not finish
+            raise
         except KeyboardInterrupt:  # Ctrl-C outside the training loop (data loading, the final report)
             last = run_dir / "checkpoints" / "last.pt"
             where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"

@@ -196,6 +196,47 @@ def test_report_lists_empty_and_damaged_runs_and_never_marks_them(tmp_path):
     assert "empty (0 epochs)" in states["zero"] and "damaged summary.json" in states["broken"]
 
 
+ABSURD_METRICS = [  # (run, what replaces the good number in summary.json, the warning's words)
+    ("huge-acc", ('"test_acc": 50.0', '"test_acc": 1e308'), "test_acc=1e+308 is outside [0, 100]"),
+    ("overflowing-acc", ('"test_acc": 50.0', '"test_acc": 1e400'), "test_acc=inf is not finite"),
+    ("bool-acc", ('"test_acc": 50.0', '"test_acc": true'), "test_acc=true is not a number"),
+    ("text-acc", ('"test_acc": 50.0', '"test_acc": "50.0"'), 'test_acc="50.0" is not a number'),
+    ("nan-best", ('"best_test_acc": 50.0', '"best_test_acc": NaN'), "best_test_acc=nan is not finite"),
+    ("negative-acc", ('"best_test_acc": 50.0', '"best_test_acc": -3'), "best_test_acc=-3 is outside [0, 100]"),
+    ("huge-cr", ('"compression_rate": 90.0', '"compression_rate": 1e308'), "compression_rate=1e+308 is outside"),
+    ("cr-above-100", ('"compression_rate": 90.0', '"compression_rate": 101'), "compression_rate=101 is outside"),
+    ("selected-acc", ('"epochs": 1', '"epochs": 1, "selected": {"by": "val_acc", "test_acc": 1e300}'),
+     "selected.test_acc=1e+300 is outside [0, 100]"),
+    ("text-wall-time", ('"epochs": 1', '"epochs": 1, "wall_time_s": "long"'), 'wall_time_s="long" is not a number'),
+]
+
+
+def test_report_lists_runs_with_absurd_metrics_as_damaged_and_never_marks_them(tmp_path):
+    """Non-finite, out-of-range or non-numeric metrics in summary.json (by hand, or another tool's writer) make
+    the run damaged: a warning naming the key, listed apart, in no row or plot; the other runs are reported."""
+    runs = tmp_path / "runs"
+    finished_run(runs / "good", 40.0)
+    finished_run(runs / "negative-cr", 30.0, compression_rate=-25.0, config=dict(CONFIG, tau=0.3))  # a real one
+    for name, (old, new), _ in ABSURD_METRICS:
+        summary = finished_run(runs / name, 50.0, config=dict(CONFIG, tau=0.2)) / "summary.json"
+        text = summary.read_text()
+        assert old in text
+        summary.write_text(new.join(text.rsplit(old, 1)))  # the summary's own key (after the config's)
+    out = tmp_path / "rep"
+    proc = run_tdlrt(["report", str(runs), f"out={out}"], tmp_path)
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == len(ABSURD_METRICS) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name, _, words in ABSURD_METRICS:
+        line = next((w for w in warnings if f"{os.sep}{name}{os.sep}summary.json" in w), "")
+        assert line.startswith("tdlrt: warning: skipping") and words in line and "listed as damaged" in line, line
+    assert "2 runs in 2 rows" in proc.stdout
+    md = (out / "table.md").read_text()
+    assert "**40.00 ± 0.00**" in md and "50.00" not in md.split("Unfinished")[0]
+    states = {os.path.basename(r.split(",")[0]): r for r in (out / "unfinished.csv").read_text().splitlines()[1:]}
+    assert set(states) == {name for name, _, _ in ABSURD_METRICS}
+    assert all("damaged summary.json" in state for state in states.values())
+
+
 def test_report_writes_plots_atomically_and_removes_stale_temporaries(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
@@ -282,10 +323,27 @@ def test_a_failed_export_write_keeps_the_old_files_and_no_temporary(tmp_path):
     out = tmp_path / "net.onnx"
     out.write_bytes(b"old model")
     (tmp_path / "net.onnx.json").write_text("{}")
-    with pytest.raises(UserError, match="cannot write .*net.onnx.*No space left"):
+    with pytest.raises(UserError, match="no space left on the device of .* while writing net.onnx"):
         write_atomically(FailingProgram(), out, "onnx", {"x": 1})
     assert out.read_bytes() == b"old model" and (tmp_path / "net.onnx.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.json"]
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_files(trained_run, tmp_path):
+    """The .pt2 write fails with ENOSPC half-way: one line (torch's zip writer, given the file, aborted the
+    process with a C++ `terminate called ... c10::Error`, exit 134), the earlier export and sidecar kept."""
+    out = tmp_path / "net.pt2"
+    out.write_bytes(b"old model")
+    (tmp_path / "net.pt2.json").write_text("{}")
+    before = snapshot(tmp_path)
+    proc = run_tdlrt(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path,
+                     env={"TDLRT_FAULT_DISK_FULL_IN_EXPORT": "1"}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"tdlrt: error: no space left on the device of {tmp_path} while writing net.pt2")
+    assert "free space and run the command again" in lines[0]
+    unchanged(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.pt2.json"]
 
 
 MERGE_CASES = [  # (id, chain ms, merged ms, decision)
@@ -347,3 +405,37 @@ def test_eval_reports_latency_median_and_iqr(trained_run, tmp_path):
         for b in (1, 128):
             assert cost[side][f"latency_ms_batch{b}"] > 0 and cost[side][f"latency_iqr_ms_batch{b}"] >= 0
     assert "median [IQR]" in proc.stdout
+
+
+# --------------------------------------------------------------------------- Ctrl-C during export and eval
+
+def stopped_by_ctrl_c(args, cwd, point):
+    """Run ``tdlrt args`` with a Ctrl-C (SIGINT) at ``point``: exit 130, one `tdlrt: stopped:` line."""
+    proc = run_tdlrt(args, cwd, env={"TDLRT_FAULT_SIGINT_AT": point}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"tdlrt: stopped: SIGINT during tdlrt {args[0]}"), proc.stderr[-2000:]
+    return proc
+
+
+def test_ctrl_c_during_export_is_one_line_and_keeps_the_earlier_files(trained_run, tmp_path):
+    """Interrupted with the new program written to its temporary file: the earlier export and its sidecar stay
+    as they were, no temporary is left; with no earlier export, no file at all."""
+    out = tmp_path / "net.pt2"
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"old model")
+    (tmp_path / "net.pt2.json").write_text("{}")
+    before = snapshot(tmp_path)
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    unchanged(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.pt2.json"]
+
+
+def test_ctrl_c_during_eval_is_one_line_and_writes_no_report(trained_run, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text('{"old": 1}')
+    before = snapshot(tmp_path)
+    stopped_by_ctrl_c(["eval", str(trained_run), "latency=false", f"out={out}"], tmp_path, "eval")
+    unchanged(before)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -110,12 +110,12 @@ def test_two_runs_never_share_a_folder(tmp_path):
     assert len(run_dirs(tmp_path / "outputs")) == 2
 
 
-@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143), ("HUP", 129)])
 def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resumes_bitwise(tmp_path, straight,
                                                                                            sig, code):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM after step 6 (mid-epoch 2): the step finishes, last.pt holds
-    step 6, one line says how to resume, exit 128 + signal; the command it names ends where the straight
-    run ends, bitwise."""
+    """Ctrl-C (SIGINT), a scheduler's SIGTERM or a closed terminal's SIGHUP after step 6 (mid-epoch 2): the
+    step finishes, last.pt holds step 6, one line (also in train.log) says how to resume, exit 128 + signal;
+    the command it names ends where the straight run ends, bitwise."""
     import shlex
 
     stopped = run_tdlrt(ARGS, tmp_path, env={"TDLRT_FAULT_SIGNAL_AT_STEP": "6", "TDLRT_FAULT_SIGNAL": sig},
@@ -127,6 +127,7 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resum
     (run,) = run_dirs(tmp_path / "outputs")
     state = final_state(run)
     assert (state["epoch"], state["global_step"]) == (1, 6) and state["position"]["batch"] == 2
+    assert (run / "train.log").read_text().strip().endswith(line)  # read after a closed terminal (SIGHUP)
     command = shlex.split(line.split("resume with: ", 1)[1])
     assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
     run_tdlrt(command[1:], tmp_path)
@@ -153,3 +154,59 @@ def test_a_run_killed_before_its_first_checkpoint_and_started_again_logs_each_ro
     with open(folder / "metrics.csv", newline="") as fh:
         epochs = [row["epoch"] for row in csv.DictReader(fh)]
     assert epochs == ["1", "2", "3"]
+
+
+def test_a_full_disk_at_the_first_checkpoint_prints_a_command_that_works(tmp_path):
+    """The first checkpoint write fails with ENOSPC: there is no last.pt to resume from, so the line names the
+    command that starts the run again in its folder; running it finishes the run there, logging each epoch once."""
+    import shlex
+
+    args = ["train", *TINY, "method=tdlrt", "epochs=1", "tau=0.3"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT": "1"}, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("tdlrt: error: no space left on the device") and "no checkpoint was written yet" in line
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert not (run / "checkpoints" / "last.pt").exists()
+    command = shlex.split(line.split("start the run again in its folder: ", 1)[1])
+    assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
+    run_tdlrt(command[1:], tmp_path)
+    assert run_dirs(tmp_path / "outputs") == [run]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+    assert [r.split(",")[0] for r in (run / "metrics.csv").read_text().splitlines()] == ["epoch", "1"]
+    rows = [tuple(r.split(",")[:3:2]) for r in (run / "ranks_steps.csv").read_text().splitlines()[1:]]
+    assert rows and len(rows) == len(set(rows))  # (step, layer): each once
+
+
+@pytest.mark.parametrize("method", ["tdlrt", "dense"])
+def test_the_run_folder_deleted_during_training_is_one_line(tmp_path, method):
+    """The run folder is deleted after the first epoch: the next write fails, and the run stops with one line
+    saying the folder disappeared (not Hydra's "Error executing job" over a FileNotFoundError); nothing makes
+    the folder again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    args = [*cmd, "train", *TINY, f"method={method}", "epochs=200", "cost_report=false", "hydra.run.dir=run"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "run").rename(tmp_path / "gone")  # as `rm -r` would, atomically (the run keeps writing)
+        shutil.rmtree(tmp_path / "gone")
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err and "Error executing job" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line == (f"tdlrt: error: the run folder {tmp_path / 'run'} disappeared during the run (deleted or "
+                    f"moved): stopped, nothing more can be written there; start the run again")
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,31 @@ def test_resume_restores_the_runs_own_config(run, tmp_path, how):
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("how", ["resume={run}", "hydra.run.dir={run}"])
+def test_a_finished_run_resumed_with_its_epochs_says_so_and_changes_nothing(run, tmp_path, how):
+    before = snapshot(run)
+    proc = run_tdlrt(["train", how.format(run=run), "epochs=1", *([] if how.startswith("resume") else RUN)], tmp_path)
+    assert proc.stderr.strip().splitlines()[-1] == (f"tdlrt: {run} is finished (1 of 1 epochs, summary.json written): "
+                                                    f"nothing to do, nothing was changed (a larger epochs= extends it)")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_wall_time_is_the_runs_total_over_its_sessions(run, tmp_path):
+    """The checkpoint carries the wall time so far; a resumed run's summary adds its own session to it."""
+    from tdlrt_cli.checkpoint import save_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    first = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    assert 0 < state["elapsed_s"] <= first
+    state["elapsed_s"] = 1000.0  # as if the first session had taken 1000 s to its checkpoint
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, last)
+    run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
+    total = json.loads((run / "summary.json").read_text())["wall_time_s"]
+    resumed = torch.load(last, weights_only=True)["elapsed_s"]
+    assert 1000 < resumed <= total < 1000 + 300
+
+
 def test_a_resume_keeps_the_epochs_it_was_last_extended_to(run, tmp_path):
     run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
     run_tdlrt(["train", f"resume={run}", "progress=false"], tmp_path)  # no epochs=: the run's 2, not the first 1
@@ -111,6 +136,21 @@ def test_refused_input_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+LONG = "n" * 300  # more than the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hydra.run.dir=sub/" + LONG], "hydra.run.dir: the folder name 'nnnnnnnnnnnnnnnnnnnn...nnnnnnnn' is 300 bytes"),
+    (["task_name=" + LONG], "task_name: the folder name"),
+    (["-m", "hydra.sweep.dir=sub/" + LONG], "hydra.sweep.dir: the folder name"),
+    (["-m", "hydra.sweep.subdir=" + LONG], "hydra.sweep.subdir: the folder name"),
+    (["resume=" + LONG], "checkpoint not found: resume=nnn"),
+], ids=["run-dir", "task-name", "sweep-dir", "sweep-subdir", "resume"])
+def test_a_folder_name_too_long_is_one_line_before_anything_is_written(tmp_path, args, needle):
+    one_line(run_tdlrt(["train", *TINY, *args], tmp_path, check=False), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_non_run_folder_and_empty_run_dir_are_refused(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -119,10 +159,50 @@ def test_non_run_folder_and_empty_run_dir_are_refused(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_a_full_disk_at_the_start_leaves_nothing_and_the_same_command_then_runs(tmp_path):
+    """Writing the lock (the first file of a run) fails with ENOSPC: one line, no lock temporary and no folder
+    left; a folder holding only a dead process's lock temporary (what an earlier tdlrt left) counts as empty."""
+    args = ["train", *TINY, "epochs=1", "hydra.run.dir=new/run"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_DISK_FULL_IN_LOCK": "1"}, check=False)
+    one_line(proc, "no space left on the device of", "free space and run the command again")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "new" / "run").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "new" / "run" / f".lock.{dead.pid}.tmp").write_text("")  # the earlier start's temporary
+    run_tdlrt(args, tmp_path)
+    run = tmp_path / "new" / "run"
+    assert (run / "checkpoints" / "last.pt").is_file() and not list(run.glob(".lock*"))
+
+
 def test_a_sweep_is_validated_before_its_first_job(tmp_path):
     proc = run_tdlrt(["train", "-m", *TINY, "method=tdlrt", "tau=0.1,2,0.2"], tmp_path, check=False)
     one_line(proc, "sweep job 1 (tau=2) of 3", "tau=2.0 must be in (0, 1)")
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_failed_sweep_job_does_not_stop_the_sweep_and_the_end_says_what_did_not_finish(tmp_path):
+    """lr=inf makes job 1 stop at its first step: jobs 0 and 2 still run, the last line lists job 1 and how to
+    run it; the sweep run again (job 1 fixed) skips the finished jobs, leaving their files as they are."""
+    args = ["train", "-m", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=tdlrt",
+            "cost_report=false", "hydra.sweep.dir=sw"]
+    proc = run_tdlrt(args + ["lr=0.05,inf,0.01"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert any(line.startswith(f"tdlrt: error: sweep job 1 ({tmp_path / 'sw' / '1'}): ") and "NaN/Inf" in line
+               for line in lines)
+    assert lines[-1] == ("tdlrt: error: 1 of 3 sweep jobs did not finish: job 1 (lr=inf); once the cause is fixed, "
+                         "the same command runs them (finished jobs are skipped, stopped ones resume)")
+    sw = tmp_path / "sw"
+    assert [(sw / str(n) / "summary.json").is_file() for n in range(3)] == [True, False, True]
+
+    def run_files(n):  # (Hydra writes its .hydra/ files for every job it launches)
+        return {k: v for k, v in snapshot(sw / str(n)).items() if not k.startswith(".hydra")}
+
+    before = {n: run_files(n) for n in (0, 2)}
+    again = run_tdlrt(args + ["lr=0.05,0.02,0.01"], tmp_path)
+    assert again.stderr.count("is finished (1 of 1 epochs, summary.json written): nothing to do") == 2
+    assert {n: run_files(n) for n in (0, 2)} == before and (sw / "1" / "summary.json").is_file()
 
 
 def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, tmp_path):
@@ -143,6 +223,27 @@ def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, 
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("content, needle", [
+    ('{"pid": 99999999999999999999, "host": "HOST"}', "its pid 99999999999999999999 is not a process id"),
+    ('{"pid": true, "host": "HOST"}', "its pid true is not a process id"),
+    ('{"pid": -5, "host": "HOST"}', "its pid -5 is not a process id"),
+    ('{"pid": 12, "host": 7}', "its host 7 is not a host name"),
+    ("{\"pid\": 1", "not the JSON record tdlrt writes"),
+    (None, "it is a folder"),
+], ids=["huge-pid", "bool-pid", "negative-pid", "host-not-text", "not-json", "folder"])
+def test_a_damaged_lock_is_one_line_saying_what_to_do_and_touches_nothing(run, tmp_path, content, needle):
+    if content is None:
+        (run / ".lock").mkdir()
+    else:
+        (run / ".lock").write_text(content.replace("HOST", socket.gethostname()))
+    before = snapshot(run)
+    line = one_line(run_tdlrt(["train", f"resume={run}", "epochs=2"], tmp_path, check=False),
+                    f"{run / '.lock'} is a damaged lock ({needle})", f"remove {run / '.lock'} and run the command again")
+    assert "Traceback" not in line
+    assert snapshot(run) == before and (run / ".lock").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".lock")) == [".lock"]
+
+
 def test_two_writers_started_together_one_is_refused(tmp_path):
     exe = Path(sys.executable).parent / "tdlrt"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
@@ -155,8 +256,8 @@ def test_two_writers_started_together_one_is_refused(tmp_path):
     assert codes in ([0, 0], [0, 2]), results
     if codes == [0, 2]:  # the second found the first's lock
         assert "is in use by tdlrt PID" in next(err for code, err in results if code == 2)
-    else:  # the second started after the first had finished: it continued the finished run
-        assert any("continuing that run" in err for _, err in results)
+    else:  # the second started after the first had finished: it found the run finished
+        assert any("is finished (1 of 1 epochs" in err for _, err in results)
     rows = (tmp_path / "same" / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2  # header + epoch 1, never twice
 
