@@ -1,4 +1,4 @@
-"""`tdlrt export <run folder or checkpoint> out=FILE [format=pt2|onnx] [merge=auto|chain|dense]`.
+"""`tdlrt export <run folder or checkpoint> out=FILE [format=pt2|onnx] [merge=chain|auto|dense]`.
 
 The trained network becomes plain PyTorch: every factorised layer is replaced by its chain of standard
 convs (or, where one dense conv with the reconstructed kernel is clearly faster, by that conv: ``merge=auto``
@@ -30,6 +30,7 @@ from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
 from .faults import faults
 from .files import atomic_write_text, disk_full_error, is_disk_full, signals_deferred, strict_json
 from .lowrank.export import conv_chain, is_factorised, merged
+from .metrics import parameter_report
 from .files import remove_stale_temporaries
 from .runs import find_checkpoint, load_trained
 
@@ -100,7 +101,7 @@ class ExportOptions:
     source: str
     out: Optional[str] = None
     format: str = "pt2"
-    merge: str = "auto"
+    merge: str = "chain"          # chain (default: keep the compression), auto (time each layer), dense
     checkpoint: str = "last"      # last | best (run folders)
     device: str = "cpu"           # where merge=auto measures (cpu, cuda, cuda:N, auto)
     merge_batch: int = 1          # the batch size merge=auto measures at
@@ -142,6 +143,8 @@ class ExportReport:
     source: str
     max_abs_error: float
     layers: List[LayerChoice] = field(default_factory=list)
+    compression_rate: Optional[float] = None      # conv c.r. (%) of the exported network
+    run_compression_rate: Optional[float] = None  # conv c.r. (%) of the run's network
 
 
 def _input_shapes(model: nn.Module, example: torch.Tensor) -> dict:
@@ -309,11 +312,20 @@ def export(opts: ExportOptions) -> ExportReport:
         error = float((net(example) - want).abs().max())
     if error > 1e-4 * max(1.0, float(want.abs().max())):
         warnings.warn(f"the exported network differs from the low-rank one by up to {error:.2e} on a test batch")
-    report = ExportReport(str(out), opts.format, opts.merge, str(run.checkpoint), error, choices)
+    report = ExportReport(str(out), opts.format, opts.merge, str(run.checkpoint), error, choices,
+                          *exported_compression(net, run.model))
     metadata = {"tdlrt_export": asdict(report), "data_shape": list(run.data_shape), "config": run.config,
                 "flops_forward": flops(net, example[:2], train=False)}
     write_atomically(trace_program(net, example, opts.format), out, opts.format, metadata)
     return report
+
+
+def exported_compression(net: nn.Module, model: nn.Module) -> Tuple[float, float]:
+    """Conv c.r. (%) of the exported network (its conv weights: chains and dense convs) and of the run's."""
+    params = parameter_report(model)
+    dense = params["conv_params_dense"]
+    kept = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Conv2d))
+    return (100.0 * (1 - kept / dense) if dense else 0.0), params["compression_rate"]
 
 
 def print_report(report: ExportReport, file=sys.stdout) -> None:
@@ -327,7 +339,8 @@ def print_report(report: ExportReport, file=sys.stdout) -> None:
         print(f"{c.layer:<24} {c.exported:>8} {fmt(c.chain_ms)} {fmt(c.dense_ms)} {c.chain_params:>13} "
               f"{c.dense_params:>13}", file=file)
     print(f"wrote {report.out} ({report.format}, merge={report.merge}); max |export - low-rank| = "
-          f"{report.max_abs_error:.2e} on a test batch", file=file)
+          f"{report.max_abs_error:.2e} on a test batch; conv c.r. {report.compression_rate:.1f}% "
+          f"(the run's: {report.run_compression_rate:.1f}%)", file=file)
 
 
 def parse_args(argv: List[str], cls, positional: str):
@@ -357,13 +370,14 @@ def parse_args(argv: List[str], cls, positional: str):
     return cls(**kwargs)
 
 
-USAGE = """usage: tdlrt export <run folder or checkpoint> [out=FILE] [format=pt2|onnx] [merge=auto|chain|dense]
+USAGE = """usage: tdlrt export <run folder or checkpoint> [out=FILE] [format=pt2|onnx] [merge=chain|auto|dense]
                     [checkpoint=last|best] [device=cpu|cuda] [merge_batch=1] [repeat=20]
 
-Writes the trained network as plain PyTorch: factorised layers become chains of standard convs (merge=auto
-times both forms and merges a layer into one dense conv only where that is at least 10% faster; the decision
-of every layer goes to stderr), BatchNorm is folded. out defaults to <run folder>/model.<format>; FILE.json
-beside it records the choices and timings."""
+Writes the trained network as plain PyTorch: factorised layers become chains of standard convs (the default,
+merge=chain, keeps the compression; merge=auto times both forms and merges a layer into one dense conv only
+where that is at least 10% faster, which gives the compression of that layer up; the decision of every layer
+goes to stderr), BatchNorm is folded. The last line gives the exported network's conv c.r. out defaults to
+<run folder>/model.<format>; FILE.json beside it records the choices and timings."""
 
 
 def main(argv: List[str]) -> None:

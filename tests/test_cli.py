@@ -16,7 +16,7 @@ def read_csv(path):
 def test_help_lists_subcommands_and_config_groups(tmp_path):
     out = run_tdlrt(["--help"], tmp_path).stdout
     assert all(command in out for command in ("train", "report", "export", "eval", "bench"))
-    assert "merge=auto|chain|dense" in run_tdlrt(["export", "--help"], tmp_path).stdout
+    assert "merge=chain|auto|dense" in run_tdlrt(["export", "--help"], tmp_path).stdout
     assert "cost report" in run_tdlrt(["eval", "--help"], tmp_path).stdout
     out = run_tdlrt(["train", "--help"], tmp_path).stdout
     for group, options in (("model", "alexnet, lenet5, resnet18, vgg16"), ("optimizer", "adam, adamw, sgd"),

@@ -296,3 +296,17 @@ def test_export_and_eval_of_a_pruned_run(tmp_path):
     run_tdlrt(["eval", str(out), "latency=false", f"out={tmp_path / 'eval.json'}"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+def test_export_keeps_the_compression_by_default_and_says_so(trained_run, tmp_path):
+    """No merge= given: every factorised conv stays a chain, and the last line gives the exported network's
+    conv c.r., equal to the run's (a timing on a loaded machine cannot undo what was trained)."""
+    import re
+
+    out = tmp_path / "default.pt2"
+    proc = run_tdlrt(["export", str(trained_run), f"out={out}"], tmp_path)
+    sidecar = json.loads((out.parent / (out.name + ".json")).read_text())["tdlrt_export"]
+    assert sidecar["merge"] == "chain" and {c["exported"] for c in sidecar["layers"]} == {"chain"}
+    exported, run = map(float, re.search(r"conv c\.r\. ([\d.]+)% \(the run's: ([\d.]+)%\)", proc.stdout).groups())
+    assert exported == run > 0
+    assert "merge=auto" not in proc.stderr
