@@ -28,7 +28,7 @@ NOT_TRAINING_KEYS = (
     "checkpoint",                         # when last.pt is written, whether a requeued job continues
     "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
     "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
-    "cost_report", "cost_repeat",         # the cost report measured after training
+    "cost_report", "cost_latency", "cost_repeat",  # the cost report measured after training
     "device", "threads",                  # auto, cpu, cuda:N; CPU threads
     "data.download", "data.num_workers",  # fetching the files, loader processes
     "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
@@ -161,6 +161,7 @@ class TrainConfig:
     nan_policy: str = "stop"   # stop: end the run at a NaN/Inf loss; skip: skip such steps
     nan_max_skips: int = 10    # nan_policy=skip: stop after this many skipped steps in the whole run
     cost_report: bool = True   # summary.json gets the cost report (FLOPs, peak memory, latency b1/b128)
+    cost_latency: bool = False  # the cost report also times both networks (slow; noisy on a shared machine)
     cost_repeat: int = 10      # timed repetitions per latency figure
 
     def validate(self) -> "TrainConfig":
@@ -445,5 +446,6 @@ FIELD_HELP = {
     "nan_policy": "stop: end the run at a NaN/Inf loss; skip: skip such steps (at most nan_max_skips)",
     "nan_max_skips": "nan_policy=skip: give up after this many skipped steps in the run",
     "cost_report": "summary.json gets the cost report (params, FLOPs, peak memory, latency, dense vs low-rank)",
-    "cost_repeat": "timed repetitions per latency figure of the cost report",
+    "cost_latency": "the cost report also times both networks at batch 1 and 128 (off: parameters, FLOPs, memory only)",
+    "cost_repeat": "timed repetitions per latency figure of the cost report (cost_latency=true)",
 }

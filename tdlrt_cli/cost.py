@@ -156,7 +156,7 @@ def training_peak_memory(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: int = 10, trainable: bool = True,
-            opaque_flops: Optional[float] = None) -> dict:
+            opaque_flops: Optional[float] = None, latency_too: bool = True) -> dict:
     """One network's measured costs: FLOPs per image (forward; forward and backward), peak memory
     (inference at the largest batch; a training step at it), latency at each batch size (ms; median and
     interquartile range over ``repeat`` timed blocks).
@@ -175,7 +175,7 @@ def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: i
         if trainable:
             row["flops_train"] = flops(model, small, train=True)
             row["peak_memory_train_mb"] = training_peak_memory(model, big) / 2 ** 20
-    for b in batches:
+    for b in batches if latency_too else ():
         t = latency(model, big[:b], repeat=repeat)
         row[f"latency_ms_batch{b}"], row[f"latency_iqr_ms_batch{b}"] = t["median"], t["iqr"]
     return row
@@ -183,16 +183,25 @@ def measure(model: nn.Module, example: torch.Tensor, batches=(1, 128), repeat: i
 
 def cost_report(lowrank: nn.Module, dense: nn.Module, example: torch.Tensor, parameters: dict,
                 batches=(1, 128), repeat: int = 10, trainable: bool = True, opaque_flops: Optional[dict] = None,
-                runtime: str = "torch") -> dict:
+                runtime: str = "torch", latency_too: bool = True) -> dict:
     """The whole report: ``parameters`` (counts and compression rates) and the measured figures of both
     networks on ``example``'s device, both run by ``runtime``. ``opaque_flops`` ({"dense": ..., "lowrank":
-    ...}): forward FLOPs of networks torch cannot look into (ONNX Runtime sessions)."""
+    ...}): forward FLOPs of networks torch cannot look into (ONNX Runtime sessions). ``latency_too=False``:
+    only the deterministic figures (parameters, FLOPs, memory), no timing."""
     device = torch.cuda.get_device_name(example.device) if example.is_cuda else "cpu"
     opaque = opaque_flops or {}
-    return {"parameters": parameters,
-            "dense": measure(dense, example, batches, repeat, True, opaque.get("dense")),
-            "lowrank": measure(lowrank, example, batches, repeat, trainable, opaque.get("lowrank")),
+    return {"parameters": parameters, "batches": list(batches),
+            "dense": measure(dense, example, batches, repeat, True, opaque.get("dense"), latency_too),
+            "lowrank": measure(lowrank, example, batches, repeat, trainable, opaque.get("lowrank"), latency_too),
             "device": device, "threads": torch.get_num_threads(), "runtime": runtime}
+
+
+def latency_unreliable(dense: dict, lowrank: dict, b: int) -> bool:
+    """A latency comparison at batch ``b`` whose spread (the larger interquartile range) exceeds the
+    difference of the medians it reports: the ratio could go either way on a rerun."""
+    a, m = dense.get(f"latency_ms_batch{b}"), lowrank.get(f"latency_ms_batch{b}")
+    spread = max(dense.get(f"latency_iqr_ms_batch{b}") or 0.0, lowrank.get(f"latency_iqr_ms_batch{b}") or 0.0)
+    return a is not None and m is not None and spread > abs(a - m)
 
 
 def format_report(report: dict) -> str:
@@ -214,7 +223,7 @@ def format_report(report: dict) -> str:
     if d["flops_train"] is not None:
         row("training MFLOPs / image", d["flops_train"] / 1e6,
             lr["flops_train"] / 1e6 if lr["flops_train"] is not None else None, "{:,.2f}")
-    big = max(int(k.rsplit("batch", 1)[1]) for k in d if k.startswith("latency_ms_batch"))
+    big = max(report.get("batches") or [int(k.rsplit("batch", 1)[1]) for k in d if k.startswith("latency_ms_batch")])
     if d["peak_memory_inference_mb"] is not None and lr["peak_memory_inference_mb"] is not None:
         row(f"peak memory inference b{big} (MB)", d["peak_memory_inference_mb"], lr["peak_memory_inference_mb"],
             "{:,.1f}")
@@ -228,7 +237,8 @@ def format_report(report: dict) -> str:
         a, m = d[f"latency_ms_batch{b}"], lr[f"latency_ms_batch{b}"]
         ratio = f"{m / a:8.3f}" if a else f"{'-':>8}"
         label = f"latency b{b} ms: median [IQR]"
-        lines.append(f"{label:<30} {latency_text(d, b):>14} {latency_text(lr, b):>14} {ratio}")
+        lines.append(f"{label:<30} {latency_text(d, b):>14} {latency_text(lr, b):>14} {ratio}"
+                     + ("  unreliable: spread > difference" if latency_unreliable(d, lr, b) else ""))
     cr = (f"compression rate: conv {p['compression_rate']:.1f}%, whole network {p['compression_rate_total']:.1f}%"
           + (f", during training {p['compression_rate_train']:.1f}%" if p.get("compression_rate_train") is not None
              else ""))

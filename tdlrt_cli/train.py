@@ -745,7 +745,7 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
     dense = dense_reference(cfg.model.name, (data.in_channels, data.num_classes, data.image_size),
                             cfg.model.width_mult, device)
     example = next(iter(data.test))[0][:128].to(device)
-    return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat)
+    return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat, latency_too=cfg.cost_latency)
 
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,

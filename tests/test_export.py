@@ -177,9 +177,10 @@ def test_eval_reports_accuracy_and_costs_for_run_and_export(trained_run, tmp_pat
     assert reports["run"]["test_acc"] == pytest.approx(summary["test_acc"])
     assert reports["export"]["test_acc"] == pytest.approx(summary["test_acc"])  # the same function
     for report in (reports["run"]["cost"], reports["export"]["cost"], summary["cost"]):
+        timed = report is not summary["cost"]  # a training run times nothing unless cost_latency=true
         for side in ("dense", "lowrank"):
             for key in ("flops_forward", "peak_memory_inference_mb", "latency_ms_batch1", "latency_ms_batch128"):
-                assert report[side][key] > 0
+                assert report[side][key] > 0 if timed or not key.startswith("latency") else key not in report[side]
         assert report["lowrank"]["flops_forward"] < report["dense"]["flops_forward"]
         assert 0 < report["parameters"]["compression_rate"] < 100
     # the chain export keeps the factorised parameter count (BatchNorm folded adds a bias per conv at most)
@@ -310,3 +311,23 @@ def test_export_keeps_the_compression_by_default_and_says_so(trained_run, tmp_pa
     exported, run = map(float, re.search(r"conv c\.r\. ([\d.]+)% \(the run's: ([\d.]+)%\)", proc.stdout).groups())
     assert exported == run > 0
     assert "merge=auto" not in proc.stderr
+
+
+def test_a_latency_comparison_within_its_spread_is_marked_unreliable():
+    from tdlrt_cli.cost import format_report, latency_unreliable
+
+    noisy = ({"latency_ms_batch1": 14.8, "latency_iqr_ms_batch1": 3.0},
+             {"latency_ms_batch1": 16.0, "latency_iqr_ms_batch1": 77.5})
+    clear = ({"latency_ms_batch1": 14.8, "latency_iqr_ms_batch1": 0.2},
+             {"latency_ms_batch1": 8.5, "latency_iqr_ms_batch1": 0.3})
+    assert latency_unreliable(*noisy, 1) and not latency_unreliable(*clear, 1)
+    assert not latency_unreliable({}, {}, 1)  # not timed
+    params = {"params_dense": 10, "params": 5, "conv_params_dense": 8, "conv_params": 3, "compression_rate": 62.5,
+              "compression_rate_total": 50.0}
+    side = {"flops_forward": 2e6, "flops_train": None, "peak_memory_inference_mb": 1.0, "peak_memory_train_mb": None}
+    text = format_report({"parameters": params, "batches": [1], "dense": {**side, **noisy[0]},
+                          "lowrank": {**side, **noisy[1]}, "device": "cpu", "threads": 1})
+    assert "unreliable: spread > difference" in text
+    untimed = format_report({"parameters": params, "batches": [1, 128], "dense": side, "lowrank": side,
+                             "device": "cpu", "threads": 1})
+    assert "latency" not in untimed and "b128" in untimed
