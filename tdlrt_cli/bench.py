@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -152,20 +152,23 @@ def _step_flops(step, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def _truncation_cycles(step, integrator: TDLRT, cycles: int, device) -> Dict[str, float]:
-    """Per cycle of ``augment_every`` steps (one truncation each): the truncation's time and its share of
-    the cycle, as medians over ``cycles`` cycles. The integrator's clock synchronises the device."""
+def _truncation_cycles(step, integrator: TDLRT, cycles: int, device) -> Tuple[List[float], Dict[str, float]]:
+    """The measured steps of a TDLRT row, in cycles of ``augment_every`` steps (one truncation each): each
+    cycle's time per step, and the truncation's time and share of its own cycle (medians over ``cycles``
+    cycles), so that every column of the row comes from the same steps (a truncation never takes longer
+    than the step it is part of). The integrator's clock synchronises the device."""
     integrator.timing = True
-    shares, seconds = [], []
+    per_step, shares, seconds = [], [], []
     for _ in range(cycles):
         integrator.truncation_seconds = 0.0
         total = sum(_time_steps(step, integrator.augment_every, device))
+        per_step.append(total / integrator.augment_every)
         shares.append(integrator.truncation_seconds / total)
         seconds.append(integrator.truncation_seconds)
     integrator.timing = False
     stats = timing_stats(seconds)
-    return {"truncation_share": quartiles(shares)[1], "truncation_ms": stats["median"],
-            "truncation_ms_iqr": stats["iqr"]}
+    return per_step, {"truncation_share": quartiles(shares)[1], "truncation_ms": stats["median"],
+                      "truncation_ms_iqr": stats["iqr"]}
 
 
 def run_one(cfg: BenchConfig, device, method: str, rank_frac=None, augment_every=1, graph=False) -> dict:
@@ -194,11 +197,12 @@ def run_one(cfg: BenchConfig, device, method: str, rank_frac=None, augment_every
     _time_steps(step, cfg.warmup, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = _time_steps(step, cfg.steps, device)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     truncation = {"truncation_share": None, "truncation_ms": None, "truncation_ms_iqr": None}
-    if integrator is not None:  # a second, instrumented pass (timing it synchronises the device)
-        truncation = _truncation_cycles(step, integrator, max(2, math.ceil(cfg.steps / (2 * augment_every))), device)
+    if integrator is None:
+        times = _time_steps(step, cfg.steps, device)
+    else:  # one instrumented pass gives the step time and the truncation's (timing it synchronises the device)
+        times, truncation = _truncation_cycles(step, integrator, max(2, math.ceil(cfg.steps / augment_every)), device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     stats = timing_stats(times)
     report = parameter_report(model)
     return {"method": method + ("_graph" if graph else ""), "rank_frac": rank_frac,

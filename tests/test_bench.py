@@ -20,6 +20,8 @@ def test_bench_json_has_every_method_and_ratio(tmp_path):
     assert tucker["compression_rate"] == tdlrt1["compression_rate"] > 80  # pinned ranks: like with like
     assert tucker["flops_forward"] < 0.3 * dense["flops_forward"]
     assert 0 < tdlrt1["truncation_share"] < 1
+    for r in (tdlrt1, tdlrt2):  # the columns of a row come from the same steps
+        assert r["truncation_ms"] < r["ms_per_step"] * r["augment_every"]
     assert not list(tmp_path.iterdir())  # bench writes no files
 
 
