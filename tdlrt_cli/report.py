@@ -695,10 +695,36 @@ def _rank_series(run_dir: Path) -> Tuple[str, Dict[Tuple[str, str], List[Tuple[i
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def layer_style(j: int) -> Tuple[str, str]:
-    """Colour and line style of layer ``j`` of a rank plot: tab10's colours, then the next line style, so
-    the first 40 layers never share a combination."""
-    return f"C{j % 10}", LINE_STYLES[(j // 10) % len(LINE_STYLES)]
+def layer_style(j: int) -> Tuple[object, str]:
+    """Colour and line style of layer ``j`` of a rank plot: tab20's twenty colours (no colour repeats within
+    a plot of up to 20 layers), then the next line style, so the first 80 layers never share a combination."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](j % 20), LINE_STYLES[(j // 20) % len(LINE_STYLES)]
+
+
+VGG16_CONVS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
+               "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+
+
+def layer_labels(run_dir: Path, config: dict) -> Dict[str, str]:
+    """Readable names of a run's low-rank layers for plot legends, ``conv3_1 (32->64)``: VGG16's convs by
+    their place in the network (the first conv is dense unless method.convert_first_conv), other models by
+    their module name; channels in -> out from ranks.csv."""
+    sizes = {}
+    for rec in csv_rows(run_dir / "ranks.csv", {"layer": str, "n_out": int, "n_in": int}):
+        if rec["layer"] is not None:
+            sizes[rec["layer"]] = (rec["n_in"], rec["n_out"])
+    names = list(sizes)
+    labels = {name: name for name in names}
+    method = config.get("method", {}) if isinstance(config.get("method"), dict) else {}
+    if config.get("model", {}).get("name") == "vgg16" and all(n.startswith("features.") for n in names):
+        first = 0 if method.get("convert_first_conv") else 1
+        ordered = sorted(names, key=lambda n: int(n.split(".")[1]) if n.split(".")[1].isdigit() else 0)
+        for k, name in enumerate(ordered):
+            if first + k < len(VGG16_CONVS):
+                labels[name] = VGG16_CONVS[first + k]
+    return {name: f"{labels[name]} ({sizes[name][0]}->{sizes[name][1]})" for name in names}
 
 
 def rank_runs(rows: List[Row]) -> List[Tuple[Row, Run]]:
@@ -720,6 +746,8 @@ def plot_rank_trajectories(rows: List[Row], out: Path, series_of: Dict[Path, tup
         if not series:
             continue
         layers = list(dict.fromkeys(layer for layer, _ in series))
+        labels = layer_labels(run.path, {"model": {"name": row.model},
+                                         "method": {"convert_first_conv": row.value("method.convert_first_conv")}})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
         for ax, mode in zip(axes, ("out", "in")):
             for j, layer in enumerate(layers):
@@ -727,7 +755,7 @@ def plot_rank_trajectories(rows: List[Row], out: Path, series_of: Dict[Path, tup
                 if pts:
                     colour, style = layer_style(j)
                     ax.plot(*zip(*pts), color=colour, linestyle=style, marker="." if len(pts) < 30 else None,
-                            label=layer)
+                            label=labels.get(layer, layer), drawstyle="steps-post")
             ax.set_xlabel("training step" if x == "step" else "epoch")
             ax.set_ylabel(f"rank of mode '{mode}'")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
