@@ -364,7 +364,9 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
         f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),
         f"  model {cfg.model.name}" + (f" x{cfg.model.width_mult}" if cfg.model.width_mult != 1 else "")
         + f" ({params:,} trainable parameters) | data {cfg.data.name}: {count(data.train)} train"
-        + (f", {count(data.val)} validation" if data.val is not None else "") + f", {count(data.test)} test"
+        + (f", {count(data.val)} validation" if data.val is not None else "")
+        + (f" (of the first {cfg.data.limit_train:,}: data.limit_train)" if cfg.data.limit_train else "")
+        + f", {count(data.test)} test"
         + f" | method {method}",
         f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
         f"{total_epochs} epoch{'s' if total_epochs != 1 else ''} of {len(data.train)} steps, batch {cfg.batch_size} | "

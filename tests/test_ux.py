@@ -117,3 +117,10 @@ def test_tensorboard_has_per_step_accuracy_and_hparams(tmp_path):
     assert "hparam/test_acc" in tags or any("hparams" in str(p) for p in (run / "tensorboard").rglob("*"))
     plugin = events.PluginTagToContent("hparams")
     assert plugin, "no hparams summary"
+
+
+def test_start_block_says_where_a_limited_training_set_went(tmp_path):
+    proc = run_tdlrt(["train", *TINY, "method=dense", "epochs=1", "data.limit_train=192", "data.val_split=64",
+                      "cost_report=false"], tmp_path)
+    assert "128 train, 64 validation (of the first 192: data.limit_train)" in proc.stderr
+    assert "1 epoch of 2 steps" in proc.stderr
