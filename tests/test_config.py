@@ -58,7 +58,10 @@ def test_top_level_keys_users_type():
 
 def test_quick_experiment_preset():
     cfg = from_dictconfig(make(["+experiment=quick"]))
-    assert (cfg.model.name, cfg.data.name, cfg.epochs, cfg.data.limit_train) == ("lenet5", "mnist", 1, 2000)
+    assert (cfg.model.name, cfg.data.name, cfg.epochs, cfg.data.limit_train) == ("lenet5", "mnist", 3, 2000)
+    assert (cfg.method.name, cfg.method.target_cr, cfg.tau, cfg.method.augment_every) == ("tdlrt", 90.0, None, 10)
+    dense = from_dictconfig(make(["+experiment=quick", "method=dense"]))  # the same run, dense
+    assert (dense.method.name, dense.method.target_cr, dense.epochs) == ("dense", None, 3)
 
 
 @pytest.mark.parametrize("overrides, message", [
