@@ -444,3 +444,11 @@ def test_ranks_steps_has_a_row_at_every_rank_change(tmp_path):
     changed = [b for a, b in zip(steps, steps[1:]) if by_step[a] != by_step[b]]
     assert len(changed) >= 2
 
+
+
+def test_cli_dlrt_takes_the_target_rule_too(tmp_path):
+    run_tdlrt(["train", *TINY, "method=dlrt", "method.target_cr=85", "method.augment_every=2", "epochs=2",
+               "cost_report=false", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert abs(summary["compression_rate"] - 85) <= 1
+    assert all(r[0] == r[1] for r in summary["ranks"].values())  # a matrix: one rank for both modes
