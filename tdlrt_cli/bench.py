@@ -36,6 +36,45 @@ NO_TDLRT_GRAPH = ("no graph-captured TDLRT row: an adapting step changes the sha
                   "(augment_every > 1) are fixed-rank steps, timed by the tucker_graph row")
 
 
+BENCH_HELP = {
+    "model.name": "network: vgg16, resnet18, alexnet, lenet5 (model=NAME)",
+    "model.width_mult": "scales every hidden width",
+    "batch_size": "images per step",
+    "image_size": "side of the random input images",
+    "channels": "input channels",
+    "num_classes": "classes of the random labels",
+    "device": "auto (CUDA if there is a GPU), cpu, cuda or cuda:N",
+    "precision": "fp32 or bf16 (autocast)",
+    "channels_last": "channels-last memory format",
+    "steps": "timed steps per row (median and interquartile range)",
+    "warmup": "untimed steps before timing",
+    "rank_fracs": "ranks of the Tucker and TDLRT rows, as fractions of the channels (pinned)",
+    "augment_every": "TDLRT rows: adapt every k-th step, one row per k",
+    "graph": "compiled dense and Tucker rows: auto (CUDA only), true or false",
+    "tau": "TDLRT truncation tolerance (ranks are pinned: it only decides the work of the truncation)",
+    "spectra": "TDLRT truncation: fast, or exact (the float64 reference)",
+    "threads": "CPU threads of torch; 0: torch's default",
+    "format": "table (markdown) or json",
+    "seed": "seed of the weights and the random batch",
+}
+
+
+def bench_help() -> str:
+    """`tdlrt bench --help`: every key, its default and what it does."""
+    from dataclasses import asdict
+
+    from .config import flatten
+
+    defaults = flatten(asdict(BenchConfig()))
+    width = max(len(f"{k}={v}") for k, v in defaults.items()) + 2
+    lines = ["usage: tdlrt bench [KEY=VALUE ...]   (step time per method: dense, fixed-rank Tucker, TDLRT)", "",
+             "keys (default; what it does):"]
+    for key, value in defaults.items():
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"  {key + '=' + shown:<{width}} {BENCH_HELP.get(key, '')}".rstrip())
+    return "\n".join(lines)
+
+
 @dataclass
 class BenchConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

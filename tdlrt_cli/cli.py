@@ -76,6 +76,14 @@ def _run_hydra(entry) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `tdlrt ... | head`: the reader left; no traceback, the usual exit status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+
+
+def _main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -120,6 +128,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         holder = []
         _run_hydra(lambda: holder.append(train_help([a for a in rest if a not in ("-h", "--help", "-m", "--multirun")])))
         print(holder[0])
+        return
+    if command == "bench" and any(a in ("-h", "--help") for a in rest):
+        from .bench import bench_help
+
+        print(bench_help())
         return
     if command == "bench":
         from .bench import main as entry

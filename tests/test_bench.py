@@ -31,3 +31,15 @@ def test_bench_table_and_bad_input(tmp_path):
     assert "| tdlrt | 50% | 1 |" in proc.stdout and "lenet5" in proc.stdout
     bad = run_tdlrt(["bench", "rank_fracs=[0.9]", "device=cpu"], tmp_path, check=False)
     assert bad.returncode == 2 and "rank_fracs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_help_lists_every_key(tmp_path):
+    from dataclasses import asdict
+
+    from tdlrt_cli.bench import BENCH_HELP, BenchConfig
+    from tdlrt_cli.config import flatten
+
+    keys = set(flatten(asdict(BenchConfig())))
+    assert keys == set(BENCH_HELP)
+    out = run_tdlrt(["bench", "--help"], tmp_path).stdout
+    assert out.startswith("usage: tdlrt bench") and all(f"  {k}=" in out for k in keys)
