@@ -21,7 +21,7 @@ def test_help_lists_subcommands_and_config_groups(tmp_path):
     out = run_tdlrt(["train", "--help"], tmp_path).stdout
     for group, options in (("model", "alexnet, lenet5, resnet18, vgg16"), ("optimizer", "adam, adamw, sgd"),
                            ("scheduler", "cosine, none, onecycle, plateau, step"),
-                           ("method", "cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tt, tucker"),
+                           ("method", "cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tdlrt_target, tt, tucker"),
                            ("data", "cifar10, cifar100, fashion_mnist, imagefolder, mnist, synthetic")):
         assert f"  {group:<10} {options}" in out
 
