@@ -254,7 +254,7 @@ def run_one(cfg: BenchConfig, device, method: str, rank_frac=None, augment_every
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -319,7 +319,7 @@ def _bench_config(cfg) -> BenchConfig:
 def main() -> None:
     import hydra
 
-    from .train import CONFIG_DIR
+    from .config import CONFIG_DIR
 
     @hydra.main(config_path=CONFIG_DIR, config_name="bench", version_base="1.3")
     def _run(cfg) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,37 +36,13 @@ def _rank_overrides(args: List[str]) -> List[str]:
     return [f"hydra.run.dir='{scratch}'", "hydra.output_subdir=null"]
 
 
-def one_line(exc: BaseException) -> str:
-    """Hydra's composition and parsing errors as one line naming the option and the choices."""
-    text = str(exc)
-    missing = re.search(r"Could not find '([^']*)/([^']*)'", text)
-    if missing:
-        group, option = missing.groups()
-        listed = text.split(f"Available options in '{group}':", 1)
-        options = re.findall(r"^\t(\S+)$", listed[1].split("Config search path:")[0], re.M) if len(listed) > 1 else []
-        choices = f"; choose one of: {', '.join(options)}" if options else ""
-        hint = ' (the slurm and local launchers need: pip install "tdlrt[cluster]")' if "launcher" in group else ""
-        return f"unknown {group} {option!r}{choices}{hint}"
-    override = re.match(r"Could not override '([^']*)'", text)
-    if override:
-        key = override.group(1)
-        return (f"unknown option {key!r}: no such config key (`tdlrt train --cfg job` lists the keys; "
-                f"+{key}=... adds a new one)")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("See https")]
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip():
-        lines.append(str(cause).strip().splitlines()[0])
-    head = "cannot parse the command line: " if type(exc).__name__ == "OverrideParseException" else ""
-    return head + ("; ".join(lines[:2]) or type(exc).__name__)
-
-
 def _run_hydra(entry) -> None:
     """Run a Hydra entry point; configuration errors end as one line on stderr and exit status 2
     (TDLRT_DEBUG=1 shows the traceback instead)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import UserError, exit_on_user_error
+    from .errors import UserError, exit_on_user_error, one_line
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
     with exit_on_user_error(HydraException, OmegaConfBaseException,

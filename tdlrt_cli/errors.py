@@ -1,6 +1,7 @@
 """Errors a user can fix. The CLI prints their message as one line on stderr and exits with status 2
 (an interrupted run: 128 + the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -67,3 +68,27 @@ def exit_on_interrupt(command: str):
         except OSError:
             pass
         sys.exit(130)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's composition and parsing errors as one line naming the option and the choices."""
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']*)/([^']*)'", text)
+    if missing:
+        group, option = missing.groups()
+        listed = text.split(f"Available options in '{group}':", 1)
+        options = re.findall(r"^\t(\S+)$", listed[1].split("Config search path:")[0], re.M) if len(listed) > 1 else []
+        choices = f"; choose one of: {', '.join(options)}" if options else ""
+        hint = ' (the slurm and local launchers need: pip install "tdlrt[cluster]")' if "launcher" in group else ""
+        return f"unknown {group} {option!r}{choices}{hint}"
+    override = re.match(r"Could not override '([^']*)'", text)
+    if override:
+        key = override.group(1)
+        return (f"unknown option {key!r}: no such config key (`tdlrt train --cfg job` lists the keys; "
+                f"+{key}=... adds a new one)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("See https")]
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    head = "cannot parse the command line: " if type(exc).__name__ == "OverrideParseException" else ""
+    return head + ("; ".join(lines[:2]) or type(exc).__name__)

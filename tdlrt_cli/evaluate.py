@@ -31,7 +31,7 @@ class EvalOptions:
     out: Optional[str] = None   # also write the report as JSON here
 
     def validate(self) -> "EvalOptions":
-        from .export import check_device, check_output_file
+        from .options import check_device, check_output_file
 
         if self.checkpoint not in ("last", "best"):
             raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
@@ -91,7 +91,7 @@ class OnnxNetwork(torch.nn.Module):
 
 def dense_onnx(dense: torch.nn.Module, example: torch.Tensor) -> OnnxNetwork:
     """The dense network exported to ONNX (in a temporary folder) and loaded into ONNX Runtime."""
-    from .export import save_program
+    from .programs import save_program
 
     with tempfile.TemporaryDirectory(prefix="tdlrt-eval-") as folder:
         path = Path(folder) / "dense.onnx"
@@ -239,10 +239,11 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     from .config import from_dictconfig
     from .cost import cost_report, flops, weight_counts
     from .data import build_data
-    from .export import load_run
+    from .runs import load_run
     from .metrics import parameter_report
     from .runs import dense_reference
-    from .train import evaluate, resolve_device
+    from .metrics import evaluate
+    from .runtime import resolve_device
 
     device = resolve_device(opts.device)
     path = Path(opts.source).expanduser()
@@ -292,7 +293,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
 
 
 def parse(argv: List[str]):
-    from .export import parse_args
+    from .options import parse_args
 
     data_overrides = [a for a in argv if a.startswith("data=") or a.startswith("data.")]
     opts = parse_args([a for a in argv if a not in data_overrides], EvalOptions, "source").validate()

@@ -10,9 +10,6 @@ run, the per-layer choices and the check that the export computes what the low-r
 from __future__ import annotations
 
 import copy
-import errno
-import io
-import json
 import os
 import re
 import statistics
@@ -26,54 +23,21 @@ import torch
 import torch.nn as nn
 
 from .cost import flops, timings_ms
-from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
+from .errors import ConfigError, UserError, exit_on_user_error
 from .faults import faults
-from .files import atomic_write_text, disk_full_error, is_disk_full, signals_deferred, strict_json
+from .files import (atomic_write_text, disk_full_error, is_disk_full, remove_stale_temporaries, signals_deferred,
+                    strict_json)
 from .lowrank.export import conv_chain, is_factorised, merged
 from .metrics import parameter_report
-from .files import remove_stale_temporaries
-from .runs import find_checkpoint, load_trained
+from .options import check_device, check_output_file, parse_args
+from .programs import trace_program, write_program
+from .runs import load_run
 
 FORMATS = ("pt2", "onnx")
 MERGE = ("auto", "chain", "dense")
 # merge=auto: a layer becomes one dense conv only when that is at least this much faster than its chain
 # (median time); slower, equal or less faster keeps the chain, which stores fewer parameters.
 MERGE_MARGIN = 0.10
-
-
-def check_device(device: str) -> None:
-    if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise ConfigError(f"device={device} is not one of: auto, cpu, cuda, cuda:N")
-
-
-def check_output_file(path: Path, example: str = "model.pt2", key: str = "out") -> None:
-    """Fail before any work when ``path`` cannot become an output file: a folder, a folder that does not
-    exist, or one that takes no new file (tried with a temporary file, removed again)."""
-    if path.is_dir():
-        raise ConfigError(f"{key}={path} is a folder; give a file name, e.g. {key}={path / example}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ConfigError(f"{key}={path}: the folder {folder} does not exist; create it or choose another {key}=")
-    probe = folder / f".tmp-{os.getpid()}-{path.name}"
-    try:
-        with open(probe, "wb"):
-            pass
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{key}={path}: cannot write into {folder} ({exc.strerror or exc}); choose a writable "
-                          f"{key}=") from None
-
-
-def load_run(source: str, which: str):
-    """``runs.load_trained``; a checkpoint that lacks an entry it needs ends as one line naming the entry."""
-    try:
-        return load_trained(source, which)
-    except KeyError as exc:
-        raise CheckpointError(f"{find_checkpoint(source, which)} is missing {exc.args[0]!r} (written by an older "
-                              f"tdlrt or damaged); use another checkpoint") from None
-    except (TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot rebuild the network from {find_checkpoint(source, which)} (damaged: "
-                              f"{type(exc).__name__}: {str(exc)[:160]}); use another checkpoint") from None
 
 
 def _quartiles(xs: Sequence[float]) -> Tuple[float, float, float]:
@@ -223,39 +187,6 @@ def plain_network(model: nn.Module, example: torch.Tensor, merge: str = "auto", 
     return fuse(net).eval(), choices
 
 
-def trace_program(net: nn.Module, example: torch.Tensor, fmt: str):
-    """The network as a ``torch.export`` program (pt2) or an ONNX program, batch size dynamic."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    if fmt == "pt2":
-        return torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise UserError('format=onnx needs the onnx and onnxscript packages: pip install "tdlrt[export]"') from None
-    return torch.onnx.export(net, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-
-
-def write_program(program, out: Path, fmt: str, metadata: dict) -> None:
-    """``.pt2``: the archive is built in memory and written with Python's file I/O, so a failed write (a full
-    disk) is an OSError; torch's zip writer, given the file, aborts the process instead (``terminate called
-    ... c10::Error``, when its destructor retries the write)."""
-    if fmt == "pt2":
-        buffer = io.BytesIO()
-        torch.export.save(program, buffer, extra_files={"tdlrt.json": json.dumps(metadata)})
-        with open(out, "wb") as fh:
-            if faults.disk_full_in_export:  # fault injection: the disk fills half-way through the file
-                fh.write(buffer.getbuffer()[: buffer.tell() // 2])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            fh.write(buffer.getbuffer())
-    else:
-        program.save(str(out))
-
-
-def save_program(net: nn.Module, example: torch.Tensor, out: Path, fmt: str, metadata: dict) -> None:
-    write_program(trace_program(net, example, fmt), out, fmt, metadata)
-
-
 def stale_temporaries(out: Path) -> "re.Pattern":
     """The names of the temporaries an export to ``out`` writes: ``.tmp-<pid>-<name>`` (also the probe of
     :func:`check_output_file`), and ``.tmp-<name>`` of older versions."""
@@ -287,7 +218,7 @@ def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
 
 def export(opts: ExportOptions) -> ExportReport:
     opts.validate()
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = str(resolve_device(opts.device))
     if opts.out:
@@ -341,33 +272,6 @@ def print_report(report: ExportReport, file=sys.stdout) -> None:
     print(f"wrote {report.out} ({report.format}, merge={report.merge}); max |export - low-rank| = "
           f"{report.max_abs_error:.2e} on a test batch; conv c.r. {report.compression_rate:.1f}% "
           f"(the run's: {report.run_compression_rate:.1f}%)", file=file)
-
-
-def parse_args(argv: List[str], cls, positional: str):
-    """``PATH key=value ...`` into the dataclass ``cls`` (``--help`` prints its fields)."""
-    kwargs, names = {}, {f for f in cls.__dataclass_fields__}
-    for arg in argv:
-        if "=" in arg:
-            key, value = arg.split("=", 1)
-            if key not in names or key == positional:
-                raise ConfigError(f"unknown option {key!r}; options: {', '.join(sorted(names - {positional}))}")
-            default = cls.__dataclass_fields__[key].default
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ConfigError(f"{key}={value} is not true or false")
-                kwargs[key] = value.lower() in ("true", "1", "yes")
-                continue
-            try:
-                kwargs[key] = type(default)(value) if isinstance(default, (int, float)) else value
-            except ValueError:
-                raise ConfigError(f"{key}={value} is not a valid {type(default).__name__}") from None
-        elif positional not in kwargs:
-            kwargs[positional] = arg
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}")
-    if positional not in kwargs:
-        raise ConfigError(f"missing the {positional} (a run folder, checkpoint or export file)")
-    return cls(**kwargs)
 
 
 USAGE = """usage: tdlrt export <run folder or checkpoint> [out=FILE] [format=pt2|onnx] [merge=chain|auto|dense]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +51,6 @@ def disk_full_error(path: Path):
         if (path.parent / "last.pt").is_file():
             run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}"
         else:  # nothing to resume from: the same run, started again in its folder
-            from .launch import resume_command
-
             run = (f"; no checkpoint was written yet: free space, then start the run again in its folder: "
                    f"{resume_command(path.parent.parent)}")
     return DiskFull(f"no space left on the device of {path.parent} while writing {path.name}: the previous "
@@ -139,3 +138,18 @@ def remove_stale_temporaries(folder: Path, pattern: "re.Pattern") -> None:
         match = pattern.match(tmp.name)
         if match and tmp.is_file() and (match.group("pid") is None or not pid_alive(int(match.group("pid")))):
             tmp.unlink(missing_ok=True)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume from
+    its last.pt; without one, the run starts again there)."""
+    overrides = []
+    try:
+        from omegaconf import OmegaConf
+
+        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
+    except Exception:  # no Hydra files (library use): the folder alone
+        pass
+    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
+            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
+    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])

@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
@@ -393,7 +392,7 @@ def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Opti
 
 
 def _message(exc: BaseException) -> str:
-    from .cli import one_line
+    from .errors import one_line
 
     from .errors import UserError
 
@@ -521,21 +520,6 @@ def _original_overrides(run_dir: Path) -> List[str]:
     except Exception:
         raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
     return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
-
-
-def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume from
-    its last.pt; without one, the run starts again there)."""
-    overrides = []
-    try:
-        from omegaconf import OmegaConf
-
-        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
-    except Exception:  # no Hydra files (library use): the folder alone
-        pass
-    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
-            ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
-    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
 
 
 def check_names(folder: Path, key: str) -> None:

@@ -1,11 +1,13 @@
-"""Parameter counts, compression rates and FLOPs of a (possibly low-rank) network."""
+"""Parameter counts, compression rates, FLOPs and test accuracy of a (possibly low-rank) network."""
 from __future__ import annotations
 
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .distributed import Distributed
 from .lowrank import LowRankLayer
 
 
@@ -58,3 +60,19 @@ def flops_per_image(model: nn.Module, example: torch.Tensor) -> Dict[str, float]
 
     x = example[:2]
     return {"flops_forward": flops(model, x, train=False), "flops_train": flops(model, x, train=True)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, amp, device, dist: Distributed = Distributed()) -> tuple:
+    """Test loss and accuracy (%); data parallel processes evaluate their share and add up."""
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, examples
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp():
+            out = model(x)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
+    loss, correct, n = dist.sum_(sums).tolist()
+    return loss / max(n, 1), 100.0 * correct / max(n, 1)

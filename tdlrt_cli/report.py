@@ -712,8 +712,12 @@ def layer_labels(run_dir: Path, config: dict) -> Dict[str, str]:
     their place in the network (the first conv is dense unless method.convert_first_conv), other models by
     their module name; channels in -> out from ranks.csv."""
     sizes = {}
-    for rec in csv_rows(run_dir / "ranks.csv", {"layer": str, "n_out": int, "n_in": int}):
-        if rec["layer"] is not None:
+    try:
+        records = csv_rows(run_dir / "ranks.csv", {"layer": str, "n_out": int, "n_in": int})
+    except UserError:  # a ranks.csv without the sizes (a cut-short or older file): module names only
+        records = []
+    for rec in records:
+        if rec["layer"] is not None and None not in (rec["n_in"], rec["n_out"]):
             sizes[rec["layer"]] = (rec["n_in"], rec["n_out"])
     names = list(sizes)
     labels = {name: name for name in names}

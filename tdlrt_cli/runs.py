@@ -101,3 +101,15 @@ def dense_reference(model_name: str, data_shape: tuple, width_mult: float, devic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build_model(model_name, *data_shape, width_mult).to(device).eval()
+
+
+def load_run(source: str, which: str):
+    """``runs.load_trained``; a checkpoint that lacks an entry it needs ends as one line naming the entry."""
+    try:
+        return load_trained(source, which)
+    except KeyError as exc:
+        raise CheckpointError(f"{find_checkpoint(source, which)} is missing {exc.args[0]!r} (written by an older "
+                              f"tdlrt or damaged); use another checkpoint") from None
+    except (TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot rebuild the network from {find_checkpoint(source, which)} (damaged: "
+                              f"{type(exc).__name__}: {str(exc)[:160]}); use another checkpoint") from None

@@ -1,4 +1,4 @@
-"""Process-wide settings a command applies before it works: CPU threads."""
+"""Process-wide settings a command applies before it works: the device, CPU threads."""
 from __future__ import annotations
 
 import os
@@ -34,3 +34,21 @@ def set_threads(threads: Optional[int]) -> int:
     n = resolve_threads(threads)
     torch.set_num_threads(n)
     return n
+
+
+def resolve_device(name: str):
+    """``device=`` as a torch.device: auto (CUDA if there is a GPU, else the CPU), cpu, cuda, cuda:N; a GPU
+    that is not there is a ConfigError."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return torch.device(name)

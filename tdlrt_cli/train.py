@@ -27,31 +27,20 @@ from .data import build_data
 from .distributed import Distributed, init_distributed
 from .errors import CheckpointError, ConfigError, Interrupted, UserError, exit_on_user_error
 from .faults import faults
-from .launch import RunLock, config_drift, describe_drift, resume_command
+from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger
 from .lowrank import LowRankLayer, NonFiniteCore, orthonormality_error
 from .methods import factorise, method_of
-from .metrics import flops_per_image, layer_ranks, parameter_report
+from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
-from .runtime import set_threads
+from .files import resume_command
+from .runtime import resolve_device, set_threads
 
 
 
 # --------------------------------------------------------------------------- set-up helpers
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
-    return torch.device(name)
-
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
@@ -444,22 +433,6 @@ def lowrank_named(model):
 
 def loader_device(loader) -> torch.device:
     return getattr(loader, "device", None) or torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(model, loader, amp, device, dist: Distributed = Distributed()) -> tuple:
-    """Test loss and accuracy (%); data parallel processes evaluate their share and add up."""
-    model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, examples
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp():
-            out = model(x)
-        sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
-        sums[1] += (out.argmax(1) == y).sum()
-        sums[2] += len(y)
-    loss, correct, n = dist.sum_(sums).tolist()
-    return loss / max(n, 1), 100.0 * correct / max(n, 1)
 
 
 # --------------------------------------------------------------------------- the run
