@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,10 +35,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
         torch.save({"format": FORMAT, **state}, fh)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the half-written temporaries a killed run left behind (never a finished checkpoint)."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+# The temporaries of files.atomic_file in a checkpoints/ folder: ``.<name>.<pid>.tmp`` (older: ``.<name>.tmp``);
+# those of dead processes are half-written checkpoints a killed run left behind (files.remove_stale_temporaries).
+CHECKPOINT_TEMPORARY = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.tmp$")
 
 
 def load_checkpoint(path) -> dict:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import (RESUME_NEEDS, load_checkpoint, load_error, remove_stale_temporaries, require,
+from .checkpoint import (CHECKPOINT_TEMPORARY, RESUME_NEEDS, load_checkpoint, load_error, require,
                          save_checkpoint)
 from .config import CONFIG_DIR, TrainConfig
 from .data import build_data
@@ -35,7 +35,7 @@ from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
-from .files import resume_command
+from .files import remove_stale_temporaries, resume_command
 from .runtime import resolve_device, set_threads
 
 
@@ -565,7 +565,8 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         # (a run started again in its folder before it wrote a checkpoint logs from the start: RunLogger)
         logger = RunLogger(run_dir, resume_epoch=start_epoch if resume is not None else None,
                            resume_step=global_step if resume is not None else None)
-        remove_stale_temporaries(ckpt_dir)
+        if ckpt_dir.is_dir():
+            remove_stale_temporaries(ckpt_dir, CHECKPOINT_TEMPORARY)
     else:  # data parallel: only the first process writes logs and checkpoints
         logger = RunLogger(run_dir, tensorboard=False, write=False)
 

@@ -587,6 +587,7 @@ class TDLRT:
         self.tau_warmup_steps, self.tau_warmup_shape = int(tau_warmup_steps), tau_warmup_shape
         self.average, self.broadcast = average, broadcast
         self.layers = lowrank_layers(model)
+        self._index = {id(layer): i for i, layer in enumerate(self.layers)}  # layer -> its index (stashes)
         self.steps = 0
         self.frozen = False
         self.timing = False             # when on, step() measures truncation_seconds (synchronising)
@@ -637,7 +638,7 @@ class TDLRT:
         if not self.adapts_next():
             return []
         ready = [layer for layer in self.layers if layer.has_capture]
-        index = {id(layer): i for i, layer in enumerate(self.layers)}
+        index = self._index
         with torch.no_grad():
             grads = [basis_gradients(layer) for layer in ready]
             if self.average is not None:
@@ -670,7 +671,7 @@ class TDLRT:
                 infos = truncate_layers(ready, self.last_tau, self.optimizer, self.broadcast, self.spectra)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
-        index = {id(layer): i for i, layer in enumerate(self.layers)}
+        index = self._index
         stepped = {index[id(layer)] for layer in ready}
         for i, stash in self.stashes.items():
             if i not in stepped and self.layers[i].core.grad is not None:
