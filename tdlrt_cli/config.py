@@ -131,6 +131,8 @@ class CheckpointConfig:
     every_n_steps: int = 0     # > 0: also write last.pt every N training steps (mid-epoch resume)
     auto_resume: bool = True   # a run folder that already holds checkpoints/last.pt (a requeued or restarted
                                # job) continues from it; false: such a folder is an error
+    keep_top_k: int = 0        # > 0: also keep the k best epochs (the selection metric of best.pt) as
+                               # checkpoints/epochNNN-<metric>XX.XX.pt
 
 
 @dataclass
@@ -191,6 +193,8 @@ class TrainConfig:
         need(self.checkpoint.every_n_steps >= 0,
              f"checkpoint.every_n_steps={self.checkpoint.every_n_steps} must be >= 0 (0: per epoch only)")
         need(self.cost_repeat >= 1, f"cost_repeat={self.cost_repeat} must be >= 1")
+        need(self.checkpoint.keep_top_k >= 0,
+             f"checkpoint.keep_top_k={self.checkpoint.keep_top_k} must be >= 0 (0: best.pt and last.pt only)")
         need(self.log_every_n_steps > 0, f"log_every_n_steps={self.log_every_n_steps} must be > 0")
         need(self.model.width_mult > 0, f"model.width_mult={self.model.width_mult} must be > 0")
         for key in ("limit_train", "limit_test"):
@@ -426,6 +430,8 @@ FIELD_HELP = {
     "scheduler.patience": "plateau: epochs without improvement before a decay",
     "checkpoint.every_n_steps": "> 0: also write checkpoints/last.pt every N steps (resume mid-epoch); 0: per epoch",
     "checkpoint.auto_resume": "a run folder that already holds checkpoints/last.pt continues from it",
+    "checkpoint.keep_top_k": "> 0: also keep the k best epochs as checkpoints/epochNNN-<metric>XX.XX.pt (the metric "
+                             "of best.pt; rank-adaptive runs: epochs at the final ranks)",
     "task_name": "first folder level under outputs/",
     "tau": "tdlrt/dlrt: relative truncation tolerance in (0, 1); larger prunes more",
     "lr": "peak learning rate",

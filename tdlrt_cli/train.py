@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -560,6 +561,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         say(f"resuming {cfg.ckpt_path} at epoch {start_epoch + 1}{where}")
         if dist.main:
             repair_best(resume, ckpt_dir, say)
+            remove_unlisted_top(ckpt_dir, best)
     shape = (data.in_channels, data.num_classes, data.image_size)
     if dist.main:
         # (a run started again in its folder before it wrote a checkpoint logs from the start: RunLogger)
@@ -599,6 +601,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             if method.before_epoch(epoch, model):  # imp, a new round: new optimizer and schedule, best.pt anew
                 optimizer = build_optimizer(cfg, model)
                 scheduler = build_scheduler(cfg, optimizer, len(data.train))
+                drop_top(ckpt_dir, best, dist.main)
                 best = {"metric": -1.0, "max_test": -1.0, "selected": None}  # best.pt: the best of the pruned network
             try:
                 stats = train_one_epoch(model, data.train, optimizer, integrator, scheduler, amp, logger,
@@ -639,20 +642,26 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             if ranks_now is not None and best.get("ranks") not in (None, ranks_now):
                 # the ranks moved: an earlier best is another network; selection restarts at these ranks, so
                 # best.pt always has the final ranks (one network: its accuracy, c.r., params and FLOPs)
+                drop_top(ckpt_dir, best, dist.main)
                 best = {"metric": -1.0, "max_test": -1.0, "selected": None}
             improved = metric > best["metric"]
+            top, evicted = top_k(best.get("top", []), metric, epoch + 1, select_by, cfg.checkpoint.keep_top_k)
             best = {"metric": max(best["metric"], metric), "max_test": max(best["max_test"], test_acc),
                     "selected": ({"by": select_by, "epoch": epoch + 1, "val_acc": val.get("val_acc"), "test_acc": test_acc,
                                   "compression_rate": report["compression_rate"]}
                                  if improved else best["selected"]),
-                    "ranks": ranks_now}
+                    "ranks": ranks_now, "top": top}
             state = checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch + 1, global_step,
                                      best, data_shape=shape, skipped_steps=cfg.nan_max_skips - skip_budget[0],
                                      elapsed_s=elapsed())
             if dist.main:  # last.pt first: if a kill comes before best.pt, last.pt is the best and a resume copies it
+                if any(name == top_name(epoch + 1, select_by, metric) for _, _, name in top):
+                    save_checkpoint(state, ckpt_dir / top_name(epoch + 1, select_by, metric))  # before last.pt lists it
                 save_checkpoint(state, ckpt_dir / "last.pt")
                 if improved:
                     save_checkpoint(state, ckpt_dir / "best.pt")
+                for name in evicted:
+                    (ckpt_dir / name).unlink(missing_ok=True)
             say(f"epoch {epoch + 1}/{total_epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2f}% "
                 + (f"| val acc {val['val_acc']:.2f}% " if val else "")
                 + f"| test loss {test_loss:.4f} acc {test_acc:.2f}% | {stats['images_per_s']:.0f} img/s "
@@ -741,6 +750,37 @@ def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, 
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": config_dict,
     }
+
+
+TOP_FILE = re.compile(r"^epoch\d{3,}-(?:val_acc|test_acc)-?[\d.]+\.pt$")
+
+
+def top_name(epoch: int, by: str, metric: float) -> str:
+    return f"epoch{epoch:03d}-{by}{metric:.2f}.pt"
+
+
+def top_k(top: list, metric: float, epoch: int, by: str, k: int) -> tuple:
+    """``checkpoint.keep_top_k``: the k best epochs ``[(metric, epoch, file name)]`` once this epoch is counted
+    (ties: the earlier epoch stays), and the files that fall out."""
+    if k <= 0:
+        return [], []
+    ranked = sorted([tuple(t) for t in top] + [(metric, epoch, top_name(epoch, by, metric))],
+                    key=lambda t: (-t[0], t[1]))
+    return ranked[:k], [name for _, _, name in ranked[k:]]
+
+
+def drop_top(ckpt_dir: Path, best: dict, main: bool) -> None:
+    """Selection starts again (the ranks moved, a new IMP round): the kept epochs are other networks."""
+    for _, _, name in best.get("top", []) if main else ():
+        (ckpt_dir / name).unlink(missing_ok=True)
+
+
+def remove_unlisted_top(ckpt_dir: Path, best: dict) -> None:
+    """On resume: top-k files the checkpoint does not list (written before a kill, or evicted before one)."""
+    listed = {name for _, _, name in best.get("top", [])}
+    for path in ckpt_dir.glob("epoch*.pt") if ckpt_dir.is_dir() else ():
+        if TOP_FILE.match(path.name) and path.name not in listed:
+            path.unlink(missing_ok=True)
 
 
 def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console()) -> None:

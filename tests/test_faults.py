@@ -210,3 +210,30 @@ def test_the_run_folder_deleted_during_training_is_one_line(tmp_path, method):
     assert line == (f"tdlrt: error: the run folder {tmp_path / 'run'} disappeared during the run (deleted or "
                     f"moved): stopped, nothing more can be written there; start the run again")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["dense", "tdlrt"])
+def test_keep_top_k_keeps_the_k_best_epochs_of_the_final_network(tmp_path, method):
+    """checkpoint.keep_top_k=2: the two best epochs by validation accuracy (a rank-adaptive run: among the
+    epochs at its final ranks, like best.pt) are kept as epochNNN-val_accXX.XX.pt, the others removed."""
+    import csv
+
+    folder = tmp_path / "run"
+    extra = ["tau=0.3", "method.tau_warmup_epochs=0"] if method == "tdlrt" else []
+    run_tdlrt(["train", *TINY, f"method={method}", *extra, "epochs=4", "data.val_split=64", "checkpoint.keep_top_k=2",
+               "cost_report=false", f"hydra.run.dir={folder}"], tmp_path)
+    kept = sorted(p.name for p in (folder / "checkpoints").glob("epoch*.pt"))
+    last = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
+    listed = sorted(name for _, _, name in last["best"]["top"])
+    assert kept == listed and 1 <= len(kept) <= 2
+    with open(folder / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    summary = json.loads((folder / "summary.json").read_text())
+    for name in kept:
+        state = torch.load(folder / "checkpoints" / name, weights_only=True)
+        assert name == f"epoch{state['epoch']:03d}-val_acc{float(rows[state['epoch'] - 1]['val_acc']):.2f}.pt"
+        if method == "tdlrt":
+            assert state["ranks"] == last["ranks"]  # the final network's epochs only
+    eligible = [r for r in rows if method == "dense" or int(r["epoch"]) >= summary["selected"]["epoch"]]
+    best_two = sorted(float(r["val_acc"]) for r in eligible)[-2:]
+    assert sorted(float(n.split("val_acc")[1][:-3]) for n in kept) == pytest.approx(best_two[-len(kept):], abs=0.006)
