@@ -32,6 +32,8 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
 class RefusedGlobal(pickle.UnpicklingError):
     """A pickle asked for a global that :class:`CifarUnpickler` does not admit."""
 
+_CHECKED: dict = {}  # data folder -> the files whose checksum differs (checked once per process)
+
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as Python 3 pickles bytes at protocol 2 (``encode(text, "latin1")``), latin-1 only."""
@@ -132,10 +134,12 @@ def _cifar(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
         return ImageTensors(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
 
     train, test = read(cls.train_list), read(cls.test_list)
-    bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
-    if bad:
-        warnings.warn(f"{name} files in {folder} differ from the originals (checksum of {', '.join(bad)}); "
-                      "read them anyway", stacklevel=2)
+    key = str(Path(folder).resolve())
+    if key not in _CHECKED:  # once per data folder and process (a sweep's jobs share it)
+        _CHECKED[key] = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
+        if _CHECKED[key]:
+            warnings.warn(f"{name} files in {folder} differ from the originals (checksum of "
+                          f"{', '.join(_CHECKED[key])}); read them anyway", stacklevel=2)
     return train, test, 10 if name == "cifar10" else 100
 
 

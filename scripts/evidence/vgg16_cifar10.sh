@@ -17,7 +17,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run() {  # run NAME OVERRIDES...: train into $out/NAME unless it has finished
   local name=$1; shift
   if [[ -f $out/$name/summary.json ]]; then echo "$name: finished"; return; fi
+  echo "$(date +%T) start $name (progress: tail -f $out/$name.log)"
   tdlrt train $common "$@" hydra.run.dir=$out/$name >> "$out/$name.log" 2>&1 || { echo "$name failed: $out/$name.log"; return 1; }
+  echo "$(date +%T) done $name: $(tail -n 1 "$out/$name.log")"
 }
 mkdir -p "$out"
 ( run dense_s0 method=dense seed=0 && run tdlrt_tau0.2_s0 method=tdlrt tau=0.2 seed=0 ) &
