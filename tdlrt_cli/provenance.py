@@ -81,6 +81,15 @@ def _cudnn_version() -> Optional[int]:
         return None
 
 
+def paste_back(argv: List[str]) -> str:
+    """``tdlrt-train a=1 'b=x y'`` (Hydra's argv) as the command a user types: ``tdlrt train a=1 'b=x y'``,
+    each argument quoted once for a POSIX shell."""
+    head = argv[0] if argv else "tdlrt"
+    name = Path(head).name
+    words = ["tdlrt", name.split("-", 1)[1]] if name.startswith("tdlrt-") else [head]
+    return shlex.join(words + list(argv[1:]))
+
+
 def provenance(start_time: Optional[float] = None) -> dict:
     """Versions, source revision, command line, host and start time (``start_time``: seconds since the
     epoch, as from ``time.time()``; default: now) of the current process."""
@@ -95,7 +104,7 @@ def provenance(start_time: Optional[float] = None) -> dict:
         "python": platform.python_version(),
         **{f"git_{k}": v for k, v in source_state().items()},
         "argv": argv,                                   # what Hydra parsed: tdlrt-<subcommand> and the overrides
-        "command": shlex.join(argv),
+        "command": paste_back(argv),                    # the command line that runs this again, for a shell
         "orig_argv": [str(a) for a in getattr(sys, "orig_argv", argv)],  # the process as started
         "host": socket.gethostname(),
         "started": datetime.datetime.fromtimestamp(time.time() if start_time is None else start_time,

@@ -40,7 +40,7 @@ def test_summary_records_provenance(tmp_path):
         assert p["git_commit"] is None and p["git_dirty"] is None
     assert p["argv"][0] == "tdlrt-train" and p["argv"][1:len(args)] == args[1:]
     assert all(a.startswith("hydra.run.dir=") for a in p["argv"][len(args):])  # the folder checked before Hydra
-    assert shlex.split(p["command"]) == p["argv"]
+    assert shlex.split(p["command"]) == ["tdlrt", "train", *p["argv"][1:]]  # a command a shell runs again
     assert p["orig_argv"][-len(args):] == args  # the process as started: ... tdlrt train <overrides>
     assert p["host"] == socket.gethostname()
     started = datetime.datetime.fromisoformat(p["started"])
@@ -58,3 +58,14 @@ def test_provenance_outside_a_git_checkout_or_without_git(tmp_path, monkeypatch)
     monkeypatch.setenv("PATH", str(tmp_path))  # no git program at all
     assert prov.git_state() == {"commit": None, "dirty": None}
     assert prov.provenance()["git_commit"] is None
+
+
+def test_the_recorded_command_pastes_back_into_a_shell():
+    import shlex
+
+    from tdlrt_cli.provenance import paste_back
+
+    argv = ["/usr/bin/tdlrt-train", "model=vgg16", "task_name=a b", "data.mean=[0.5,0.5,0.5]"]
+    command = paste_back(argv)
+    assert command.startswith("tdlrt train model=vgg16 ")
+    assert shlex.split(command)[2:] == argv[1:]  # each argument back as it was, quoted once
