@@ -4,7 +4,9 @@ One optimisation step on one mini-batch, from one forward/backward pass. ``Z = d
 the loss with respect to a layer's represented weight at the current point; every quantity below is a
 projection of Z that :meth:`LowRankLayer.projected_grad` forms from the captured input and output gradient.
 
-1. :func:`basis_gradients` (K-step): ``dL/dK_i = Mat_i(Z x_{j!=i} U_j^T) Q_i`` with ``Mat_i(C)^T = Q_i S_i^T``.
+1. :func:`basis_gradients` (K-step): ``dL/dK_i = Mat_i(Z x_{j!=i} U_j^T) Q_i`` with ``Mat_i(C)^T = Q_i S_i^T``;
+   the step forms them with two projected-gradient calls in all (:func:`out_basis_gradient`, then
+   :func:`other_basis_gradients` with the augmented output basis, whose result also gives step 3).
 2. :func:`augment`: ``U_hat_i = [U_i, orth((I - U_i U_i^T) dL/dK_i)]``; the core is zero-padded, W unchanged.
 3. :func:`galerkin_gradient`: ``dL/dC_tilde = Z x_i U_hat_i^T``; the optimizer then steps the core.
 4. :func:`truncate`: keep the smallest rank whose discarded tail of Mat_i(C_hat)'s spectrum is at most
@@ -48,21 +50,58 @@ def _projected(layer: LowRankLayer, bases: Sequence[Optional[torch.Tensor]], ski
     return t
 
 
+def core_q(layer: LowRankLayer) -> Dict[int, torch.Tensor]:
+    """``Q_i`` of every adapted mode, ``Mat_i(C)^T = Q_i S_i^T`` (reduced QR of the current core)."""
+    core = layer.core.detach()
+    return {i: torch.linalg.qr(unfold(core, i).transpose(0, 1).to(u.dtype))[0]
+            for i, u in enumerate(layer.factors) if u is not None}
+
+
 def basis_gradients(layer: LowRankLayer) -> Dict[int, torch.Tensor]:
     """K-step gradients of every adapted mode: ``dL/dK_i = Mat_i(Z x_{j!=i} U_j^T) Q_i``.
 
     ``K_i = U_i S_i`` where ``Mat_i(C)^T = Q_i S_i^T`` (reduced QR). Formed from Q_i directly, never as
     ``dL/dU_i S_i^{-T}``: S_i may be singular, and the small directions are exactly the ones that matter.
+    (The reference form, one projected gradient per mode; the step itself uses :func:`out_basis_gradient`
+    and :func:`other_basis_gradients`, two projected gradients in all.)
     """
     factors = layer.factors
-    core = layer.core.detach()
+    return {i: unfold(_projected(layer, factors, skip=i), i).to(q.dtype) @ q for i, q in core_q(layer).items()}
+
+
+def out_basis_gradient(layer: LowRankLayer, q0: torch.Tensor) -> torch.Tensor:
+    """The K-step of the output mode alone, ``dL/dK_0 = Mat_0(Z x_{j!=0} U_j^T) Q_0``: the first of the two
+    projected-gradient calls of a step."""
+    return unfold(_projected(layer, layer.factors, skip=0), 0).to(q0.dtype) @ q0
+
+
+def other_basis_gradients(layer: LowRankLayer, u_hat0: torch.Tensor, qs: Dict[int, torch.Tensor]):
+    """The second (and last) projected-gradient call of a step, ``T = Z x_0 U_hat_0^T`` with the augmented
+    output basis ``U_hat_0 = [U_0, N_0]``. Its leading ``r_0`` rows are ``Z x_0 U_0^T``, so the K-step of every
+    other adapted mode i follows by matrix products, ``dL/dK_i = Mat_i(T[:r_0] x_{j!=0,i} U_j^T) Q_i``, and
+    once those bases are augmented, :func:`galerkin_from` gives the Galerkin gradient from T. Returns
+    ``({i: dL/dK_i}, T)``."""
+    t = layer.projected_grad(u_hat0, None)
+    lead = t[:layer.factors[0].shape[1]]
+    factors = layer.factors
     grads = {}
-    for i, u in enumerate(factors):
-        if u is None:
+    for i, q in qs.items():
+        if i == 0:
             continue
-        q, _ = torch.linalg.qr(unfold(core, i).transpose(0, 1).to(u.dtype))
-        grads[i] = unfold(_projected(layer, factors, skip=i), i).to(u.dtype) @ q
-    return grads
+        m = lead
+        for j, u in enumerate(factors):
+            if j not in (0, i) and u is not None:
+                m = mode_product(m, u.transpose(0, 1).to(m.dtype), j)
+        grads[i] = unfold(m, i).to(q.dtype) @ q
+    return grads, t
+
+
+def galerkin_from(t: torch.Tensor, layer: LowRankLayer) -> torch.Tensor:
+    """``dL/dC_tilde = T x_{i!=0} U_hat_i^T`` (``T = Z x_0 U_hat_0^T``), once every basis is augmented."""
+    for j, u in enumerate(layer.factors):
+        if j != 0 and u is not None:
+            t = mode_product(t, u.transpose(0, 1).to(t.dtype), j)
+    return t.to(layer.core.dtype)
 
 
 # --------------------------------------------------------------------------- step 2: augment
@@ -89,9 +128,15 @@ def augment(layer: LowRankLayer, grads: Dict[int, torch.Tensor],
             optimizer: Optional[torch.optim.Optimizer] = None, stash: Optional["StateStash"] = None) -> None:
     """Augment every adapted basis with its K-step directions and zero-pad the core (W is unchanged); the
     core's optimizer state follows into the augmented coordinates (step 5, from ``stash`` when given)."""
+    augment_to(layer, {i: augment_basis(layer.factors[i], g) for i, g in grads.items()}, optimizer, stash)
+
+
+def augment_to(layer: LowRankLayer, bases: Dict[int, torch.Tensor],
+               optimizer: Optional[torch.optim.Optimizer] = None, stash: Optional["StateStash"] = None) -> None:
+    """:func:`augment` with the augmented bases ``U_hat_i = [U_i, N_i]`` already formed."""
     old_shape = tuple(layer.core.shape)
-    for i, g in grads.items():
-        layer.set_factor(i, augment_basis(layer.factors[i], g))
+    for i, u in bases.items():
+        layer.set_factor(i, u)
     new_shape = tuple(layer.core.shape[i] if u is None else u.shape[1] for i, u in enumerate(layer.factors))
     padded = layer.core.new_zeros(new_shape)
     padded[tuple(slice(0, s) for s in old_shape)] = layer.core.detach()
@@ -640,12 +685,29 @@ class TDLRT:
         ready = [layer for layer in self.layers if layer.has_capture]
         index = self._index
         with torch.no_grad():
-            grads = [basis_gradients(layer) for layer in ready]
+            # two projected-gradient calls per layer: the output mode's K-step, then (with its augmented
+            # basis) every other mode's K-step and the Galerkin gradient; data parallel: averaged in between
+            qs = [core_q(layer) for layer in ready]
+            two = [0 in q and len(q) > 1 for q in qs]  # else (output mode not adapted): one call per mode
+            first = [{0: out_basis_gradient(layer, q[0])} if split else basis_gradients(layer)
+                     for layer, q, split in zip(ready, qs, two)]
             if self.average is not None:
-                self.average([g for per_layer in grads for g in per_layer.values()])
-            for layer, per_layer in zip(ready, grads):
-                augment(layer, per_layer, self.optimizer, self.stashes.pop(index[id(layer)], None))
-                layer.core.grad = galerkin_gradient(layer)
+                self.average([g for per_layer in first for g in per_layer.values()])
+            u_hat0 = [augment_basis(layer.factors[0], g[0]) if split else None
+                      for layer, g, split in zip(ready, first, two)]
+            second = [other_basis_gradients(layer, u, q) if split else ({}, None)
+                      for layer, u, q, split in zip(ready, u_hat0, qs, two)]
+            if self.average is not None:
+                self.average([g for per_layer, _ in second for g in per_layer.values()])
+            for layer, split, g1, u0, (g2, t) in zip(ready, two, first, u_hat0, second):
+                stash = self.stashes.pop(index[id(layer)], None)
+                if split:
+                    bases = {0: u0, **{i: augment_basis(layer.factors[i], g) for i, g in g2.items()}}
+                    augment_to(layer, bases, self.optimizer, stash)
+                    layer.core.grad = galerkin_from(t, layer)
+                else:
+                    augment(layer, g1, self.optimizer, stash)
+                    layer.core.grad = galerkin_gradient(layer)
                 layer.clear_capture()
         return ready
 
