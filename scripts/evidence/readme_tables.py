@@ -16,7 +16,10 @@ BLOCK = re.compile(r"(<!-- from: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end --
 
 def refreshed(text: str) -> str:
     def body(m: re.Match) -> str:
-        content = (ROOT / m.group("path")).read_text()
+        path = ROOT / m.group("path")
+        if not path.is_file():
+            sys.exit(f"readme_tables: {path} does not exist (generate it first; README.md left as it was)")
+        content = path.read_text()
         return m.group(1) + content + ("" if content.endswith("\n") else "\n") + m.group(4)
     return BLOCK.sub(body, text)
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Regenerate every table and figure of the rank-rule study from the committed run files, then the README's
+# copies of the tables:   bash scripts/evidence/rank_rules_report.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tdlrt report results/frontier_p/runs out=results/frontier_p
+python scripts/evidence/frontier_targets.py results/frontier_p/runs --out results/frontier_p/targets.md
+python scripts/evidence/rank_dynamics.py results/frontier_p/runs --out results/frontier_p/rank_dynamics.md
+tdlrt report results/cifar10_full/runs out=results/cifar10_full
+python scripts/evidence/readme_tables.py
