@@ -34,7 +34,8 @@ def load(runs: Path):
         elif m["name"] == "tucker":
             kind, knob = "tucker", float(m["target_cr"])
         elif m["name"] == "tdlrt" and m.get("target_cr") is not None:
-            if (m.get("augment_every") not in (None, 10)) or m.get("ramp_end", 0.5) != 0.5:
+            if (m.get("augment_every") not in (None, 10) or m.get("ramp_end", 0.5) != 0.5
+                    or m.get("r_max_frac", 0.5) != 0.5 or m.get("init_rank_frac") is not None):
                 kind, knob = "ablation", float(m["target_cr"])
             else:
                 kind, knob = "target", float(m["target_cr"])
@@ -42,8 +43,10 @@ def load(runs: Path):
             kind, knob = "paper", float(c["tau"])
         else:
             continue
+        defaults = {"augment_every": (None, 10), "ramp_end": (0.5,), "r_max_frac": (0.5,), "init_rank_frac": (None,)}
+        changed = {k: m.get(k) for k, d in defaults.items() if m.get(k, d[0]) not in d} if kind == "ablation" else {}
         out.append({"run": path.parent.name, "kind": kind, "knob": knob, "seed": c["seed"], "acc": accuracy(s),
-                    "cr": float(s["compression_rate"])})
+                    "cr": float(s["compression_rate"]), "changed": changed})
     return out
 
 
@@ -103,6 +106,17 @@ def main() -> None:
     if dense_mean is not None:
         text += f"Dense: {fmt(*stats(dense), len(dense))}.\n\n"
     text += "\n".join(f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in checks) + "\n"
+    ablations = [r for r in runs if r["kind"] == "ablation"]
+    if ablations:
+        text += "\nAblations of the target rule (one seed each; the default is augment_every=10, ramp_end=0.5, " \
+                "r_max_frac=0.5):\n\n| run | target | changed | acc (%) | c.r. (%) | vs the default rule | vs dense |\n" \
+                "|---|---|---|---|---|---|---|\n"
+        for r in sorted(ablations, key=lambda r: r["run"]):
+            same = [x["acc"] for x in runs if x["kind"] == "target" and x["knob"] == r["knob"] and x["seed"] == r["seed"]]
+            vs = f"{r['acc'] - same[0]:+.2f}" if same else "-"
+            vd = f"{r['acc'] - dense_mean:+.2f}" if dense_mean is not None else "-"
+            changed = ", ".join(f"{k}={v}" for k, v in r["changed"].items())
+            text += f"| {r['run']} | {r['knob']:g}% | {changed} | {r['acc']:.2f} | {r['cr']:.2f} | {vs} | {vd} |\n"
     print(text, end="")
     if args.out:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
