@@ -631,6 +631,24 @@ def _extra(row: Row, keys: List[str]) -> str:
     return ", ".join(f"{k}={fmt(row.value(k))}" for k in keys if k not in KNOB_KEYS and row.value(k) is not MISSING)
 
 
+def _label_extra(row: Row, keys: List[str]) -> str:
+    """:func:`_extra` for a plot legend: without the ``method.`` prefix, and without the keys at their default
+    (the schema's; for ``method.augment_every`` the default of the row's rank rule), which the rule names."""
+    from dataclasses import fields
+
+    from .config import MethodConfig, TARGET_AUGMENT_EVERY
+
+    defaults = {f"method.{f.name}": f.default for f in fields(MethodConfig)}
+    defaults["method.augment_every"] = TARGET_AUGMENT_EVERY if rule_of(row) == "target rule" else 1
+    shown = []
+    for k in keys:
+        v = row.value(k)
+        if k in KNOB_KEYS or v is MISSING or (k in defaults and canon(v) == canon(defaults[k])):
+            continue
+        shown.append(f"{k.removeprefix('method.')}={fmt(v)}")
+    return ", ".join(shown)
+
+
 def rule_of(row: "Row") -> str:
     """TDLRT/DLRT's rank rule: the target rule (method.target_cr) or the paper's tau rule; "" for others."""
     if row.method not in ("tdlrt", "dlrt"):
@@ -652,7 +670,7 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
             curves: Dict[str, List[Row]] = {}
             for r in members:
                 if r.method == method:
-                    curves.setdefault(", ".join(p for p in (rule_of(r), _extra(r, keys)) if p), []).append(r)
+                    curves.setdefault(", ".join(p for p in (rule_of(r), _label_extra(r, keys)) if p), []).append(r)
             for extra, pts in curves.items():
                 pts.sort(key=lambda r: r.cr[0])
                 label = METHOD_LABEL.get(method, method) + (f" ({extra})" if extra else "")
