@@ -27,6 +27,7 @@ class EvalOptions:
     device: str = "auto"
     batch_size: int = 1024
     repeat: int = 10
+    cost_repeat: int = 0        # the name `tdlrt train` uses for repeat= (> 0: overrides repeat)
     latency: bool = True
     out: Optional[str] = None   # also write the report as JSON here
 
@@ -37,6 +38,10 @@ class EvalOptions:
             raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.cost_repeat < 0:
+            raise ConfigError(f"cost_repeat={self.cost_repeat} must be >= 1 (the same as repeat=)")
+        if self.cost_repeat:
+            self.repeat = self.cost_repeat
         if self.repeat < 1:
             raise ConfigError(f"repeat={self.repeat} must be >= 1 (timed blocks per latency figure)")
         check_device(self.device)
@@ -302,7 +307,7 @@ def parse(argv: List[str]):
 
 USAGE = """usage: tdlrt eval <run folder, checkpoint, .pt2 or .onnx export> [data=NAME] [data.KEY=VALUE ...]
                   [checkpoint=last|best] [device=auto|cpu|cuda] [batch_size=1024] [latency=true] [repeat=10]
-                  [out=REPORT.json]
+                  [out=REPORT.json]      (cost_repeat=N, train's name, is the same as repeat=N)
 
 Test accuracy on the run's dataset (or the one given), and the cost report: parameters and compression
 rates, FLOPs per image (inference; training), peak memory and latency at batch 1 and 128 (median and

@@ -450,3 +450,11 @@ def test_ctrl_c_during_eval_is_one_line_and_writes_no_report(trained_run, tmp_pa
     stopped_by_ctrl_c(["eval", str(trained_run), "latency=false", f"out={out}"], tmp_path, "eval")
     unchanged(before)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_eval_takes_trains_name_for_the_repetitions(trained_run, tmp_path):
+    """`tdlrt train` says cost_repeat=, `tdlrt eval` repeat=: eval takes both."""
+    proc = run_tdlrt(["eval", str(trained_run), "cost_repeat=2", f"out={tmp_path / 'r.json'}"], tmp_path)
+    assert "median [IQR]" in proc.stdout
+    bad = run_tdlrt(["eval", str(trained_run), "cost_repeat=-1"], tmp_path, check=False)
+    assert bad.returncode == 2 and "cost_repeat=-1 must be >= 1" in bad.stderr
