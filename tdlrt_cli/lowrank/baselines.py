@@ -54,7 +54,7 @@ class MatrixConv2d(LowRankLayer):
 
     def forward(self, x):
         h = self._first(x, self.U1)
-        h = F.conv2d(h, self.core[:, :, None, None].to(h.dtype))
+        h = F.conv2d(h, self._forward_core(x)[:, :, None, None].to(h.dtype))
         out = self._expand_out(h)
         self._record(x, out)
         return out

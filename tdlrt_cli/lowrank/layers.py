@@ -123,6 +123,16 @@ class LowRankLayer(nn.Module):
             return h if bias is None else h + bias[:, None, None]
         return F.conv2d(h, self.U0[:, :, None, None].to(h.dtype), bias)
 
+    def _forward_core(self, x: torch.Tensor) -> torch.Tensor:
+        """The core as the forward pass uses it. On a step that captures (an adapting step), the integrator
+        replaces the core's gradient by the Galerkin gradient, so autograd need not form it: the core enters
+        detached whenever the output still needs a gradient through the input or the bias, so that the
+        capture hook fires and the input's gradient flows as before."""
+        if (self.capture and self.training and torch.is_grad_enabled()
+                and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            return self.core.detach()
+        return self.core
+
     def _record(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.capture and self.training and out.requires_grad:
             self._x = x.detach()
@@ -202,13 +212,13 @@ class TuckerConv2d(LowRankLayer):
                     conv.dilation, conv.bias is not None, ranks, rank_bounds, dtype=w.dtype, device=w.device)
         return layer.init_from_dense(w, conv.bias)
 
-    def small_kernel(self) -> torch.Tensor:
+    def small_kernel(self, core: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The k x k kernel of the middle conv: ``C x_2 U2 x_3 U3`` (shape r0 x r1 x kh x kw)."""
-        return multi_mode_product(self.core, [None, None, self.U2, self.U3])
+        return multi_mode_product(self.core if core is None else core, [None, None, self.U2, self.U3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.U1 is None else _one_by_one(x, self.U1)
-        kernel = self.small_kernel()
+        kernel = self.small_kernel(self._forward_core(x))
         h = F.conv2d(h, kernel.to(h.dtype), None, self.stride, self.padding, self.dilation)
         out = self._expand_out(h)
         self._record(x, out)
@@ -255,7 +265,7 @@ class LowRankLinear(LowRankLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.U1 is None else F.linear(x, self.U1.transpose(0, 1).to(x.dtype))
-        h = F.linear(h, self.core.to(h.dtype))
+        h = F.linear(h, self._forward_core(x).to(h.dtype))
         bias = None if self.bias is None else self.bias.to(h.dtype)
         out = F.linear(h, self.U0.to(h.dtype), bias) if self.U0 is not None else (h if bias is None else h + bias)
         self._record(x, out)
