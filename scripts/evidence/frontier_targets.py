@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from tdlrt_cli.files import atomic_write_text
+
 
 def accuracy(summary: dict) -> float:
     chosen = summary.get("test_acc_val_selected")
@@ -119,9 +121,7 @@ def main() -> None:
             text += f"| {r['run']} | {r['knob']:g}% | {changed} | {r['acc']:.2f} | {r['cr']:.2f} | {vs} | {vd} |\n"
     print(text, end="")
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

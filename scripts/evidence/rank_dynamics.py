@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from tdlrt_cli.files import atomic_write_text
+
 
 def read_csv(path: Path):
     with open(path, newline="") as fh:
@@ -78,9 +80,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

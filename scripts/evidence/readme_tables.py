@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+from tdlrt_cli.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"(<!-- from: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.S)
 
@@ -30,9 +32,7 @@ def main() -> None:
     new = refreshed(text)
     if "--check" in sys.argv:
         sys.exit(0 if new == text else "README.md: a generated table differs from its file (run this script)")
-    tmp = readme.with_name(".README.md.tmp")
-    tmp.write_text(new)
-    tmp.replace(readme)
+    atomic_write_text(readme, new)
 
 
 if __name__ == "__main__":
