@@ -1,17 +1,22 @@
-"""Atomic checkpoint files, read back with ``torch.load(weights_only=True)``."""
+"""Checkpoints: what one holds (:func:`checkpoint_state`), atomic writes, reading back with
+``torch.load(weights_only=True)`` (once per resume), and loading one into a freshly built run (:func:`restore`)."""
 from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from .errors import CheckpointError
 from .faults import faults
 from .files import atomic_file
+from .metrics import layer_ranks
 
 FORMAT = "tdlrt-checkpoint-1"
 RESUME_NEEDS = ("model", "optimizer", "scheduler", "rng", "epoch", "global_step")  # what a resume reads
@@ -40,18 +45,43 @@ def save_checkpoint(state: dict, path: Path) -> None:
 CHECKPOINT_TEMPORARY = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.tmp$")
 
 
-def load_checkpoint(path) -> dict:
+_kept: dict = {}  # the checkpoint read with keep=True, until the next read of the same file takes it
+
+
+def load_checkpoint(path, keep: bool = False, mmap: bool = False) -> dict:
+    """Read a tdlrt checkpoint (``weights_only``: tensors, containers, numbers, strings).
+
+    ``keep=True`` keeps what was read for the next read of the same file, which takes it instead of reading
+    the file again: a resume checks the checkpoint before Hydra starts and restores from it after, one read
+    for both. The file is the same when its inode, size and modification time are (checkpoints are written
+    by rename, so a rewritten one is another inode). ``mmap=True`` maps the tensors instead of reading them,
+    for a look at the config alone."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path)")
+    key = _identity(path)
+    if not mmap and _kept.get("key") == key:
+        state = _kept.pop("state")
+        _kept.clear()
+        if keep:
+            _kept.update(key=key, state=state)
+        return state
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a tdlrt checkpoint ({reason[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
+    if keep and not mmap:
+        _kept.clear()
+        _kept.update(key=key, state=state)
     return state
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def load_error(exc: BaseException) -> str:
@@ -69,3 +99,80 @@ def require(state: dict, keys, path) -> None:
         if key not in state:
             raise CheckpointError(f"{path} is missing {key!r} (written by an older tdlrt or damaged); it cannot be "
                                   f"resumed (tdlrt export and tdlrt eval can still read its weights)")
+
+
+def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
+                     position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0,
+                     elapsed_s: float = 0.0) -> dict:
+    """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
+    the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch; ``elapsed_s``:
+    the run's wall time so far, over all its sessions (a resumed run's summary adds its own)."""
+    return {
+        "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
+        "position": position, "skipped_steps": skipped_steps, "elapsed_s": elapsed_s,
+        "data_shape": list(data_shape) if data_shape else None,
+        "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "integrator": integrator.state_dict(optimizer=False) if integrator else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": config_dict,
+    }
+
+
+def restore(state, cfg, model, optimizer, integrator, scheduler) -> tuple:
+    """Load a checkpoint into freshly built objects; low-rank layers resize to the saved ranks."""
+    require(state, RESUME_NEEDS, cfg.ckpt_path)
+    if state.get("model_name") != cfg.model.name or state.get("method") != cfg.method.name:
+        raise CheckpointError(f"checkpoint {cfg.ckpt_path} was written by model={state.get('model_name')} "
+                              f"method={state.get('method')}, this run is model={cfg.model.name} "
+                              f"method={cfg.method.name}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {cfg.ckpt_path} does not match this configuration: "
+                              f"{load_error(exc)}") from None
+    if integrator is not None and state.get("integrator"):
+        integrator.load_state_dict(state["integrator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    best = state.get("best") or {"metric": float(state["best_test_acc"]), "max_test": float(state["best_test_acc"]),
+                                 "selected": None}  # a checkpoint from before validation splits
+    return int(state["epoch"]), int(state["global_step"]), best, state.get("position")
+
+
+def finished_summary(run_dir: Path, resume: Optional[dict], ckpt_path: Optional[str], epochs: int) -> Optional[dict]:
+    """The summary of a run resumed from its own last.pt that has nothing left to train (all ``epochs`` done,
+    summary.json written); None otherwise (also when summary.json does not parse: the run writes it anew)."""
+    if resume is None or int(resume.get("epoch", 0)) < epochs or resume.get("position") or resume.get("method") == "imp":
+        return None
+    if Path(ckpt_path).resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "test_acc" in summary else None
+
+
+def load_dense_weights(model: nn.Module, source: str) -> None:
+    """``init_from``: a checkpoint of a dense tdlrt run of the same model, or a file holding a state dict."""
+    if not Path(source).is_file():
+        raise CheckpointError(f"init_from={source}: file not found")
+    try:
+        weights = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"init_from={source}: cannot read it ({type(exc).__name__})") from None
+    if isinstance(weights, dict) and "model" in weights and "format" in weights:
+        weights = weights["model"]
+    elif isinstance(weights, dict) and "state_dict" in weights:
+        weights = weights["state_dict"]
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"init_from={source} does not match this model: "
+                              f"{load_error(exc)}") from None
+

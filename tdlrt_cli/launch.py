@@ -200,20 +200,13 @@ def describe_drift(drift, limit: int = 6) -> str:
     return shown + (f" (and {len(drift) - limit} more)" if len(drift) > limit else "")
 
 
-def saved_config(ckpt: Path) -> Tuple[dict, int]:
-    """The resolved config a checkpoint was written under and its completed epochs (read without loading
-    the weights into memory)."""
-    import torch
+def saved_config(ckpt: Path, keep: bool = False) -> Tuple[dict, int]:
+    """The resolved config a checkpoint was written under and its completed epochs. ``keep=True``: the run
+    about to start resumes from this checkpoint and takes what was read here (one read); else its tensors
+    are only mapped, not read."""
+    from .checkpoint import RESUME_NEEDS, load_checkpoint, require
 
-    from .checkpoint import FORMAT, RESUME_NEEDS, require
-
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {ckpt}: corrupt or not a tdlrt checkpoint ({reason})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
+    state = load_checkpoint(ckpt, keep=keep, mmap=not keep)
     if not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{ckpt} holds no run configuration (written by an older tdlrt?); it cannot be resumed")
     require(state, RESUME_NEEDS, ckpt)
@@ -439,7 +432,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
             ckpt, run_dir = last.resolve(), folder.resolve()
             auto = True
     if ckpt is not None:
-        saved, done = saved_config(ckpt)
+        saved, done = saved_config(ckpt, keep=True)
         base = _original_overrides(run_dir) if run_dir is not None else []
         given = [o.key_or_group for o in _parse(mine)]
         carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .config import flatten
 from .files import atomic_text, atomic_write_text, strict_json
 
 
@@ -133,3 +134,13 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def hparams_of(config: dict) -> dict:
+    """The settings shown in TensorBoard's HParams tab (the keys a sweep varies)."""
+    keep = ("model.name", "model.width_mult", "data.name", "method.name", "tau", "lr", "weight_decay", "momentum",
+            "epochs", "batch_size", "seed", "optimizer.name", "scheduler.name", "precision", "method.rank_frac",
+            "method.target_cr", "method.augment_every", "method.tau_warmup_epochs", "method.r_max_frac")
+    flat = flatten(config)
+    return {k: flat[k] for k in keep if k in flat and flat[k] is not None}
+

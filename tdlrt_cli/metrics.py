@@ -76,3 +76,8 @@ def evaluate(model, loader, amp, device, dist: Distributed = Distributed()) -> t
         sums[2] += len(y)
     loss, correct, n = dist.sum_(sums).tolist()
     return loss / max(n, 1), 100.0 * correct / max(n, 1)
+
+
+def lowrank_named(model: nn.Module) -> list:
+    """``(name, layer)`` of the network's rank-adaptive layers, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer)]

@@ -4,7 +4,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tdlrt_cli.config import ConfigError, from_dictconfig
-from tdlrt_cli.train import CONFIG_DIR
+from tdlrt_cli.config import CONFIG_DIR
 
 
 def make(overrides=()):

@@ -74,7 +74,7 @@ def test_plain_progress_lines_without_a_terminal(capsys):
     """stderr is not a terminal under pytest: no tqdm carriage returns, plain lines with the running figures."""
     from tdlrt_cli.logs import Console, RunLogger
     from tdlrt_cli.models import build_model
-    from tdlrt_cli.train import train_one_epoch
+    from tdlrt_cli.loop import train_one_epoch
 
     class Loader(list):
         def set_epoch(self, epoch, start):
@@ -95,7 +95,7 @@ def test_plain_progress_lines_without_a_terminal(capsys):
 
 @pytest.mark.parametrize("seconds, shown", [(0.05, False), (2.0, True)])
 def test_a_long_cpu_epoch_is_announced_after_the_first_steps(seconds, shown):
-    from tdlrt_cli.train import pace_note
+    from tdlrt_cli.messages import pace_note
 
     said = []
     pace_note(torch.device("cpu"), 390, said.append)(seconds)

@@ -1,0 +1,92 @@
+"""What a run says on the console and in train.log besides its epoch lines: the start block, the pace of a
+slow CPU epoch, and the adapted modes that finished at a rank bound."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import TrainConfig
+from .logs import Console
+from .metrics import lowrank_named
+
+
+def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int, device: torch.device,
+                resumed_at: Optional[int]) -> list:
+    """The lines a run starts with: where it writes, and the settings that decide what it trains."""
+    def count(loader) -> str:
+        n = getattr(loader, "num_examples", None)
+        return f"{n:,}" if n is not None else "?"
+
+    m, o = cfg.method, cfg.optimizer
+    method = m.name + (f" tau {cfg.tau}" if cfg.tau is not None else "") + (
+        f" rank_frac {m.rank_frac}" if m.rank_frac is not None else "") + (
+        f" target_cr {m.target_cr}%" if m.target_cr is not None else "")
+    params = sum(p.numel() for p in model.parameters())
+    return [
+        f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),
+        f"  model {cfg.model.name}" + (f" x{cfg.model.width_mult}" if cfg.model.width_mult != 1 else "")
+        + f" ({params:,} trainable parameters) | data {cfg.data.name}: {count(data.train)} train"
+        + (f", {count(data.val)} validation" if data.val is not None else "")
+        + (f" (of the first {cfg.data.limit_train:,}: data.limit_train)" if cfg.data.limit_train else "")
+        + f", {count(data.test)} test"
+        + f" | method {method}",
+        f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
+        f"{total_epochs} epoch{'s' if total_epochs != 1 else ''} of {len(data.train)} steps, batch {cfg.batch_size} | "
+        f"device {device}{threads_note() if device.type == 'cpu' else ''}, {cfg.precision} "
+        f"| seed {cfg.seed}",
+    ]
+
+
+def threads_note() -> str:
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n != 1 else ''})"
+
+
+def pace_note(device: torch.device, steps: int, say: Callable[[str], None]) -> Callable[[float], None]:
+    """After the first steps: on a CPU, how long an epoch will take when that is long, and what is faster."""
+    def note(seconds_per_step: float) -> None:
+        epoch_s = seconds_per_step * steps
+        if device.type == "cpu" and epoch_s > 600:
+            hours, minutes = divmod(round(epoch_s / 60), 60)
+            say(f"tdlrt: note: an epoch takes about {f'{hours} h ' if hours else ''}{minutes} min on this CPU "
+                f"({seconds_per_step:.1f} s per step, {torch.get_num_threads()} threads); device=cuda on a GPU, "
+                f"+experiment=quick for a small run, or threads=N if other jobs share this machine's cores")
+    return note
+
+
+def pinned_modes(model) -> dict:
+    """Adapted modes whose final rank sits at a bound: ``{"r_max": [...], "r_min": [...]}`` of "layer/mode".
+    At r_max the tolerance never cut that mode (the reported compression is the cap's, not an adaptation);
+    at r_min the tolerance took all it was allowed to."""
+    pinned = {"r_max": [], "r_min": []}
+    for name, layer in lowrank_named(model):
+        for i, (r, (lo, hi), adapted) in enumerate(zip(layer.ranks, layer.rank_bounds, layer.adapted)):
+            if not adapted or lo == hi:
+                continue
+            mode = ("out", "in", "kh", "kw")[i] if layer.order == 4 else ("out", "in")[i]
+            if r >= min(hi, layer.full_shape[i]):
+                pinned["r_max"].append(f"{name}/{mode}")
+            elif r <= lo:
+                pinned["r_min"].append(f"{name}/{mode}")
+    return pinned
+
+
+def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console(), target: bool = False) -> None:
+    def listed(modes: list) -> str:
+        return ", ".join(modes[:6]) + (", ..." if len(modes) > 6 else "")
+
+    if target:  # the target rule: a mode at a bound is the budget's choice, worth a note, not a warning
+        if pinned["r_max"]:
+            say(f"tdlrt: note: {len(pinned['r_max'])} of {total} adapted modes finished at their cap "
+                f"({listed(pinned['r_max'])}): the budget kept them whole (method.r_max_frac raises the cap)")
+        return
+    if pinned["r_max"]:
+        say(f"tdlrt: warning: {len(pinned['r_max'])} of {total} adapted modes finished at r_max "
+            f"({listed(pinned['r_max'])}): their ranks were never cut below the cap; a larger tau, a larger "
+            f"method.r_max_frac or more epochs adapts them")
+    if pinned["r_min"]:
+        say(f"tdlrt: warning: {len(pinned['r_min'])} of {total} adapted modes finished at r_min "
+            f"({listed(pinned['r_min'])}): tau may be too large for them (or method.r_min too high)")
+
