@@ -32,7 +32,7 @@ tdlrt bench model=lenet5 batch_size=8 steps=2 warmup=1 format=json device=cpu > 
 
 python - "$out" "$code" "$TDLRT_DATA" <<'EOF'
 """Blank what changes between runs; keep every other byte."""
-import csv, json, re, shutil, sys
+import csv, hashlib, json, re, shutil, sys
 from pathlib import Path
 
 out, code, data = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -66,7 +66,9 @@ for board in sorted(out.rglob("tensorboard")):  # event files are named by time,
 for path in sorted(out.rglob("*")):
     if not path.is_file():
         continue
-    if path.suffix in (".pt", ".pt2", ".png", ".pdf") or "events.out" in path.name or path.name == ".lock":
+    if path.suffix == ".png":  # matplotlib's PNGs carry no date: the same figure is the same bytes
+        path.write_text(f"png, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}\n")
+    elif path.suffix in (".pt", ".pt2", ".pdf") or path.name == ".lock":
         path.write_text(f"({path.suffix} file: {'present' if path.stat().st_size else 'empty'})\n")
     elif path.suffix == ".json":
         path.write_text(json.dumps(blank_json(json.loads(path.read_text())), indent=1, sort_keys=True) + "\n")

@@ -265,14 +265,14 @@ def test_report_writes_plots_atomically_and_removes_stale_temporaries(tmp_path, 
 
 
 def test_rank_plot_styles_are_distinct_for_many_layers():
-    from tdlrt_cli.report import layer_style
+    from tdlrt_cli.report.plots import layer_style
 
     assert len({(tuple(c), s) for c, s in (layer_style(j) for j in range(80))}) == 80
     assert len({tuple(layer_style(j)[0]) for j in range(20)}) == 20  # no colour repeats within 20 layers
 
 
 def test_rank_plot_legends_name_vgg_layers_by_their_place(tmp_path):
-    from tdlrt_cli.report import layer_labels
+    from tdlrt_cli.report.plots import layer_labels
 
     (tmp_path / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n"
                                         "1,features.3,8,8,3,3,16,16,3,3\n1,features.7,16,8,3,3,32,16,3,3\n")

@@ -7,18 +7,22 @@ COMMANDS = {"train", "report", "export", "evaluate", "bench"}
 
 
 def local_imports():
-    """module -> the tdlrt_cli modules it imports (anywhere in the file: lazy imports count)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    """module -> the tdlrt_cli modules it imports (anywhere in the file: lazy imports count). A subpackage
+    (lowrank, models, report) is one module: the imports of all its files, its own ones left out."""
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | packages
+    files = [(p.stem, p, 1) for p in PACKAGE.glob("*.py")]
+    files += [(package, p, 2) for package in packages for p in (PACKAGE / package).glob("*.py")]
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for module, path, depth in files:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level == depth:
                 if node.module:
                     deps.add(node.module.split(".")[0])
                 else:
                     deps |= {a.name for a in node.names}
-        graph[path.stem] = deps & modules - {path.stem}
+        graph[module] = graph.get(module, set()) | (deps & modules - {module})
     return graph
 
 
@@ -53,3 +57,18 @@ def test_the_low_rank_core_imports_only_torch():
                                                      "heapq", "time", "itertools", "functools"), (path, node.module)
             if isinstance(node, ast.ImportFrom) and node.level >= 2:
                 raise AssertionError(f"{path.name} imports from outside lowrank")
+
+
+def test_every_relative_import_names_a_module_that_exists():
+    """``from .x import`` inside a subpackage is one of its own files, ``from ..x import`` one of the package's
+    (a moved file's lazy imports are checked here; they fail only when their function runs)."""
+    for path in PACKAGE.rglob("*.py"):
+        here = path.parent
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = base.joinpath(*node.module.split("."))
+                assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), \
+                    f"{path.relative_to(PACKAGE)}: from {'.' * node.level}{node.module} import ... names no module"

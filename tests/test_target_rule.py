@@ -413,7 +413,7 @@ def test_cli_target_rule_data_parallel_replicas_stay_identical(tmp_path):
 
 
 def test_report_labels_target_runs_by_their_target_not_by_the_unused_tau():
-    from tdlrt_cli.report import knob_of
+    from tdlrt_cli.report.collect import knob_of
 
     assert knob_of({"tau": 0.1, "method": {"name": "tdlrt", "target_cr": 90.0}}) == "target c.r.=90%"
     assert knob_of({"tau": 0.1, "method": {"name": "tdlrt", "target_cr": None}}) == "tau=0.1"

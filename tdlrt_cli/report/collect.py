@@ -1,0 +1,450 @@
+"""Collecting runs for the report: read every run folder under the given paths (summary.json, metrics.csv,
+the Hydra config), check what the tables will show, and group runs into rows (one config, its seeds)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from ..config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
+from ..errors import UserError
+
+METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp"]
+METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
+                "cp": "CP (fixed rank)", "tt": "TT (fixed rank)", "matrix": "Matrix (fixed rank)",
+                "snip": "SNIP", "grasp": "GraSP", "imp": "IMP (rewinding)"}
+
+# Runs whose resolved configs differ only in these and in ``seed`` (over which a row averages) share a row;
+# any other difference makes another row.
+IGNORED_KEYS = ("hydra",) + NOT_TRAINING_KEYS
+SEED_KEY = "seed"
+# data.root is only where the files of these datasets live (it differs between machines); for
+# data=imagefolder it is the dataset itself and stays a grouping key.
+ROOT_IS_LOCATION = ("cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
+SHOWN_KEYS = ("data.name", "model.name", "method.name")  # have columns of their own
+OWNED_BY = {"tau": "method"}  # top-level keys that belong to a config group (tau: tdlrt and dlrt only)
+KNOB_KEYS = ("tau", "method.rank_frac", "method.target_cr", "method.sparsity")  # what knob_of shows
+MISSING = object()  # a key absent from a run's config (an older tdlrt, a hand-written summary)
+
+
+def is_ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+# Keys added after runs were already being made: a run without the key is compared as if it had the value that
+# reproduces what it did (config.LEGACY_VALUES; not the current defaults: tau_warmup_epochs defaults to 1, but
+# older runs used the plain rule), if the key belongs to its method (None: every run).
+ADDED_KEYS = {
+    "data.val_split": (LEGACY_VALUES["data.val_split"], None),
+    "method.tau_warmup_epochs": (LEGACY_VALUES["method.tau_warmup_epochs"], ("tdlrt", "dlrt")),
+    "method.tau_warmup_shape": (LEGACY_VALUES["method.tau_warmup_shape"], ("tdlrt", "dlrt")),
+}
+
+
+def grouping_config(config: dict) -> Dict[str, object]:
+    """The flattened config that decides a run's row: everything but the seed and the ignored keys."""
+    flat = flatten(upgrade_config(config))
+    for key, (before, methods) in ADDED_KEYS.items():
+        if key not in flat and (methods is None or flat.get("method.name") in methods):
+            flat[key] = before
+    kept = {k: v for k, v in flat.items() if k != SEED_KEY and not is_ignored(k)}
+    if flat.get("data.name") in ROOT_IS_LOCATION:
+        kept.pop("data.root", None)
+    return kept
+
+
+def _norm(v):
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)  # 1 and 1.0 are the same setting
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _norm(x) for k, x in v.items()}
+    return str(v)
+
+
+def canon(v) -> str:
+    """A value as a comparable string (MISSING apart from every value, None included)."""
+    return "<missing>" if v is MISSING else json.dumps(_norm(v), sort_keys=True)
+
+
+def fmt(v) -> str:
+    if v is MISSING:
+        return "n/a"
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
+    return str(v)
+
+
+@dataclass
+class Run:
+    path: Path
+    data: str
+    model: str
+    method: str
+    knob: str
+    seed: int
+    test_acc: float                  # final: after the last epoch
+    compression_rate: float
+    init_decay: float = 0.0
+    best_test_acc: Optional[float] = None  # max over epochs (test-selected); None when summary.json has none
+    config: Dict[str, object] = field(default_factory=dict)  # grouping_config of the run
+    summary: Dict[str, object] = field(default_factory=dict, repr=False)  # the run's summary.json
+
+    @property
+    def val_selected_acc(self) -> Optional[float]:
+        """Test accuracy of the checkpoint chosen on the validation split, if the run had one."""
+        sel = self.summary.get("selected") if isinstance(self.summary, dict) else None
+        if isinstance(sel, dict) and sel.get("by") == "val_acc" and sel.get("test_acc") is not None:
+            return float(sel["test_acc"])
+        return None
+
+    @property
+    def acc(self) -> float:
+        """The accuracy a row reports: at the validation-selected checkpoint, else after the last epoch."""
+        v = self.val_selected_acc
+        return self.test_acc if v is None else v
+
+    @property
+    def max_acc(self) -> float:
+        """The best test accuracy over epochs (selected on the test set: optimistic); final if unknown."""
+        return self.test_acc if self.best_test_acc is None else self.best_test_acc
+
+
+@dataclass
+class Row:
+    data: str
+    model: str
+    method: str
+    knob: str
+    config: Dict[str, object] = field(default_factory=dict)
+    runs: List[Run] = field(default_factory=list)
+    mark: int = 0  # 1 best, 2 second best within its compression band
+
+    def _stats(self, key) -> Tuple[float, float]:
+        values = [getattr(r, key) for r in self.runs]
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    @property
+    def acc(self):
+        """Mean and std of the reported accuracy (validation-selected checkpoint, else final)."""
+        return self._stats("acc")
+
+    @property
+    def max_acc(self):
+        return self._stats("max_acc")
+
+    @property
+    def final_acc(self):
+        return self._stats("test_acc")
+
+    @property
+    def cr(self):
+        return self._stats("compression_rate")
+
+    @property
+    def acc_source(self) -> str:
+        sel = [r.val_selected_acc is not None for r in self.runs]
+        return "val_ckpt" if all(sel) else "final" if not any(sel) else "mixed"
+
+    @property
+    def seeds(self) -> List[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def band(self, width: float) -> Tuple[float, float]:
+        low = math.floor(self.cr[0] / width) * width
+        return low, low + width
+
+    def value(self, key: str):
+        return self.config.get(key, MISSING)
+
+
+@dataclass
+class Unfinished:
+    """A run folder without summary.json: still running, killed or failed."""
+    path: Path
+    data: str
+    model: str
+    method: str
+    knob: str
+    seed: Optional[int]
+    epochs_done: int                 # the last epoch in metrics.csv (0: none finished)
+    epochs_planned: Optional[int]
+    last_test_acc: Optional[float]   # of that epoch
+    checkpoint: bool                 # checkpoints/last.pt is there (it can be resumed)
+    overrides: str                   # .hydra/overrides.yaml of the run
+    state: str = "unfinished"        # or "empty": a summary.json without a test accuracy, or after 0 epochs
+
+
+def knob_of(config: dict) -> str:
+    """The method's own compression setting, as a row label."""
+    m = config.get("method", {})
+    name = m.get("name")
+
+    def num(v):
+        return f"{float(v):g}"
+
+    if name in ("tdlrt", "dlrt"):
+        if m.get("target_cr") is not None:  # the target rule (tau unused)
+            return f"target c.r.={num(m['target_cr'])}%"
+        return f"tau={num(config.get('tau'))}"
+    if name in ("tucker", "cp", "tt", "matrix"):
+        return f"rank={num(m['rank_frac'])}" if m.get("rank_frac") is not None else f"target c.r.={num(m['target_cr'])}%"
+    if name in ("snip", "grasp", "imp"):
+        return f"sparsity={num(m.get('sparsity'))}"
+    return ""
+
+
+def csv_rows(path: Path, columns: Dict[str, type]) -> List[Dict[str, object]]:
+    """The complete rows of a CSV file a run appends to, ``columns`` converted (an empty value: None).
+
+    A run killed while appending leaves its last line cut short (no line end): that line is dropped. A
+    file that is not such a CSV (not text, missing columns, values that do not parse) is a UserError."""
+    if not path.is_file():
+        return []
+
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path} is damaged ({why}); delete it or move its run folder out of the report's paths")
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise damaged("not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}); check its permissions") from None
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # the cut-short last line of a killed run
+    if not text.strip():
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        recs = list(reader)
+    except csv.Error as exc:
+        raise damaged(f"csv: {exc}") from None
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise damaged(f"no column {missing[0]!r}")
+    rows = []
+    for number, rec in enumerate(recs, start=1):
+        row = {}
+        for c, kind in columns.items():
+            value = rec.get(c)
+            try:
+                row[c] = None if value in ("", None) else kind(value)
+            except ValueError:
+                raise damaged(f"row {number}: {c}={value!r}") from None
+        rows.append(row)
+    return rows
+
+
+def _read_metrics(run_dir: Path) -> Tuple[int, Optional[float]]:
+    """(last epoch, its test accuracy) from metrics.csv; (0, None) when it has no complete row."""
+    done, acc = 0, None
+    for rec in csv_rows(run_dir / "metrics.csv", {"epoch": int, "test_acc": float}):
+        if rec["epoch"] is not None and rec["epoch"] >= done:
+            done, acc = rec["epoch"], rec["test_acc"]
+    return done, acc
+
+
+def _hydra_config(run_dir: Path) -> Tuple[dict, str]:
+    """The config a run folder's (last) session ran with, from .hydra/, and its command-line overrides."""
+    from omegaconf import OmegaConf
+
+    hydra_dir = run_dir / ".hydra"
+    sessions = sorted(hydra_dir.glob("resume-*"))[::-1] + [hydra_dir]  # a resumed session's config wins
+    config, overrides = {}, ""
+    for d in sessions:
+        if not (d / "config.yaml").is_file():
+            continue
+        try:
+            loaded = OmegaConf.load(d / "config.yaml")
+            try:
+                config = OmegaConf.to_container(loaded, resolve=True)
+            except Exception:
+                config = OmegaConf.to_container(loaded, resolve=False)
+            if (d / "overrides.yaml").is_file():
+                overrides = " ".join(str(o) for o in OmegaConf.to_container(OmegaConf.load(d / "overrides.yaml")))
+        except Exception as exc:
+            print(f"tdlrt: warning: cannot read {d / 'config.yaml'} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        break
+    return (config if isinstance(config, dict) else {}), overrides
+
+
+def unfinished_run(run_dir: Path) -> Unfinished:
+    config, overrides = _hydra_config(run_dir)
+    m = config.get("method") if isinstance(config.get("method"), dict) else {}
+    done, acc = _read_metrics(run_dir)
+    try:
+        planned = int(config["epochs"])
+        if m.get("name") == "imp":
+            planned *= int(m.get("rounds", 3)) + 1
+    except (KeyError, TypeError, ValueError):
+        planned = None
+    try:
+        knob = knob_of(config)
+    except (KeyError, TypeError, ValueError):
+        knob = "?"
+    seed = config.get("seed")
+    return Unfinished(run_dir, str((config.get("data") or {}).get("name", "?")),
+                      str((config.get("model") or {}).get("name", "?")), str(m.get("name", "?")), knob,
+                      seed if isinstance(seed, int) else None, done, planned, acc,
+                      (run_dir / "checkpoints" / "last.pt").is_file(), overrides)
+
+
+def empty_run(run_dir: Path, summary: dict) -> Unfinished:
+    """A run with a summary.json but nothing trained (epochs=0) or no test accuracy: listed, never ranked."""
+    u = unfinished_run(run_dir)
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    if config:
+        u.data = str((config.get("data") or {}).get("name", u.data))
+        u.model = str((config.get("model") or {}).get("name", u.model))
+        u.method = str((config.get("method") or {}).get("name", u.method))
+        u.seed = config.get("seed") if isinstance(config.get("seed"), int) else u.seed
+    acc = summary.get("test_acc")
+    u.last_test_acc = float(acc) if isinstance(acc, (int, float)) else None
+    u.state = "empty (0 epochs)" if summary.get("epochs") == 0 else "empty (no test accuracy)"
+    return u
+
+
+def _run_folders(base: Path) -> Iterable[Path]:
+    """Folders under base that a training run wrote (Hydra's .hydra/, metrics.csv or checkpoints/last.pt)."""
+    found = {p.parent for p in base.rglob(".hydra") if p.is_dir()}
+    found |= {p.parent for p in base.rglob("metrics.csv")}
+    found |= {p.parent.parent for p in base.rglob("last.pt") if p.parent.name == "checkpoints"}
+    return sorted(found)
+
+
+PERCENT = (0.0, 100.0)
+COMPRESSION = (-1000.0, 100.0)  # below 0: more parameters than the dense network (a Tucker layer at full rank)
+
+
+def metric(summary: dict, key: str, bounds: Tuple[float, float], where: str = "") -> Optional[float]:
+    """``summary[key]`` as a float, None when absent or null; a value that is not a number (``true``, a
+    string), not finite (``1e400`` reads as inf) or outside ``bounds`` raises ValueError: the run is damaged."""
+    value = summary.get(key)
+    name = where + key
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={json.dumps(value)} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not finite")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{name}={value:g} is outside [{bounds[0]:g}, {bounds[1]:g}]")
+    return float(value)
+
+
+def check_metrics(s: dict) -> None:
+    """Refuse a summary.json whose numbers a table or plot would use cannot be a run's (see :func:`metric`)."""
+    for key, bounds in (("test_acc", PERCENT), ("best_test_acc", PERCENT), ("compression_rate", COMPRESSION),
+                        ("wall_time_s", (0.0, math.inf))):
+        metric(s, key, bounds)
+    if s.get("compression_rate") is None:
+        raise KeyError("compression_rate")
+    if isinstance(s.get("selected"), dict):
+        metric(s["selected"], "test_acc", PERCENT, where="selected.")
+
+
+def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
+    """Finished runs (summary.json) and unfinished run folders (no summary.json) under the paths."""
+    runs, unfinished, seen = [], [], set()
+    for base in paths:
+        if not base.exists():
+            raise UserError(f"{base} does not exist")
+        files = [base] if base.is_file() else sorted(base.rglob("summary.json"))
+        for f in files:
+            if f.resolve() in seen:  # the same run under two of the given paths counts once
+                continue
+            seen.add(f.resolve())
+            try:
+                s = json.loads(f.read_text())
+                c = s["config"]
+                if s.get("test_acc") is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
+                    unfinished.append(empty_run(f.parent, s))
+                    continue
+                check_metrics(s)
+                best = s.get("best_test_acc")
+                runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
+                                int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
+                                float(c["method"].get("init_decay", 0.0) or 0.0),
+                                None if best is None else float(best), grouping_config(c), s))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {str(exc)[:200]}); listed as damaged",
+                      file=sys.stderr)
+                unfinished.append(unfinished_run(f.parent))
+                unfinished[-1].state = "damaged summary.json"
+        if base.is_dir():
+            for d in _run_folders(base):
+                if not (d / "summary.json").is_file() and d.resolve() not in seen:
+                    seen.add(d.resolve())
+                    unfinished.append(unfinished_run(d))
+    if not runs and not unfinished:
+        raise UserError(f"no finished runs (summary.json) and no run folders under {', '.join(map(str, paths))}")
+    return runs, unfinished
+
+
+def group(runs: List[Run]) -> List[Row]:
+    """One row per distinct grouping config (the whole resolved config but the seed and IGNORED_KEYS)."""
+    rows: Dict[str, Row] = {}
+    for r in runs:
+        key = json.dumps(sorted((k, canon(v)) for k, v in r.config.items()))
+        rows.setdefault(key, Row(r.data, r.model, r.method, r.knob, r.config)).runs.append(r)
+    for row in rows.values():
+        seeds = [r.seed for r in row.runs]
+        if len(set(seeds)) < len(seeds):  # the same run twice: its spread is not a spread over seeds
+            print(f"tdlrt: warning: {row.method} {row.knob or ''} on {row.data}/{row.model} has several runs with the "
+                  f"same seed ({', '.join(str(r.path) for r in row.runs)}); they are averaged", file=sys.stderr)
+
+    def order(row):
+        return (row.data, row.model, METHOD_ORDER.index(row.method) if row.method in METHOD_ORDER else 99,
+                row.cr[0], row.knob, sorted((k, canon(v)) for k, v in row.config.items()))
+
+    return sorted(rows.values(), key=order)
+
+
+def _owner(key: str, config: Dict[str, object]) -> Optional[str]:
+    """The config group a key belongs to (method.r_min -> method), if that group has a name."""
+    if key in OWNED_BY:
+        return OWNED_BY[key]
+    head, dot, rest = key.partition(".")
+    return head if dot and rest != "name" and f"{head}.name" in config else None
+
+
+def varying_keys(rows: List[Row]) -> List[str]:
+    """The config keys that tell these rows apart, beyond data, model and method: a key counts when two
+    rows differ in it; keys of a config group (method.*, optimizer.*, tau, ...) only among rows of the
+    same group name, so the defaults of different methods do not all become columns."""
+    keys = sorted({k for row in rows for k in row.config} - set(SHOWN_KEYS))
+    varying = []
+    for key in keys:
+        values: Dict[str, set] = {}
+        for row in rows:
+            owner = _owner(key, row.config)
+            scope = canon(row.value(f"{owner}.name")) if owner else ""
+            values.setdefault(scope, set()).add(canon(row.value(key)))
+        if any(len(v) > 1 for v in values.values()):
+            varying.append(key)
+    return sorted(varying, key=lambda k: (k.count("."), k))
+
+
+def tables(rows: List[Row]) -> List[Tuple[Tuple[str, str], List[Row]]]:
+    """Rows by (data, model), in order."""
+    out: Dict[Tuple[str, str], List[Row]] = {}
+    for row in rows:
+        out.setdefault((row.data, row.model), []).append(row)
+    return list(out.items())
