@@ -87,6 +87,42 @@ def test_wall_time_is_the_runs_total_over_its_sessions(run, tmp_path):
     assert 1000 < resumed <= total < 1000 + 300
 
 
+# `tdlrt train ...` in a process whose torch.load counts the reads of last.pt (printed last, on stderr)
+COUNTING_READS = """
+import atexit, sys, torch
+real, reads = torch.load, []
+def counting(f, *args, **kwargs):
+    reads.append(str(f))
+    return real(f, *args, **kwargs)
+torch.load = counting
+atexit.register(lambda: print("reads of last.pt:", sum(r.endswith("last.pt") for r in reads), file=sys.stderr))
+from tdlrt_cli.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_resume_reads_its_checkpoint_once(run, tmp_path):
+    """The checks before Hydra (launch.saved_config) and the restore in the run share one read of last.pt."""
+    proc = subprocess.run([sys.executable, "-c", COUNTING_READS, "train", f"resume={run}", "epochs=2",
+                           "progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "reads of last.pt: 1"
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_checkpoint_kept_from_a_read_is_not_used_once_the_file_is_rewritten(run):
+    from tdlrt_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    kept = load_checkpoint(last, keep=True)
+    assert load_checkpoint(last) is kept  # the next read takes it
+    assert load_checkpoint(last) is not kept  # ... once
+    load_checkpoint(last, keep=True)
+    save_checkpoint({**{k: v for k, v in kept.items() if k != "format"}, "epoch": 7}, last)
+    assert load_checkpoint(last)["epoch"] == 7  # another file now (written by rename): read again
+
+
 def test_a_resume_keeps_the_epochs_it_was_last_extended_to(run, tmp_path):
     run_tdlrt(["train", f"resume={run}", "epochs=2", "progress=false"], tmp_path)
     run_tdlrt(["train", f"resume={run}", "progress=false"], tmp_path)  # no epochs=: the run's 2, not the first 1

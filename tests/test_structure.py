@@ -72,3 +72,23 @@ def test_every_relative_import_names_a_module_that_exists():
                 target = base.joinpath(*node.module.split("."))
                 assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), \
                     f"{path.relative_to(PACKAGE)}: from {'.' * node.level}{node.module} import ... names no module"
+
+
+def test_the_readme_code_map_lists_every_module_in_dependency_order():
+    """The README's "Code map" table: every module once, each after all the modules it imports."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    listed = []
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            for name in re.findall(r"`([\w/.]+)`", line.split(" | ")[0]):
+                module = name.split("/")[0] if "/" in name else name.removesuffix(".py")
+                if module not in listed:
+                    listed.append(module)
+    graph = local_imports()
+    assert set(listed) == set(graph) - {"__init__"}, sorted(set(listed) ^ (set(graph) - {"__init__"}))
+    for module in listed:
+        for dep in graph[module]:
+            assert listed.index(dep) < listed.index(module), f"{module} imports {dep}, listed below it"
