@@ -71,22 +71,27 @@ def _main(argv: Optional[List[str]] = None) -> None:
     command, rest = args[0], args[1:]
     import warnings
 
+    from .errors import exit_on_interrupt, interrupt_on_signals
+
     warnings.formatwarning = lambda message, category, *a, **k: f"tdlrt: warning: {message}\n"
     if command not in SUBCOMMANDS:
         print(f"tdlrt: error: unknown subcommand {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         sys.exit(2)
-    if command in ("report", "export", "eval"):
-        from .errors import exit_on_interrupt
+    interrupt_on_signals()  # SIGTERM and SIGHUP end a command as Ctrl-C does: one line, exit 128 + the signal
+    with exit_on_interrupt(command):
+        return _command(command, rest)
 
-        with exit_on_interrupt(command):  # Ctrl-C: one line, exit 130
-            if command == "report":
-                from .report import main as entry
-            elif command == "export":
-                from .export import main as entry
-            else:
-                from .evaluate import main as entry
-            return entry(rest)
+
+def _command(command: str, rest: List[str]) -> None:
+    if command in ("report", "export", "eval"):
+        if command == "report":
+            from .report import main as entry
+        elif command == "export":
+            from .export import main as entry
+        else:
+            from .evaluate import main as entry
+        return entry(rest)
     if command == "completion" or command in ("train", "bench") and _installs_completion(rest):
         from .helptext import completion
 

@@ -2,7 +2,9 @@
 (an interrupted run: 128 + the signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP)."""
 import os
 import re
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 
@@ -52,22 +54,52 @@ def exit_on_user_error(*also, describe=str):
         sys.exit(getattr(exc, "exit_code", 2))
 
 
+_received = [signal.SIGINT]  # the last stop signal received (a KeyboardInterrupt without one: Ctrl-C)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM (a scheduler's pre-emption, ``kill``) and SIGHUP (the terminal closed) stop a command the way
+    Ctrl-C does: as a ``KeyboardInterrupt`` where the command is, so it ends with its one line and exit
+    status 128 + the signal (:func:`stopped_by`), never silently. The training loop installs its own handlers
+    (finish the step, write ``last.pt``) and puts these back after."""
+    def handle(signum, frame):
+        _received[0] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handle)
+
+
+def stopped_by() -> tuple:
+    """The name and exit status of the signal that raised the last ``KeyboardInterrupt``."""
+    signum = _received[0]
+    return signal.Signals(signum).name, 128 + int(signum)
+
+
+def say_stopped(line: str) -> None:
+    """``tdlrt: stopped: <line>`` on stderr, if there is still one (after SIGHUP there may be none)."""
+    try:
+        print(f"tdlrt: stopped: {line}", file=sys.stderr)
+    except OSError:
+        pass
+
+
 @contextmanager
 def exit_on_interrupt(command: str):
-    """Ctrl-C (``KeyboardInterrupt``) during `tdlrt <command>` ends as one line and exit status 130, not a
-    traceback; ``TDLRT_DEBUG=1`` raises it instead. Outputs are written complete or not at all, so an
-    interrupted command leaves each of them as it was or as its complete new version."""
+    """Ctrl-C, SIGTERM or SIGHUP (``KeyboardInterrupt``, see :func:`interrupt_on_signals`) during `tdlrt
+    <command>` ends as one line and exit status 128 + the signal (130 for Ctrl-C), not a traceback;
+    ``TDLRT_DEBUG=1`` raises it instead. Outputs are written complete or not at all, so an interrupted
+    command leaves each of them as it was or as its complete new version."""
     try:
         yield
     except KeyboardInterrupt:
         if os.environ.get("TDLRT_DEBUG"):
             raise
-        try:
-            print(f"tdlrt: stopped: SIGINT during tdlrt {command}; no half-written file is left (each output is its "
-                  f"earlier version, or its complete new one)", file=sys.stderr)
-        except OSError:
-            pass
-        sys.exit(130)
+        name, status = stopped_by()
+        say_stopped(f"{name} during tdlrt {command}; no half-written file is left (each output is its earlier "
+                    f"version, or its complete new one)")
+        sys.exit(status)
 
 
 def one_line(exc: BaseException) -> str:

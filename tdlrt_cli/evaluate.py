@@ -270,7 +270,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
                           f"{tuple(shape)}")
     model = model.to(device).eval()
     test_loss, test_acc = evaluate(model, data.test, nullcontext, device)
-    faults.sigint_now("eval")
+    faults.signal_at("eval")
     result = {"source": str(path), "data": cfg.data.name, "test_acc": test_acc, "test_loss": test_loss,
               "test_examples": data.test.num_examples}
     dense = dense_reference(cfg.model.name, shape, cfg.model.width_mult, device)

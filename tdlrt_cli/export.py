@@ -202,7 +202,7 @@ def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
         write_program(program, tmp, fmt, metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        faults.sigint_now("export_write")
+        faults.signal_at("export_write")
         with signals_deferred():  # a Ctrl-C from here on comes once both files are in place
             sidecar.unlink(missing_ok=True)
             os.replace(tmp, out)

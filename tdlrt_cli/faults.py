@@ -11,9 +11,14 @@ TDLRT_FAULT_DISK_FULL_IN_EXPORT=1  `tdlrt export` fails with ENOSPC half-way thr
 TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN (TDLRT_FAULT_NAN_STEPS=K: of steps N to N+K-1);
 TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, TERM or HUP) after
                                  step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would;
-TDLRT_FAULT_SIGINT_AT=P          the process sends itself SIGINT (a Ctrl-C) at point P of `tdlrt export` or
-                                 `tdlrt eval`: ``export_write`` (the program written to its temporary file, not
-                                 yet renamed), ``eval`` (the test accuracy measured, the report not yet written).
+TDLRT_FAULT_SIGNAL_AT=P          the process sends itself TDLRT_FAULT_SIGNAL at point P of a command, outside
+                                 the training loop: ``export_write`` (`tdlrt export`: the program written to
+                                 its temporary file, not yet renamed), ``eval`` (`tdlrt eval`: the test accuracy
+                                 measured, the report not yet written), ``train_setup`` (`tdlrt train`: the data
+                                 read, the network not yet built), ``train_summary`` (`tdlrt train`: the epochs
+                                 done, the summary not yet written).
+TDLRT_FAULT_BUG_IN_JOB=N         job N of a sweep (`tdlrt train -m`) fails with an unexpected exception, as a bug
+                                 in tdlrt would.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ class Faults:
         self.nan_steps = int(env.get("TDLRT_FAULT_NAN_STEPS", 1))
         self.signal_at_step = int(env.get("TDLRT_FAULT_SIGNAL_AT_STEP", 0))
         self.signal = getattr(signal, "SIG" + env.get("TDLRT_FAULT_SIGNAL", "INT"))
-        self.sigint_at = env.get("TDLRT_FAULT_SIGINT_AT", "")
+        self.signal_at_point = env.get("TDLRT_FAULT_SIGNAL_AT", "")
+        self.bug_in_job = int(env.get("TDLRT_FAULT_BUG_IN_JOB", -1))
         self.checkpoints_written = 0
 
     def kill_now(self, step: int, phase: str) -> bool:
@@ -46,9 +52,13 @@ class Faults:
         if self.signal_at_step == step:
             os.kill(os.getpid(), self.signal)
 
-    def sigint_now(self, point: str) -> None:
-        if self.sigint_at == point:
-            os.kill(os.getpid(), signal.SIGINT)
+    def signal_at(self, point: str) -> None:
+        if self.signal_at_point == point:
+            os.kill(os.getpid(), self.signal)
+
+    def bug_now(self, job: int) -> None:
+        if self.bug_in_job == job:
+            raise RuntimeError(f"fault injection: a bug in sweep job {job}")
 
     @staticmethod
     def die() -> None:

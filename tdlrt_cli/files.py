@@ -84,7 +84,7 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done: for steps that must all happen or none (a
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP wait until the block is done: for steps that must all happen or none (a
     file and the sidecar that describes it). Outside the main thread: no change."""
     import signal
     import threading
@@ -94,7 +94,7 @@ def signals_deferred() -> Iterator[None]:
         return
     received = []
     old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-           for sig in (signal.SIGINT, signal.SIGTERM)}
+           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -117,6 +117,7 @@ class Method:
     start of every epoch; ``True`` from it means "new optimizer, new schedule, forget the best epoch"."""
 
     resumable = True
+    ranks_move = False  # the ranks change during training (tdlrt, dlrt): logged per step, best.pt at the final ones
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -138,6 +139,8 @@ class Method:
 
 class Integrated(Method):
     """tdlrt, dlrt: the TDLRT integrator takes each step; bases frozen for the last ``finetune_epochs``."""
+
+    ranks_move = True
 
     def stepper(self, model, optimizer, steps_per_epoch, dist) -> None:
         m = self.cfg.method

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from .checkpoint import (CHECKPOINT_TEMPORARY, checkpoint_state, finished_summar
 from .config import CONFIG_DIR, TrainConfig
 from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
-from .errors import ConfigError, Interrupted, UserError, exit_on_user_error
+from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, say_stopped, stopped_by
+from .faults import faults
 from .files import remove_stale_temporaries, resume_command
 from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger, hparams_of
@@ -222,6 +224,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     """Data, network, method, optimizer and schedule; the checkpoint's state when resuming; the logger; the
     start block."""
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, device, cfg.seed)
+    faults.signal_at("train_setup")
     for loader in (data.train, data.test, data.val):
         if loader is not None:
             loader.shard(dist.rank, dist.world)
@@ -245,7 +248,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
             remove_stale_temporaries(r.ckpt_dir, CHECKPOINT_TEMPORARY)
     else:  # data parallel: only the first process writes logs and checkpoints
         r.logger = RunLogger(run_dir, tensorboard=False, write=False)
-    if r.integrator is not None and not r.resumed and dist.main:  # the starting ranks, at step 0
+    if method.ranks_move and not r.resumed and dist.main:  # the starting ranks, at step 0
         r.logger.scalars(0, {**log_ranks(r.logger, model, 0, 0),
                              "compression/rate": parameter_report(model)["compression_rate"]})
     for line in start_block(cfg, run_dir, data, model, r.total_epochs, device, r.start_epoch if r.resumed else None):
@@ -338,7 +341,7 @@ def log_epoch(r: Run, row: dict) -> None:
 def select_and_save(r: Run, row: dict) -> None:
     """Count the epoch in best.pt's selection and write its checkpoints (last.pt, best.pt, top-k)."""
     metric = row["val_acc"] if "val_acc" in row else row["test_acc"]
-    ranks = layer_ranks(r.model) if r.integrator is not None else None
+    ranks = layer_ranks(r.model) if r.method.ranks_move else None
     r.best, improved, stale = select(r.best, row["epoch"], r.select_by, metric, row["test_acc"], row.get("val_acc"),
                                      row["compression_rate"], ranks, r.cfg.checkpoint.keep_top_k)
     state = r.state(row["epoch"])
@@ -358,6 +361,7 @@ def summarise(r: Run) -> dict:
     """summary.json (accuracies, parameters, FLOPs, ranks, wall time, provenance; the cost report), the
     HParams entry; closes the logs."""
     cfg, model, dist, best = r.cfg, r.model, r.dist, r.best
+    faults.signal_at("train_summary")
     if math.isnan(r.test_acc) or r.resumed and r.start_epoch >= r.total_epochs:  # epochs=0: the start
         r.test_loss, r.test_acc = evaluate(model, r.data.test, r.amp, r.device, dist)
     report = parameter_report(model)
@@ -371,7 +375,7 @@ def summarise(r: Run) -> dict:
         "best_test_acc": max(best["max_test"], r.test_acc),
         "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": r.total_epochs, "steps": r.global_step, **report, "ranks": layer_ranks(model),
-        "pinned_modes": pinned_modes(model) if r.integrator is not None else None,
+        "pinned_modes": pinned_modes(model) if r.method.ranks_move else None,
         **flops_per_image(model, example), "wall_time_s": r.elapsed(),
         "device": torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu",
         "run_dir": str(r.run_dir), "config": r.config_dict,
@@ -440,21 +444,35 @@ def main() -> None:
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
             with exit_on_user_error(describe=lambda exc: f"sweep job {hydra_cfg.job.num} ({run_dir}): {exc}"
-                                    if hydra_cfg.mode == RunMode.MULTIRUN else str(exc)):
+                                    if multirun else str(exc)):
                 tc = from_dictconfig(cfg)
+                if multirun:
+                    faults.bug_now(int(hydra_cfg.job.num))
                 summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
         except SystemExit as exc:
-            if exc.code == 2 and hydra_cfg.mode == RunMode.MULTIRUN:
+            if exc.code == 2 and multirun:
                 SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
                 return None  # the job's error is printed; the sweep goes on, and says at the end what did not finish
             raise
-        except KeyboardInterrupt:  # Ctrl-C outside the training loop (data loading, the final report)
+        except Exception:  # a bug: in a sweep, the other jobs still run (TDLRT_DEBUG=1 stops at the first)
+            if not multirun or os.environ.get("TDLRT_DEBUG"):
+                raise
+            traceback.print_exc()
+            print(f"tdlrt: error: sweep job {hydra_cfg.job.num} ({run_dir}) failed with an unexpected error (traceback "
+                  f"above: a bug in tdlrt, please report it); the sweep goes on", file=sys.stderr)
+            SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
+            return None
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP outside the training loop (data, the summary)
+            name, status = stopped_by()
             last = run_dir / "checkpoints" / "last.pt"
             where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"
-            print(f"tdlrt: stopped: SIGINT outside a training step; {where}", file=sys.stderr)
-            sys.exit(130)
+            say_stopped(f"{name} outside a training step; {where}")
+            if run_dir.is_dir():  # (after SIGHUP nobody reads stderr)
+                Console(run_dir / "train.log").record(f"tdlrt: stopped: {name} outside a training step; {where}")
+            sys.exit(status)
         return summary["test_acc"]
 
     _run()

@@ -420,25 +420,28 @@ def test_eval_reports_latency_median_and_iqr(trained_run, tmp_path):
 
 # --------------------------------------------------------------------------- Ctrl-C during export and eval
 
-def stopped_by_ctrl_c(args, cwd, point):
-    """Run ``tdlrt args`` with a Ctrl-C (SIGINT) at ``point``: exit 130, one `tdlrt: stopped:` line."""
-    proc = run_tdlrt(args, cwd, env={"TDLRT_FAULT_SIGINT_AT": point}, check=False)
+def stopped_by_ctrl_c(args, cwd, point, sig="INT"):
+    """Run ``tdlrt args`` with a Ctrl-C (SIGINT; or ``sig``) at ``point``: exit 128 + the signal, one
+    `tdlrt: stopped:` line."""
+    proc = run_tdlrt(args, cwd, env={"TDLRT_FAULT_SIGNAL_AT": point, "TDLRT_FAULT_SIGNAL": sig}, check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith(f"tdlrt: stopped: SIGINT during tdlrt {args[0]}"), proc.stderr[-2000:]
+    assert proc.returncode == {"INT": 130, "TERM": 143, "HUP": 129}[sig], proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(f"tdlrt: stopped: SIG{sig} during tdlrt {args[0]}"), proc.stderr[-2000:]
     return proc
 
 
-def test_ctrl_c_during_export_is_one_line_and_keeps_the_earlier_files(trained_run, tmp_path):
-    """Interrupted with the new program written to its temporary file: the earlier export and its sidecar stay
-    as they were, no temporary is left; with no earlier export, no file at all."""
+@pytest.mark.parametrize("sig", ["INT", "TERM", "HUP"])
+def test_ctrl_c_during_export_is_one_line_and_keeps_the_earlier_files(trained_run, tmp_path, sig):
+    """Interrupted with the new program written to its temporary file (Ctrl-C, a scheduler's SIGTERM, the
+    terminal closed): the earlier export and its sidecar stay as they were, no temporary is left; with no
+    earlier export, no file at all."""
     out = tmp_path / "net.pt2"
-    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write", sig)
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"old model")
     (tmp_path / "net.pt2.json").write_text("{}")
     before = snapshot(tmp_path)
-    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write")
+    stopped_by_ctrl_c(["export", str(trained_run), f"out={out}", "merge=chain"], tmp_path, "export_write", sig)
     unchanged(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2", "net.pt2.json"]
 

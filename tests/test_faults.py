@@ -110,6 +110,32 @@ def test_two_runs_never_share_a_folder(tmp_path):
     assert len(run_dirs(tmp_path / "outputs")) == 2
 
 
+@pytest.mark.parametrize("sig, code, point", [("TERM", 143, "train_setup"), ("HUP", 129, "train_summary"),
+                                              ("INT", 130, "train_summary")])
+def test_a_signal_outside_the_training_loop_is_one_line_and_the_run_resumes(tmp_path, sig, code, point):
+    """SIGTERM while the data is read, SIGHUP or Ctrl-C after the last epoch (its checkpoint written, the summary
+    not): one line (also in train.log) that says what was written, exit 128 + the signal, the folder's lock
+    released; after the last epoch the printed command writes the summary."""
+    import shlex
+
+    args = [*TINY, "method=tdlrt", "tau=0.1", "cost_report=false"]
+    proc = run_tdlrt(["train", *args], tmp_path, env={"TDLRT_FAULT_SIGNAL_AT": point, "TDLRT_FAULT_SIGNAL": sig},
+                     check=False)
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tdlrt: stopped: SIG{sig} outside a training step; "), line
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert not (run / ".lock").exists() and not (run / "summary.json").exists()
+    assert (run / "train.log").read_text().strip().endswith(line)
+    if point == "train_setup":
+        assert line.endswith("no checkpoint written")
+        return
+    assert f"resume from {run / 'checkpoints' / 'last.pt'} with: tdlrt train " in line
+    command = shlex.split(line.split(" with: ", 1)[1])
+    run_tdlrt(command[1:], tmp_path)
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
 @pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143), ("HUP", 129)])
 def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resumes_bitwise(tmp_path, straight,
                                                                                            sig, code):

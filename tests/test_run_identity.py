@@ -241,6 +241,20 @@ def test_a_failed_sweep_job_does_not_stop_the_sweep_and_the_end_says_what_did_no
     assert {n: run_files(n) for n in (0, 2)} == before and (sw / "1" / "summary.json").is_file()
 
 
+def test_a_sweep_job_that_fails_with_a_bug_does_not_stop_the_sweep(tmp_path):
+    """An unexpected exception in job 1 (a bug): its traceback and one line saying the sweep goes on; jobs 0 and
+    2 run; the last line lists job 1."""
+    args = ["train", "-m", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=dense",
+            "cost_report=false", "hydra.sweep.dir=sw", "lr=0.05,0.02,0.01"]
+    proc = run_tdlrt(args, tmp_path, env={"TDLRT_FAULT_BUG_IN_JOB": "1"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "RuntimeError: fault injection: a bug in sweep job 1" in proc.stderr
+    assert f"tdlrt: error: sweep job 1 ({tmp_path / 'sw' / '1'}) failed with an unexpected error" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("tdlrt: error: 1 of 3 sweep jobs did not finish: job 1 (lr=0.02)")
+    assert [(tmp_path / "sw" / str(n) / "summary.json").is_file() for n in range(3)] == [True, False, True]
+    assert not (tmp_path / "sw" / "1" / ".lock").exists()
+
+
 def test_a_live_writer_holds_the_folder_and_a_dead_ones_lock_is_taken_over(run, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
