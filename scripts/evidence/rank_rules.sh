@@ -12,8 +12,8 @@
 # finished ones. Finished runs' small files are copied to results/frontier_p/runs/ (never checkpoints), and
 # `tdlrt report results/frontier_p/runs out=results/frontier_p` regenerates the tables and plots from them.
 # SETTING=full: the same network and schedule on all 50,000 training images (data.val_split=0, as the committed
-# dense run), at 90% only: target_cr90_s0, tucker_cr90_s0, dense_s0, into outputs/cifar10_full/ and
-# results/cifar10_full/.
+# dense run), at 90% only: target_cr90_s0, tucker_cr90_s0, dense_s0 and target_cr90_rmax1_s0 (rank caps at the
+# full channel count), into outputs/cifar10_full/ and results/cifar10_full/.
 #   bash scripts/evidence/rank_rules.sh                 every job, two side by side
 #   bash scripts/evidence/rank_rules.sh tucker_cr97_s0  the named jobs only (in the order given)
 #   JOBS_PARALLEL=1 bash scripts/evidence/rank_rules.sh ...
@@ -34,6 +34,8 @@ jobs_list() {  # NAME OVERRIDES...
     echo "target_cr90_s0 method=tdlrt method.target_cr=90 seed=0"
     echo "tucker_cr90_s0 method=tucker method.target_cr=90 seed=0"
     echo "dense_s0 method=dense seed=0"
+    # rank caps at the full channel count on the full data (the 80% ablation of proxy P, at 90%)
+    echo "target_cr90_rmax1_s0 method=tdlrt method.target_cr=90 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
     return
   fi
   for s in 0 1 2; do
@@ -57,6 +59,10 @@ jobs_list() {  # NAME OVERRIDES...
       echo "target_cr97_ramp0.25_s0 method=tdlrt method.target_cr=97 method.ramp_end=0.25 seed=0"
       # at 80%: rank caps at the full channel count (start at half, as the default)
       echo "target_cr80_rmax1_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
+      # at 80%, twice the schedule (40 epochs, the same ramp fractions): how much of the gap to dense is the
+      # short schedule (dense was still improving at epoch 20)
+      echo "dense_e40_s0 method=dense epochs=40 seed=0"
+      echo "target_cr80_rmax1_e40_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 epochs=40 seed=0"
     fi
   done
 }
