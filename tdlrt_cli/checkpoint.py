@@ -80,7 +80,10 @@ def load_checkpoint(path, keep: bool = False, mmap: bool = False) -> dict:
 
 
 def _identity(path: Path) -> tuple:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError as exc:  # gone since the check above
+        raise CheckpointError(f"checkpoint not found: {path} ({exc.strerror or exc})") from None
     return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 

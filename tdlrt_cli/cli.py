@@ -119,6 +119,7 @@ def _command(command: str, rest: List[str]) -> None:
 
         sys.argv = [f"tdlrt-{command}"] + rest
         return _run_hydra(entry)
+    from .errors import say_stopped, stopped_by
     from .launch import sweep_report
     from .train import SWEEP_FAILURES, main as entry
 
@@ -138,6 +139,13 @@ def _command(command: str, rest: List[str]) -> None:
             if left:
                 print(f"tdlrt: stopped: {left}", file=sys.stderr)
         raise
+    except KeyboardInterrupt:  # a signal between two sweep jobs (inside a job, the job says so and exits)
+        if not multirun:
+            raise
+        left = sweep_report(prepared.sweep, SWEEP_FAILURES)
+        name, status = stopped_by()
+        say_stopped(f"{name} between sweep jobs" + (f"; {left}" if left else ""))
+        sys.exit(status)
     finally:
         if prepared.run_dir is not None:
             RunLock(prepared.run_dir).release()

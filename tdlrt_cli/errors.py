@@ -61,14 +61,16 @@ def interrupt_on_signals() -> None:
     """SIGTERM (a scheduler's pre-emption, ``kill``) and SIGHUP (the terminal closed) stop a command the way
     Ctrl-C does: as a ``KeyboardInterrupt`` where the command is, so it ends with its one line and exit
     status 128 + the signal (:func:`stopped_by`), never silently. The training loop installs its own handlers
-    (finish the step, write ``last.pt``) and puts these back after."""
+    (finish the step, write ``last.pt``) and puts these back after. A signal the command was started with
+    ignored (``nohup``'s SIGHUP, SIGINT in a shell's background job) stays ignored."""
     def handle(signum, frame):
         _received[0] = signum
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, handle)
 
 
 def stopped_by() -> tuple:

@@ -52,7 +52,8 @@ class StopSignals:
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def restore(self) -> None:

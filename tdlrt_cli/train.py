@@ -29,7 +29,7 @@ from .checkpoint import (CHECKPOINT_TEMPORARY, checkpoint_state, finished_summar
 from .config import CONFIG_DIR, TrainConfig
 from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
-from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, say_stopped, stopped_by
+from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
 from .faults import faults
 from .files import remove_stale_temporaries, resume_command
 from .launch import RunLock, config_drift, describe_drift
@@ -112,6 +112,9 @@ def run(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Dist
             signum = stop.requested(dist)
             if signum and epoch + 1 < r.total_epochs:
                 raise r.stopped(signum, r.global_step, epoch)
+    except BaseException:
+        r.logger.close()  # (a sweep goes on to its next job in this process)
+        raise
     finally:
         stop.restore()
     summary = summarise(r)
@@ -431,7 +434,9 @@ SWEEP_FAILURES: list = []  # (job number, folder) of the sweep jobs that ended w
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from .config import from_dictconfig
 
@@ -446,8 +451,10 @@ def main() -> None:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
-            with exit_on_user_error(describe=lambda exc: f"sweep job {hydra_cfg.job.num} ({run_dir}): {exc}"
-                                    if multirun else str(exc)):
+            with exit_on_user_error(HydraException, OmegaConfBaseException,
+                                    describe=lambda exc: (f"sweep job {hydra_cfg.job.num} ({run_dir}): " if multirun
+                                                          else "") + (str(exc) if isinstance(exc, UserError)
+                                                                      else one_line(exc))):
                 tc = from_dictconfig(cfg)
                 if multirun:
                     faults.bug_now(int(hydra_cfg.job.num))
@@ -458,8 +465,8 @@ def main() -> None:
                 return None  # the job's error is printed; the sweep goes on, and says at the end what did not finish
             raise
         except Exception:  # a bug: in a sweep, the other jobs still run (TDLRT_DEBUG=1 stops at the first)
-            if not multirun or os.environ.get("TDLRT_DEBUG"):
-                raise
+            if not multirun or os.environ.get("TDLRT_DEBUG") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise  # (under torchrun every process must stop together)
             traceback.print_exc()
             print(f"tdlrt: error: sweep job {hydra_cfg.job.num} ({run_dir}) failed with an unexpected error (traceback "
                   f"above: a bug in tdlrt, please report it); the sweep goes on", file=sys.stderr)

@@ -110,6 +110,27 @@ def test_two_runs_never_share_a_folder(tmp_path):
     assert len(run_dirs(tmp_path / "outputs")) == 2
 
 
+def test_a_signal_the_run_was_started_to_ignore_stays_ignored(tmp_path):
+    """`nohup tdlrt train ...` (SIGHUP ignored), then SIGHUP after step 2 and again at the summary: the run goes on
+    to its end, as nohup promises."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "tdlrt"
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
+    env = {**os.environ, "TDLRT_FAULT_SIGNAL_AT_STEP": "2", "TDLRT_FAULT_SIGNAL_AT": "train_summary",
+           "TDLRT_FAULT_SIGNAL": "HUP", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, "train", *TINY, "method=tdlrt", "tau=0.1", "cost_report=false"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert proc.returncode == 0 and "stopped" not in proc.stderr, proc.stderr[-2000:]
+    (run,) = run_dirs(tmp_path / "outputs")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
 @pytest.mark.parametrize("sig, code, point", [("TERM", 143, "train_setup"), ("HUP", 129, "train_summary"),
                                               ("INT", 130, "train_summary")])
 def test_a_signal_outside_the_training_loop_is_one_line_and_the_run_resumes(tmp_path, sig, code, point):
