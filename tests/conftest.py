@@ -18,6 +18,15 @@ TINY = ["model=vgg16", "model.width_mult=0.125", "data=synthetic", "data.train_s
         "batch_size=64", "eval_batch_size=128", "epochs=2", "progress=false", "device=cpu", "cost_repeat=2"]
 
 
+def default_signals():
+    """In the child: SIGHUP and SIGINT as a terminal's command has them, also when the tests run under nohup or
+    in a shell's background job (which ignore them, and tdlrt keeps a signal it was started to ignore ignored)."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_tdlrt(args, cwd, env=None, check=True, timeout=600):
     """Run the real console entry point in a subprocess; returns CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if PARALLEL else {}), **(env or {})}
@@ -25,7 +34,7 @@ def run_tdlrt(args, cwd, env=None, check=True, timeout=600):
     exe = Path(sys.executable).parent / "tdlrt"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "tdlrt_cli"]
     proc = subprocess.run([*cmd, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, preexec_fn=default_signals)
     if check and proc.returncode != 0:
         raise AssertionError(f"tdlrt {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
