@@ -14,13 +14,15 @@
 # SETTING=full: the same network and schedule on all 50,000 training images (data.val_split=0, as the committed
 # dense run), at 90% only: target_cr90_s0, tucker_cr90_s0, dense_s0 and target_cr90_rmax1_s0 (rank caps at the
 # full channel count), into outputs/cifar10_full/ and results/cifar10_full/.
+# SETTING=schedule: proxy P at 80% with twice the schedule (40 epochs): dense_e40_s0 and target_cr80_rmax1_e40_s0,
+# into outputs/schedule_p/ and results/schedule_p/ (its report shows them beside their 20-epoch runs).
 #   bash scripts/evidence/rank_rules.sh                 every job, two side by side
 #   bash scripts/evidence/rank_rules.sh tucker_cr97_s0  the named jobs only (in the order given)
 #   JOBS_PARALLEL=1 bash scripts/evidence/rank_rules.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SETTING=${SETTING:-p}
-study=$([[ $SETTING == full ]] && echo cifar10_full || echo frontier_p)
+study=$(case $SETTING in full) echo cifar10_full;; schedule) echo schedule_p;; *) echo frontier_p;; esac)
 out=${OUT:-outputs/$study}      # run folders (checkpoints included)
 keep=${KEEP:-results/$study/runs}  # their small files, committed
 data=$([[ $SETTING == full ]] && echo "data.val_split=0" || echo "data.limit_train=10000 data.val_split=0.1")
@@ -30,6 +32,11 @@ common="model=vgg16 model.width_mult=0.25 data=cifar10 $data epochs=20
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 jobs_list() {  # NAME OVERRIDES...
+  if [[ $SETTING == schedule ]]; then  # proxy P at 80%, twice the schedule (40 epochs, the same ramp fractions)
+    echo "dense_e40_s0 method=dense epochs=40 seed=0"
+    echo "target_cr80_rmax1_e40_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 epochs=40 seed=0"
+    return
+  fi
   if [[ $SETTING == full ]]; then
     echo "target_cr90_s0 method=tdlrt method.target_cr=90 seed=0"
     echo "tucker_cr90_s0 method=tucker method.target_cr=90 seed=0"
@@ -59,10 +66,6 @@ jobs_list() {  # NAME OVERRIDES...
       echo "target_cr97_ramp0.25_s0 method=tdlrt method.target_cr=97 method.ramp_end=0.25 seed=0"
       # at 80%: rank caps at the full channel count (start at half, as the default)
       echo "target_cr80_rmax1_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
-      # at 80%, twice the schedule (40 epochs, the same ramp fractions): how much of the gap to dense is the
-      # short schedule (dense was still improving at epoch 20)
-      echo "dense_e40_s0 method=dense epochs=40 seed=0"
-      echo "target_cr80_rmax1_e40_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 epochs=40 seed=0"
     fi
   done
 }
@@ -91,4 +94,9 @@ else
   selected=$(jobs_list)
 fi
 echo "$selected" | xargs -P "${JOBS_PARALLEL:-2}" -L 1 bash -c 'run_job "$@"' _
-python -m tdlrt_cli report "$keep" out="$(dirname "$keep")"
+if [[ $SETTING == schedule ]]; then  # beside their 20-epoch runs
+  python -m tdlrt_cli report "$keep" results/frontier_p/runs/dense_s0 results/frontier_p/runs/target_cr80_rmax1_s0 \
+    out="$(dirname "$keep")"
+else
+  python -m tdlrt_cli report "$keep" out="$(dirname "$keep")"
+fi
