@@ -66,6 +66,9 @@ jobs_list() {  # NAME OVERRIDES...
       echo "target_cr97_ramp0.25_s0 method=tdlrt method.target_cr=97 method.ramp_end=0.25 seed=0"
       # at 80%: rank caps at the full channel count (start at half, as the default)
       echo "target_cr80_rmax1_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
+      # ... starting at full rank (the ramp then compresses from 0%), and reaching 80% at 3/4 of training
+      echo "target_cr80_full_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=1 seed=0"
+      echo "target_cr80_rmax1_ramp0.75_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=0"
     fi
   done
 }
