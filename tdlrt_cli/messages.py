@@ -73,14 +73,18 @@ def pinned_modes(model) -> dict:
     return pinned
 
 
-def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console(), target: bool = False) -> None:
+def warn_pinned(pinned: dict, total: int, say: Callable[[str], None] = Console(), target: bool = False,
+                cap_is_full: bool = False) -> None:
+    """``cap_is_full``: the caps are the modes' full sizes (method.r_max_frac=1), which nothing can raise."""
     def listed(modes: list) -> str:
         return ", ".join(modes[:6]) + (", ..." if len(modes) > 6 else "")
 
     if target:  # the target rule: a mode at a bound is the budget's choice, worth a note, not a warning
         if pinned["r_max"]:
-            say(f"tdlrt: note: {len(pinned['r_max'])} of {total} adapted modes finished at their cap "
-                f"({listed(pinned['r_max'])}): the budget kept them whole (method.r_max_frac raises the cap)")
+            say(f"tdlrt: note: {len(pinned['r_max'])} of {total} adapted modes finished at "
+                + (f"full rank ({listed(pinned['r_max'])}): the budget kept them whole" if cap_is_full else
+                   f"their cap ({listed(pinned['r_max'])}): the budget kept them whole (method.r_max_frac raises "
+                   f"the cap)"))
         return
     if pinned["r_max"]:
         say(f"tdlrt: warning: {len(pinned['r_max'])} of {total} adapted modes finished at r_max "

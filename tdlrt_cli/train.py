@@ -404,8 +404,9 @@ def summarise(r: Run) -> dict:
 def say_done(r: Run, summary: dict) -> None:
     """The run's last lines: adapted modes that finished at a rank bound, and the accuracies."""
     if summary["pinned_modes"] is not None:
-        warn_pinned(summary["pinned_modes"], sum(sum(m.adapted) for _, m in lowrank_named(r.model)), r.say,
-                    target=r.cfg.method.target_cr is not None)
+        m = r.cfg.method
+        warn_pinned(summary["pinned_modes"], sum(sum(layer.adapted) for _, layer in lowrank_named(r.model)), r.say,
+                    target=m.target_cr is not None, cap_is_full=m.r_max is None and m.r_max_frac >= 1)
     chosen, selected = summary["test_acc_val_selected"], summary["selected"]
     r.say(f"done: test acc {r.test_acc:.2f}% at the end"
           + (f", {chosen:.2f}% with best.pt (epoch {selected['epoch']}, chosen on the validation split)"

@@ -104,6 +104,17 @@ def test_a_long_cpu_epoch_is_announced_after_the_first_steps(seconds, shown):
         assert "an epoch takes about 13 min on this CPU" in said[0] and "+experiment=quick" in said[0]
 
 
+@pytest.mark.parametrize("full, needle", [(False, "at their cap (a/out): the budget kept them whole "
+                                                    "(method.r_max_frac raises the cap)"),
+                                           (True, "at full rank (a/out): the budget kept them whole")])
+def test_the_target_rules_note_on_modes_at_their_cap_names_a_cap_that_can_be_raised(full, needle):
+    from tdlrt_cli.messages import warn_pinned
+
+    said = []
+    warn_pinned({"r_max": ["a/out"], "r_min": []}, 4, said.append, target=True, cap_is_full=full)
+    assert said == [f"tdlrt: note: 1 of 4 adapted modes finished {needle}"]
+
+
 def test_tensorboard_has_per_step_accuracy_and_hparams(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
