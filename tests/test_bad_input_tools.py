@@ -430,7 +430,8 @@ def stopped_by_ctrl_c(args, cwd, point, sig="INT"):
     return proc
 
 
-@pytest.mark.parametrize("sig", ["INT", "TERM", "HUP"])
+@pytest.mark.parametrize("sig", ["INT", pytest.param("TERM", marks=pytest.mark.slow),
+                                 pytest.param("HUP", marks=pytest.mark.slow)])  # (one code path: exit_on_interrupt)
 def test_ctrl_c_during_export_is_one_line_and_keeps_the_earlier_files(trained_run, tmp_path, sig):
     """Interrupted with the new program written to its temporary file (Ctrl-C, a scheduler's SIGTERM, the
     terminal closed): the earlier export and its sidecar stay as they were, no temporary is left; with no
