@@ -69,6 +69,11 @@ jobs_list() {  # NAME OVERRIDES...
       # ... starting at full rank (the ramp then compresses from 0%), and reaching 80% at 3/4 of training
       echo "target_cr80_full_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=1 seed=0"
       echo "target_cr80_rmax1_ramp0.75_s0 method=tdlrt method.target_cr=80 method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=0"
+      # the two 80% settings that came closest to dense, at 90% and 97%
+      for c in 90 97; do
+        echo "target_cr${c}_rmax1_s0 method=tdlrt method.target_cr=$c method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
+        echo "target_cr${c}_rmax1_ramp0.75_s0 method=tdlrt method.target_cr=$c method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=0"
+      done
     fi
   done
 }
