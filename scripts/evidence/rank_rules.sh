@@ -43,6 +43,7 @@ jobs_list() {  # NAME OVERRIDES...
     echo "dense_s0 method=dense seed=0"
     # rank caps at the full channel count on the full data (the 80% ablation of proxy P, at 90%)
     echo "target_cr90_rmax1_s0 method=tdlrt method.target_cr=90 method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
+    echo "target_cr90_rmax1_ramp0.75_s0 method=tdlrt method.target_cr=90 method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=0"
     return
   fi
   for s in 0 1 2; do
@@ -72,9 +73,11 @@ jobs_list() {  # NAME OVERRIDES...
       # the two 80% settings that came closest to dense, at 90% and 97%
       for c in 90 97; do
         echo "target_cr${c}_rmax1_s0 method=tdlrt method.target_cr=$c method.r_max_frac=1 method.init_rank_frac=0.5 seed=0"
-        echo "target_cr${c}_rmax1_ramp0.75_s0 method=tdlrt method.target_cr=$c method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=0"
       done
     fi
+    for c in 90 97; do  # the best of them, 3 seeds
+      echo "target_cr${c}_rmax1_ramp0.75_s$s method=tdlrt method.target_cr=$c method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75 seed=$s"
+    done
   done
 }
 
