@@ -45,7 +45,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 CHECKPOINT_TEMPORARY = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.tmp$")
 
 
-_kept: dict = {}  # the checkpoint read with keep=True, until the next read of the same file takes it
+_kept: list = []  # [(file identity, state)]: read with keep=True, until the next read of the same file takes it
 
 
 def load_checkpoint(path, keep: bool = False, mmap: bool = False) -> dict:
@@ -60,22 +60,19 @@ def load_checkpoint(path, keep: bool = False, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check ckpt_path)")
     key = _identity(path)
-    if not mmap and _kept.get("key") == key:
-        state = _kept.pop("state")
-        _kept.clear()
-        if keep:
-            _kept.update(key=key, state=state)
-        return state
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a tdlrt checkpoint ({reason[:160]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
+    if not mmap and _kept and _kept[0][0] == key:
+        state = _kept.pop()[1]
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a tdlrt checkpoint "
+                                  f"({reason[:160]})") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
     if keep and not mmap:
-        _kept.clear()
-        _kept.update(key=key, state=state)
+        _kept[:] = [(key, state)]
     return state
 
 

@@ -54,23 +54,29 @@ def exit_on_user_error(*also, describe=str):
         sys.exit(getattr(exc, "exit_code", 2))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's pre-emption, a closed terminal
 _received = [signal.SIGINT]  # the last stop signal received (a KeyboardInterrupt without one: Ctrl-C)
+
+
+def handle_stop_signals(handler) -> dict:
+    """Install ``handler`` for the stop signals (main thread only; elsewhere nothing); returns the handlers it
+    replaced, to put back. A signal the process was started with ignored (``nohup``'s SIGHUP, SIGINT in a
+    shell's background job) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def interrupt_on_signals() -> None:
     """SIGTERM (a scheduler's pre-emption, ``kill``) and SIGHUP (the terminal closed) stop a command the way
     Ctrl-C does: as a ``KeyboardInterrupt`` where the command is, so it ends with its one line and exit
     status 128 + the signal (:func:`stopped_by`), never silently. The training loop installs its own handlers
-    (finish the step, write ``last.pt``) and puts these back after. A signal the command was started with
-    ignored (``nohup``'s SIGHUP, SIGINT in a shell's background job) stays ignored."""
+    (finish the step, write ``last.pt``) and puts these back after (:func:`handle_stop_signals`)."""
     def handle(signum, frame):
         _received[0] = signum
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, handle)
+    handle_stop_signals(handle)
 
 
 def stopped_by() -> tuple:

@@ -87,14 +87,11 @@ def signals_deferred() -> Iterator[None]:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP wait until the block is done: for steps that must all happen or none (a
     file and the sidecar that describes it). Outside the main thread: no change."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from .errors import handle_stop_signals
+
     received = []
-    old = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-           for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = handle_stop_signals(lambda signum, frame: received.append(signum))
     try:
         yield
     finally:

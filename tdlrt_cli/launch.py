@@ -385,9 +385,7 @@ def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Opti
 
 
 def _message(exc: BaseException) -> str:
-    from .errors import one_line
-
-    from .errors import UserError
+    from .errors import UserError, one_line
 
     return str(exc) if isinstance(exc, UserError) else one_line(exc)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import Distributed
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, handle_stop_signals
 from .faults import faults
 from .logs import Console
 from .lowrank import NonFiniteCore, orthonormality_error
@@ -50,10 +49,7 @@ class StopSignals:
         self._old = {}
 
     def install(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
-                    self._old[sig] = signal.signal(sig, self._handle)
+        self._old = handle_stop_signals(self._handle)
         return self
 
     def restore(self) -> None:

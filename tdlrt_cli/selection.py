@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-import torch
-
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointError
 from .logs import Console
 
 TOP_FILE = re.compile(r"^epoch\d{3,}-(?:val_acc|test_acc)-?[\d.]+\.pt$")
@@ -100,8 +99,8 @@ def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console
         return  # last.pt is not the best epoch itself: best.pt was written before it
     best_path = ckpt_dir / "best.pt"
     try:
-        have = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
-    except Exception:  # missing or unreadable
+        have = load_checkpoint(best_path, mmap=True).get("epoch")
+    except CheckpointError:  # missing or unreadable
         have = None
     if have != last.get("epoch"):
         save_checkpoint({k: v for k, v in last.items() if k != "format"}, best_path)

@@ -37,7 +37,8 @@ from .logs import Console, RunLogger, hparams_of
 from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
 from .messages import pace_note, pinned_modes, start_block, warn_pinned
 from .methods import Method, factorise, method_of
-from .metrics import evaluate, flops_per_image, layer_ranks, lowrank_named, parameter_report
+from .lowrank import lowrank_layers
+from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_model
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
@@ -112,8 +113,8 @@ def run(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Dist
             signum = stop.requested(dist)
             if signum and epoch + 1 < r.total_epochs:
                 raise r.stopped(signum, r.global_step, epoch)
-    except BaseException:
-        r.logger.close()  # (a sweep goes on to its next job in this process)
+    except BaseException:  # stopped by a signal, diverged, failed: the logs are complete up to here
+        r.logger.close()  # (and a sweep goes on to its next job in this process)
         raise
     finally:
         stop.restore()
@@ -183,7 +184,6 @@ class Run:
             save_checkpoint(self.state(position["epoch"], position), self.ckpt_dir / "last.pt")
 
     def stopped(self, signum: int, step: int, epoch: int) -> Interrupted:
-        self.logger.close()
         line = (f"{signal.Signals(signum).name} at step {step} (epoch {epoch + 1}): {self.ckpt_dir / 'last.pt'} "
                 f"written; resume with: {resume_command(self.run_dir)}")
         if isinstance(self.say, Console):
@@ -310,7 +310,6 @@ def train_epoch(r: Run, epoch: int, stop: StopSignals) -> dict:
         raise r.stopped(exc.signum, exc.step, epoch) from None
     except Diverged as exc:
         last = r.ckpt_dir / "last.pt"
-        r.logger.close()
         raise Diverged(exc.step, exc.epoch, last if last.is_file() else None, exc.skipped_all, exc.weights) from None
     r.global_step = stats.pop("global_step")
     return stats
@@ -405,7 +404,7 @@ def say_done(r: Run, summary: dict) -> None:
     """The run's last lines: adapted modes that finished at a rank bound, and the accuracies."""
     if summary["pinned_modes"] is not None:
         m = r.cfg.method
-        warn_pinned(summary["pinned_modes"], sum(sum(layer.adapted) for _, layer in lowrank_named(r.model)), r.say,
+        warn_pinned(summary["pinned_modes"], sum(sum(layer.adapted) for layer in lowrank_layers(r.model)), r.say,
                     target=m.target_cr is not None, cap_is_full=m.r_max is None and m.r_max_frac >= 1)
     chosen, selected = summary["test_acc_val_selected"], summary["selected"]
     r.say(f"done: test acc {r.test_acc:.2f}% at the end"
@@ -477,9 +476,10 @@ def main() -> None:
             name, status = stopped_by()
             last = run_dir / "checkpoints" / "last.pt"
             where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"
-            say_stopped(f"{name} outside a training step; {where}")
+            line = f"{name} outside a training step; {where}"
+            say_stopped(line)
             if run_dir.is_dir():  # (after SIGHUP nobody reads stderr)
-                Console(run_dir / "train.log").record(f"tdlrt: stopped: {name} outside a training step; {where}")
+                Console(run_dir / "train.log").record(f"tdlrt: stopped: {line}")
             sys.exit(status)
         return summary["test_acc"]
 
