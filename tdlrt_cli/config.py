@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-METHODS = ("dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp")
+METHODS = ("dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -42,6 +42,7 @@ LEGACY_VALUES = {
     "method.tau_warmup_epochs": 0.0,
     "method.tau_warmup_shape": "linear",
     "nan_max_skips": 10,
+    "method.ranks_from": None,
 }
 
 
@@ -97,6 +98,7 @@ class MethodConfig:
     finetune_epochs: int = 0
     init_decay: float = 0.0               # > 0: ill-conditioned start, core singular values 10^(-decay k)
     rank_frac: Optional[float] = None     # fixed-rank baselines: rank as a fraction of the channels
+    ranks_from: Optional[str] = None      # tucker: the final per-layer ranks of this finished run folder
     target_cr: Optional[float] = None     # ... or the fraction that reaches this conv compression rate (%);
                                           # tdlrt/dlrt: the conv c.r. the target rule reaches
     ramp_start: float = 0.0               # tdlrt/dlrt target rule: the asked compression rises from 0 at this
@@ -233,7 +235,11 @@ class TrainConfig:
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
         tau_methods = ("tdlrt", "dlrt")
-        if m.name in ("tucker", "cp", "tt", "matrix"):
+        if m.name == "tucker" and m.ranks_from is not None:
+            need(bool(str(m.ranks_from).strip()), "method.ranks_from= is empty (a finished run folder, or null)")
+            need(m.rank_frac is None, "method.rank_frac cannot be combined with method.ranks_from (the ranks come "
+                                      "from that run)")
+        elif m.name in ("tucker", "cp", "tt", "matrix"):
             need((m.rank_frac is None) != (m.target_cr is None),
                  f"method={m.name} needs exactly one of method.rank_frac and method.target_cr")
             need(m.rank_frac is None or 0 < m.rank_frac <= 1, f"method.rank_frac={m.rank_frac} must be in (0, 1]")
@@ -244,6 +250,21 @@ class TrainConfig:
             need(m.rounds >= 1 and 0 <= m.rewind_epoch < max(self.epochs, 1),
                  f"method.rounds={m.rounds} must be >= 1 and method.rewind_epoch={m.rewind_epoch} below epochs")
         need(m.init_decay >= 0, f"method.init_decay={m.init_decay} must be >= 0")
+        if m.name == "tucker_prune":
+            need(m.target_cr is not None and 0 < m.target_cr < 100,
+                 f"method.target_cr={m.target_cr} must be in (0, 100) (a conv compression rate in percent)")
+            need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and method.ramp_end="
+                 f"{m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of the training steps)")
+            if m.augment_every is None:
+                m.augment_every = TARGET_AUGMENT_EVERY
+            need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
+            need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
+            need(m.r_max is None or m.r_max >= m.r_min,
+                 f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
+            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
+            need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
+            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
+                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
         if m.name in tau_methods:
             if m.target_cr is not None:  # the target rule
                 need(0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100) (a conv "
@@ -310,6 +331,10 @@ def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
         size = data.pop("val_size")
         data.setdefault("val_split", float(size or 0))
     method = config.get("method")
+    if isinstance(method, dict) and method.get("name") == "tucker_prune" and method.get("augment_every", 1) is None:
+        method["augment_every"] = TARGET_AUGMENT_EVERY
+    if isinstance(method, dict) and method.get("name") == "tucker" and method.get("ranks_from") is not None:
+        method["target_cr"] = None  # the ranks (and so the c.r.) come from that run
     if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:
         target = method.get("target_cr") is not None
         if method.get("augment_every", 1) is None:  # null: the rule's own clock
@@ -342,6 +367,13 @@ def check_method_keys(config: Dict[str, Any]) -> None:
         if extra:
             raise ConfigError(f"method={name} does not use {', '.join('method.' + k for k in extra)} "
                               f"(its keys: {', '.join(sorted(keys - {'name', 'default_tau'}))})")
+    if name == "tucker" and method.get("ranks_from") is not None and method.get("target_cr") is not None:
+        from omegaconf import OmegaConf
+
+        preset = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "method" / "tucker.yaml"))
+        if method.get("target_cr") != preset.get("target_cr"):
+            raise ConfigError(f"method.target_cr={method['target_cr']:g} is not used with method.ranks_from (the "
+                              f"ranks, and so the compression, come from that run); drop one of them")
     if name in RANK_ADAPTIVE and method.get("target_cr") is not None and config.get("tau") is not None \
             and config.get("tau") != method.get("default_tau"):
         raise ConfigError(f"tau={config['tau']} is not used with method.target_cr={method['target_cr']:g} (the target "
@@ -392,7 +424,7 @@ FIELD_HELP = {
     "data.num_classes": "synthetic: number of classes (>= 2)",
     "data.train_size": "synthetic: training examples",
     "data.test_size": "synthetic: test examples",
-    "method.name": "training method: dense, tdlrt, dlrt, fixed-rank tucker/cp/tt/matrix, snip, grasp, imp",
+    "method.name": "training method: dense, tdlrt, dlrt, fixed-rank tucker/cp/tt/matrix, tucker_prune, snip, grasp, imp",
     "method.default_tau": "the tau a method=... preset brings; the top-level tau overrides it",
     "method.r_min": "tdlrt/dlrt: smallest rank of an adapted mode",
     "method.r_max": "tdlrt/dlrt: largest rank of an adapted mode (absolute); null: r_max_frac x mode size",
@@ -411,6 +443,7 @@ FIELD_HELP = {
     "method.finetune_epochs": "tdlrt/dlrt: last epochs with frozen bases (fixed ranks)",
     "method.init_decay": "> 0: ill-conditioned start, core singular values 10^(-decay k)",
     "method.rank_frac": "fixed-rank baselines: rank as a fraction of the channels",
+    "method.ranks_from": "tucker: train at the final per-layer ranks of this finished run folder (replaces target_cr)",
     "method.target_cr": "the conv compression rate (%) to reach: fixed-rank baselines pick their rank fraction; "
                         "tdlrt/dlrt: the target rule (ranks of all layers chosen together under a budget)",
     "method.sparsity": "pruning baselines: fraction of conv weights removed",

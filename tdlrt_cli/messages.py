@@ -22,7 +22,10 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
     m, o = cfg.method, cfg.optimizer
     method = m.name + (f" tau {cfg.tau}" if cfg.tau is not None else "") + (
         f" rank_frac {m.rank_frac}" if m.rank_frac is not None else "") + (
-        f" target_cr {m.target_cr}%" if m.target_cr is not None else "")
+        f" target_cr {m.target_cr}%" if m.target_cr is not None else "") + (
+        f" at the ranks of {m.ranks_from}" if getattr(m, "ranks_from", None) else "") + (
+        f" from {cfg.init_from}" + (" (decomposed)" if m.name in ("tucker", "tt", "matrix") else "")
+        if cfg.init_from else "")
     params = sum(p.numel() for p in model.parameters())
     return [
         f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),

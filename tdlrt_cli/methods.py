@@ -2,13 +2,22 @@
 
 tdlrt, dlrt      convert convs to Tucker / matrix low-rank layers; trained by the TDLRT integrator
 tucker, cp, tt,  replace convs by fixed-rank factorisations trained directly by the optimizer, at
-matrix           ``method.rank_frac`` of the channels or the fraction that reaches ``method.target_cr``
+matrix           ``method.rank_frac`` of the channels or the fraction that reaches ``method.target_cr``;
+                 tucker also at another run's final ranks (``method.ranks_from``). With ``init_from`` the
+                 trained kernels are decomposed (HOSVD, TT-SVD, SVD), tucker's ranks at ``target_cr`` chosen
+                 by the target rule's allocation from their spectra (one-shot compression)
+tucker_prune     gradual pruning without the integrator: Tucker factors and core trained by the optimizer,
+                 ranks cut on the target rule's schedule with its allocation
 snip, grasp      one-shot pruning masks at initialisation, ``method.sparsity`` of the conv weights
 imp              iterative magnitude pruning with rewinding (``method.rounds``, ``method.rewind_epoch``)
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,12 +27,15 @@ from .errors import ConfigError
 from .lowrank import TDLRT, BudgetSchedule, ConversionRules, RankPolicy, convert_to_lowrank, lowrank_layers
 from .lowrank.allocation import lower_bound_params, upper_bound_params
 from .metrics import parameter_report
-from .lowrank.baselines import (FIXED, apply_masks, frac_for_compression, global_masks, grasp_scores,
-                                magnitude_scores, make_fixed, prunable_convs, snip_scores)
+from .lowrank.baselines import (DECOMPOSABLE, FIXED, FixedTuckerConv2d, allocate_tucker_ranks, apply_masks,
+                                frac_for_compression, global_masks, grasp_scores, magnitude_scores, make_fixed,
+                                prunable_convs, snip_scores)
+from .lowrank.pruning import GradualPruning
 from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
 
 INTEGRATED = ("tdlrt", "dlrt")
+PRUNED = ("tucker_prune",)  # ranks cut on the target rule's schedule, without the integrator
 PRUNING = ("snip", "grasp", "imp")
 
 
@@ -33,32 +45,138 @@ def _convs_to_factorise(model: nn.Module, convert_first: bool):
     return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first)]
 
 
-def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator) -> None:
-    """Apply a low-rank method (integrated or fixed-rank) to ``model`` in place, before training."""
+def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
+              saved_ranks: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
+    """Apply a low-rank method (integrated or fixed-rank) to ``model`` in place, before training.
+    ``saved_ranks``: rebuilding a trained run for its checkpoint (eval, export), fixed-rank Tucker layers at
+    the checkpoint's ranks, whatever chose them (another run's ranks, the one-shot allocation)."""
     m = cfg.method
     init = "hosvd" if cfg.init_from else "random"
-    if m.name in INTEGRATED:
+    if m.name in INTEGRATED or m.name in PRUNED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
+        fmt = {"tdlrt": "tucker", "dlrt": "matrix", "tucker_prune": "trained_tucker"}[m.name]
         try:
-            convert_to_lowrank(model, policy, rules, init=init, generator=generator,
-                               conv_format="tucker" if m.name == "tdlrt" else "matrix")
+            convert_to_lowrank(model, policy, rules, init=init, generator=generator, conv_format=fmt)
         except ValueError as exc:
             raise ConfigError(f"{exc}: method.init_rank and method.r_min are absolute ranks "
                               f"(method.init_rank_frac sets a fraction of each layer)") from None
     elif m.name in FIXED:
-        convs = _convs_to_factorise(model, m.convert_first_conv)
+        factorise_fixed(cfg, model, generator, saved_ranks)
+    if m.init_decay > 0:
+        ill_condition(model, m.init_decay, generator)
+
+
+def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
+                    saved_ranks: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
+    """tucker, cp, tt, matrix: every conv but the first replaced by a fixed-rank factorisation at
+    ``method.rank_frac`` of its channels, at the one fraction that reaches ``method.target_cr``, or (tucker)
+    at the final ranks of the run ``method.ranks_from``. With ``init_from`` the loaded kernels are decomposed
+    (tucker: truncated HOSVD; tt: TT-SVD; matrix: SVD; cp is refused) and tucker's ranks at ``target_cr`` are
+    chosen by the target rule's global allocation from the kernels' spectra."""
+    m = cfg.method
+    decompose = bool(cfg.init_from) and saved_ranks is None
+    if decompose and m.name not in DECOMPOSABLE:
+        raise ConfigError(f"init_from with method={m.name}: a CP decomposition has no closed form (it is fitted "
+                          f"iteratively), so a trained network cannot be compressed to it here; use method=tucker, "
+                          f"tt or matrix")
+    init = "hosvd" if decompose else "random"
+    convs = _convs_to_factorise(model, m.convert_first_conv)
+    names = {n for n, _ in convs}
+    kept = sum(c.weight.numel() for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and n not in names)
+    if m.name == "tucker" and (saved_ranks or m.ranks_from or (decompose and m.target_cr is not None)):
+        if saved_ranks:
+            missing = sorted(set(n for n, _ in convs) - set(saved_ranks))
+            if missing:
+                raise ConfigError(f"the checkpoint has no Tucker factors for {', '.join(missing[:3])}")
+            ranks = saved_ranks
+        elif m.ranks_from:
+            ranks = ranks_of_run(m.ranks_from, cfg, dict(convs))
+        else:
+            dense = kept + sum(c.weight.numel() for _, c in convs)
+            chosen = allocate_tucker_ranks([c.weight for _, c in convs], (1 - m.target_cr / 100.0) * dense - kept)
+            ranks = {name: r for (name, _), r in zip(convs, chosen)}
+        new = {name: FixedTuckerConv2d(conv, *ranks[name], init=init, generator=generator) for name, conv in convs}
+    else:
         frac = m.rank_frac
         if frac is None:
             shapes = [(c.out_channels, c.in_channels, math.prod(c.kernel_size)) for _, c in convs]
-            names = {n for n, _ in convs}
-            kept = sum(c.weight.numel() for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and n not in names)
             frac = frac_for_compression(m.name, shapes, m.target_cr, kept)
-        for name, conv in convs:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, make_fixed(m.name, conv, frac, generator))
-    if m.init_decay > 0:
-        ill_condition(model, m.init_decay, generator)
+        new = {name: make_fixed(m.name, conv, frac, generator, init=init) for name, conv in convs}
+    for name, layer in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def tucker_ranks_in(weights: dict) -> Dict[str, Tuple[int, int]]:
+    """``(r_out, r_in)`` of every fixed-rank Tucker layer in a state dict (its ``<name>.core`` next to
+    ``<name>.U0``)."""
+    return {key[: -len(".core")]: (int(v.shape[0]), int(v.shape[1])) for key, v in weights.items()
+            if key.endswith(".core") and getattr(v, "dim", lambda: 0)() == 4 and key[: -len("core")] + "U0" in weights}
+
+
+def ranks_of_run(folder: str, cfg: TrainConfig, convs: Dict[str, nn.Conv2d]) -> Dict[str, Tuple[int, int]]:
+    """The final Tucker ranks ``(r_out, r_in)`` of every factorised conv of the finished run in ``folder``
+    (its summary.json), for ``method.ranks_from``. Refused with one line: a folder without a summary, a run of
+    another model, width or data, or one whose layers are not those factorised here."""
+    key = f"method.ranks_from={folder}"
+    path = Path(folder).expanduser() / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: no summary.json there (a finished tdlrt run folder is needed)") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({type(exc).__name__})") from None
+    source = summary.get("config") if isinstance(summary, dict) else None
+    ranks = summary.get("ranks") if isinstance(summary, dict) else None
+    if not isinstance(source, dict) or not isinstance(ranks, dict):
+        raise ConfigError(f"{key}: {path} records no config and ranks")
+    model, data = source.get("model") or {}, source.get("data") or {}
+    theirs = (model.get("name"), model.get("width_mult"), data.get("name"))
+    mine = (cfg.model.name, cfg.model.width_mult, cfg.data.name)
+    if theirs[0] != mine[0] or theirs[2] != mine[2] or not isinstance(theirs[1], (int, float)) \
+            or float(theirs[1]) != float(mine[1]):
+        raise ConfigError(f"{key} is a run of model={theirs[0]} (width {theirs[1]}) on data={theirs[2]}; this one "
+                          f"is model={mine[0]} (width {mine[1]}) on data={mine[2]}")
+    out = {}
+    for name, conv in convs.items():
+        r = ranks.get(name)
+        if not (isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
+            raise ConfigError(f"{key}: layer {name} has no Tucker ranks there (the run must be of method=tdlrt, "
+                              f"tucker or tucker_prune with the same layers factorised)")
+        if not (1 <= r[0] <= conv.out_channels and 1 <= r[1] <= conv.in_channels):
+            raise ConfigError(f"{key}: layer {name} has ranks {r[:2]} there, which do not fit its "
+                              f"{conv.out_channels} x {conv.in_channels} channels")
+        out[name] = (r[0], r[1])
+    extra = sorted(set(ranks) - set(convs))
+    if extra:
+        raise ConfigError(f"{key}: that run factorised {', '.join(extra[:3])}, which stays dense here")
+    return out
+
+
+def sources_of(cfg: TrainConfig) -> Dict[str, dict]:
+    """The runs this one starts from (``method.ranks_from``, an ``init_from`` checkpoint of a tdlrt run):
+    ``{key: {"path", "config", "seed"}}`` from their saved configs, for summary.json, so that a report groups
+    the runs started from the seeds of one setting into one row. A source that cannot be read is left out."""
+    found = {}
+    if getattr(cfg.method, "ranks_from", None):
+        try:
+            config = json.loads((Path(cfg.method.ranks_from).expanduser() / "summary.json").read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            config = None
+        if isinstance(config, dict):
+            found["method.ranks_from"] = {"path": str(cfg.method.ranks_from), "config": config}
+    if cfg.init_from and cfg.init_from != "torchvision":
+        try:
+            state = torch.load(cfg.init_from, map_location="cpu", weights_only=True, mmap=True)
+            config = state.get("config") if isinstance(state, dict) else None
+        except Exception:
+            config = None
+        if isinstance(config, dict):
+            found["init_from"] = {"path": str(cfg.init_from), "config": config}
+    for entry in found.values():
+        entry["seed"] = entry["config"].get("seed")
+    return found
 
 
 def ill_condition(model: nn.Module, decay: float, generator: torch.Generator) -> None:
@@ -188,6 +306,21 @@ def target_budget(model: nn.Module, target_cr: float, ramp_start: float, ramp_en
     return budget
 
 
+class Pruned(Method):
+    """tucker_prune: the optimizer trains factors and cores at every step; :class:`GradualPruning` cuts the
+    ranks on the target rule's schedule (the same budget as tdlrt's, :func:`target_budget`)."""
+
+    ranks_move = True
+
+    def stepper(self, model, optimizer, steps_per_epoch, dist) -> None:
+        if dist.enabled:
+            raise ConfigError("method=tucker_prune does not run data parallel yet (one process per run)")
+        m = self.cfg.method
+        budget = target_budget(model, m.target_cr, m.ramp_start, m.ramp_end, self.cfg.epochs * steps_per_epoch,
+                               m.augment_every)
+        self.integrator = GradualPruning(model, optimizer, budget, m.augment_every)
+
+
 class PruneAtInit(Method):
     """snip, grasp: masks from one training batch before the first step."""
 
@@ -223,6 +356,8 @@ def method_of(cfg: TrainConfig) -> Method:
     name = cfg.method.name
     if name in INTEGRATED:
         return Integrated(cfg)
+    if name in PRUNED:
+        return Pruned(cfg)
     if name in ("snip", "grasp"):
         return PruneAtInit(cfg)
     if name == "imp":

@@ -67,13 +67,14 @@ def build_trained(state: dict, cfg: TrainConfig, data_shape: tuple, path: Path) 
     """The network of ``cfg`` with the checkpoint's weights: factorised like the run, ranks as saved."""
     from torch.nn.utils import prune
 
-    from .methods import factorise
+    from .methods import factorise, tucker_ranks_in
     from .models import build_model
 
     c, k, size = data_shape
     model = build_model(cfg.model.name, c, k, size, cfg.model.width_mult)
-    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
     weights = state["model"]
+    saved = tucker_ranks_in(weights) if cfg.method.name == "tucker" else None
+    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed), saved_ranks=saved)
     for name, m in model.named_modules():  # pruning baselines store weight_orig and weight_mask
         if f"{name}.weight_mask" in weights and isinstance(m, nn.Conv2d):
             prune.identity(m, "weight")

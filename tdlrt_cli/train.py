@@ -8,6 +8,7 @@ is :func:`~tdlrt_cli.loop.train_one_epoch`.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -31,12 +32,12 @@ from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
 from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
 from .faults import faults
-from .files import remove_stale_temporaries, resume_command
+from .files import atomic_write_text, remove_stale_temporaries, resume_command
 from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger, hparams_of
 from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
 from .messages import pace_note, pinned_modes, start_block, warn_pinned
-from .methods import Method, factorise, method_of
+from .methods import Method, factorise, method_of, sources_of
 from .lowrank import lowrank_layers
 from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_model
@@ -256,7 +257,32 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                              "compression/rate": parameter_report(model)["compression_rate"]})
     for line in start_block(cfg, run_dir, data, model, r.total_epochs, device, r.start_epoch if r.resumed else None):
         say(line)
+    if cfg.init_from and not r.resumed:  # a trained network compressed: its accuracy before any step
+        evaluate_start(r)
     return r
+
+
+START_EVAL = "start_eval.json"  # the starting network's test accuracy (init_from), for summary.json
+
+
+def evaluate_start(r: Run) -> None:
+    """``init_from``: the test accuracy of the starting network (for a low-rank method: right after the
+    decomposition, before fine-tuning), said and kept in the run folder for summary.json."""
+    loss, acc = evaluate(r.model, r.data.test, r.amp, r.device, r.dist)
+    report = parameter_report(r.model)
+    r.say(f"init_from: the starting network (c.r. {report['compression_rate']:.1f}%) has test acc {acc:.2f}% "
+          f"before training")
+    if r.dist.main:
+        atomic_write_text(r.run_dir / START_EVAL, json.dumps({"test_acc": acc, "test_loss": loss,
+                                                               "compression_rate": report["compression_rate"]}))
+
+
+def start_eval(run_dir: Path) -> Optional[dict]:
+    try:
+        found = json.loads((run_dir / START_EVAL).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]) -> nn.Module:
@@ -383,6 +409,12 @@ def summarise(r: Run) -> dict:
         "run_dir": str(r.run_dir), "config": r.config_dict,
         "provenance": provenance(r.start_time),
     }
+    start = start_eval(r.run_dir) if cfg.init_from else None
+    if start is not None:  # init_from: the network before training (after the decomposition)
+        summary["test_acc_at_start"] = start.get("test_acc")
+    sources = sources_of(cfg)
+    if sources:  # the runs it started from (ranks_from, init_from), by their configs
+        summary["sources"] = sources
     if cfg.cost_report and dist.main:
         summary["cost"] = run_cost_report(cfg, model, r.data, r.device, report)
     if dist.enabled:

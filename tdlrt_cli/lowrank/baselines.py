@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import LowRankLayer, weight_rms
-from .tucker import hosvd, random_orthonormal
+from .tucker import hosvd, random_orthonormal, unfold
 
 _pair = nn.modules.utils._pair
 
@@ -160,12 +160,17 @@ class TTConv2d(_Factorised):
     """Tensor-train conv over the modes (in, kh, kw, out) with TT ranks (r, r, r):
     1x1 (in -> r), kh x 1 (r -> r), 1 x kw (r -> r), 1x1 (r -> out)."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int, generator=None):
+    def __init__(self, conv: nn.Conv2d, rank: int, generator=None, init: str = "random"):
         super().__init__()
         self._conv_args(conv)
         kh, kw = self.kernel_size
         dtype = conv.weight.dtype
         n_in = self.in_channels
+        self._ranks = [rank, rank, rank]
+        if init == "hosvd":  # the closed-form truncated decomposition: TT-SVD
+            g1, g2, g3, g4 = tt_svd(conv.weight.detach(), rank)
+            self.G1, self.G2, self.G3, self.G4 = (nn.Parameter(g.to(dtype)) for g in (g1, g2, g3, g4))
+            return
 
         def rnd(shape, fan_in):
             return nn.Parameter(torch.randn(*shape, generator=generator, dtype=torch.float64)
@@ -178,7 +183,6 @@ class TTConv2d(_Factorised):
         self.G2 = rnd((rank, rank, kh, 1), 2 * rank * kh)
         self.G3 = rnd((rank, rank, 1, kw), 2 * rank * kw)
         self.G4 = rnd((self.out_channels, rank, 1, 1), 2 * rank / (var_w * n_in * kh * kw))
-        self._ranks = [rank, rank, rank]
 
     def weight_full(self) -> torch.Tensor:
         return torch.einsum("oc,cbw,bah,ai->oihw", self.G4[:, :, 0, 0], self.G3[:, :, 0, :], self.G2[:, :, :, 0],
@@ -194,18 +198,23 @@ class TTConv2d(_Factorised):
 class MatrixFixedConv2d(_Factorised):
     """``W_mat = U V^T`` (out x in*kh*kw): k x k conv with V^T (in -> r), then 1x1 with U (r -> out)."""
 
-    def __init__(self, conv: nn.Conv2d, rank: int, generator=None):
+    def __init__(self, conv: nn.Conv2d, rank: int, generator=None, init: str = "random"):
         super().__init__()
         self._conv_args(conv)
         kh, kw = self.kernel_size
         dtype = conv.weight.dtype
         fan = self.in_channels * kh * kw
+        self._ranks = [rank]
+        if init == "hosvd":  # truncated SVD of the kernel matrix, W_mat ~ (U_r S_r^1/2)(S_r^1/2 V_r^T)
+            u, v = _split_svd(conv.weight.detach().reshape(self.out_channels, -1), rank)
+            self.U = nn.Parameter(u.reshape(self.out_channels, rank, 1, 1).to(dtype))
+            self.V = nn.Parameter(v.reshape(rank, self.in_channels, kh, kw).to(dtype))
+            return
         var_w = weight_rms(conv.weight) ** 2  # Var(W) = r (1 / fan) (var_w fan / r) = var of the replaced conv
         self.V = nn.Parameter(torch.randn(rank, self.in_channels, kh, kw, generator=generator, dtype=torch.float64)
                               .mul(math.sqrt(1.0 / fan)).to(dtype))
         self.U = nn.Parameter(torch.randn(self.out_channels, rank, 1, 1, generator=generator, dtype=torch.float64)
                               .mul(math.sqrt(var_w * fan / rank)).to(dtype))
-        self._ranks = [rank]
 
     def weight_full(self) -> torch.Tensor:
         return torch.einsum("or,rihw->oihw", self.U[:, :, 0, 0], self.V)
@@ -215,7 +224,37 @@ class MatrixFixedConv2d(_Factorised):
         return F.conv2d(h, self.U, self.bias)
 
 
+def _split_svd(m: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``m ~ A B`` with ``A = U_r S_r^{1/2}`` (rows x r) and ``B = S_r^{1/2} V_r^T`` (r x cols), the truncated
+    SVD in float64; a rank above ``min(m.shape)`` is padded with zero columns / rows."""
+    u, s, vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    a = torch.zeros(m.shape[0], rank, dtype=torch.float64)
+    b = torch.zeros(rank, m.shape[1], dtype=torch.float64)
+    a[:, :k] = u[:, :k] * root
+    b[:k] = root[:, None] * vh[:k]
+    return a, b
+
+
+def tt_svd(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, ...]:
+    """TT-SVD (Oseledets 2011) of a kernel over the modes (in, kh, kw, out) with TT ranks (r, r, r):
+    sequential truncated SVDs of the unfoldings, ``T(i, h w o) ~ A_1 B_1``, ``B_1(a h, w o) ~ A_2 B_2``,
+    ``B_2(b w, o) ~ A_3 B_3``; returns the cores in :class:`TTConv2d`'s layout (G1, G2, G3, G4), float64."""
+    n_out, n_in, kh, kw = w.shape
+    t = w.detach().to(torch.float64).permute(1, 2, 3, 0)  # (in, kh, kw, out)
+    a1, b1 = _split_svd(t.reshape(n_in, -1), rank)                        # (in, r), (r, kh kw out)
+    a2, b2 = _split_svd(b1.reshape(rank * kh, kw * n_out), rank)           # (r kh, r), (r, kw out)
+    a3, b3 = _split_svd(b2.reshape(rank * kw, n_out), rank)                # (r kw, r), (r, out)
+    g1 = a1.t().reshape(rank, n_in, 1, 1)                                  # G1[a, i]
+    g2 = a2.reshape(rank, kh, rank).permute(2, 0, 1).reshape(rank, rank, kh, 1)   # G2[b, a, h]
+    g3 = a3.reshape(rank, kw, rank).permute(2, 0, 1).reshape(rank, rank, 1, kw)   # G3[c, b, w]
+    g4 = b3.t().reshape(n_out, rank, 1, 1)                                 # G4[o, c]
+    return g1, g2, g3, g4
+
+
 FIXED = ("tucker", "cp", "tt", "matrix")
+DECOMPOSABLE = ("tucker", "tt", "matrix")  # a closed-form truncated decomposition of a trained kernel exists
 
 
 def fixed_params(kind: str, n_out: int, n_in: int, k: int, frac: float) -> int:
@@ -254,12 +293,37 @@ def frac_for_compression(kind: str, shapes: Sequence[Tuple[int, int, int]], targ
     return lo
 
 
-def make_fixed(kind: str, conv: nn.Conv2d, frac: float, generator=None) -> nn.Module:
+def allocate_tucker_ranks(kernels: Sequence[torch.Tensor], budget: float) -> List[Tuple[int, int]]:
+    """One-shot compression of trained kernels: the Tucker-2 ranks ``(r_out, r_in)`` of every kernel, chosen
+    together by the target rule's allocation (:func:`.allocation.allocate_ranks`) from the spectra of
+    ``Mat_0(W)`` and ``Mat_1(W)``, so that the factorised layers hold at most ``budget`` parameters
+    (``r_out r_in kh kw + n_out r_out + n_in r_in`` each)."""
+    from .allocation import allocate_ranks
+
+    spectra, units, shapes, bounds = [], [], [], []
+    for li, w in enumerate(kernels):
+        w64 = w.detach().to(torch.float64)
+        shapes.append(tuple(w.shape))
+        for i in (0, 1):
+            spectra.append((torch.linalg.svdvals(unfold(w64, i)) ** 2).tolist())
+            units.append((li, (i,)))
+            bounds.append((1, len(spectra[-1])))  # at most the unfolding's rank
+    ranks = allocate_ranks(spectra, units, shapes, shapes, bounds, budget)
+    return [(ranks[2 * li], ranks[2 * li + 1]) for li in range(len(kernels))]
+
+
+def make_fixed(kind: str, conv: nn.Conv2d, frac: float, generator=None, init: str = "random") -> nn.Module:
+    """The fixed-rank factorisation ``kind`` of ``conv`` at rank fraction ``frac``; ``init="hosvd"``: the
+    truncated decomposition of ``conv``'s kernel (HOSVD, TT-SVD, SVD; not for CP), else a random start."""
+    if init == "hosvd" and kind not in DECOMPOSABLE:
+        raise ValueError(f"{kind} has no closed-form truncated decomposition")
     if kind == "tucker":
         return FixedTuckerConv2d(conv, max(1, round(frac * conv.out_channels)), max(1, round(frac * conv.in_channels)),
-                                 generator=generator)
+                                 init=init, generator=generator)
     r = fixed_rank(kind, conv.out_channels, conv.in_channels, frac)
-    return {"cp": CPConv2d, "tt": TTConv2d, "matrix": MatrixFixedConv2d}[kind](conv, r, generator=generator)
+    if kind == "cp":
+        return CPConv2d(conv, r, generator=generator)
+    return {"tt": TTConv2d, "matrix": MatrixFixedConv2d}[kind](conv, r, generator=generator, init=init)
 
 
 # --------------------------------------------------------------------------- pruning

@@ -103,7 +103,8 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
     """Replace eligible layers of ``model`` in place; returns the names of the converted layers.
 
     ``conv_format="tucker"``: :class:`TuckerConv2d`; ``"matrix"``: :class:`MatrixConv2d` (the kernel
-    reshaped to out x in*kh*kw, for matrix DLRT).
+    reshaped to out x in*kh*kw, for matrix DLRT); ``"trained_tucker"``: :class:`.pruning.TrainedTuckerConv2d`
+    (factors trained by the optimizer, for gradual pruning without the integrator).
     ``init="random"``: orthonormal random factors and a core scaled so that W starts with the replaced
     layer's weight scale (root mean square), at the policy's starting ranks.
     ``init="hosvd"``: truncated HOSVD of each layer's current weight (compressing a trained network).
@@ -143,7 +144,10 @@ def _lowrank_like(name: str, module: nn.Module, policy: RankPolicy, rules: Conve
         if conv_format == "matrix":
             return _matrix_conv(module, policy, generator)
         ranks, bounds = policy.layout(module.weight.shape)
-        return TuckerConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+        cls = TuckerConv2d
+        if conv_format == "trained_tucker":
+            from .pruning import TrainedTuckerConv2d as cls
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                             module.padding, module.dilation, module.bias is not None, ranks, bounds,
                             dtype=module.weight.dtype, device=module.weight.device, generator=generator,
                             weight_std=weight_rms(module.weight))

@@ -454,6 +454,7 @@ def orthonormality_error(layer: LowRankLayer) -> float:
     err = 0.0
     for u in layer.factors:
         if u is not None:
+            u = u.detach()
             eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
             err = max(err, float((u.transpose(0, 1) @ u - eye).abs().max()))
     return err

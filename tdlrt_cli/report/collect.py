@@ -3,6 +3,7 @@ the Hydra config), check what the tables will show, and group runs into rows (on
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -15,8 +16,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from ..config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
 from ..errors import UserError
 
-METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp"]
+METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp"]
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
+                "tucker_prune": "Tucker (gradual pruning)",
                 "cp": "CP (fixed rank)", "tt": "TT (fixed rank)", "matrix": "Matrix (fixed rank)",
                 "snip": "SNIP", "grasp": "GraSP", "imp": "IMP (rewinding)"}
 
@@ -44,12 +46,30 @@ ADDED_KEYS = {
     "data.val_split": (LEGACY_VALUES["data.val_split"], None),
     "method.tau_warmup_epochs": (LEGACY_VALUES["method.tau_warmup_epochs"], ("tdlrt", "dlrt")),
     "method.tau_warmup_shape": (LEGACY_VALUES["method.tau_warmup_shape"], ("tdlrt", "dlrt")),
+    "method.ranks_from": (LEGACY_VALUES["method.ranks_from"], ("tucker",)),
 }
 
 
-def grouping_config(config: dict) -> Dict[str, object]:
-    """The flattened config that decides a run's row: everything but the seed and the ignored keys."""
+SOURCE_KEYS = ("method.ranks_from", "init_from")  # paths of other runs: compared by those runs' settings
+
+
+def source_label(source: dict) -> str:
+    """A run another one started from (summary.json's ``sources``), by its setting without the seed: its
+    method and knob, and a short hash of its grouping config (so that the seeds of one setting match)."""
+    config = source.get("config") or {}
+    ident = json.dumps(sorted((k, canon(v)) for k, v in grouping_config(config).items()))
+    method = (config.get("method") or {}).get("name", "?")
+    knob = knob_of(config)
+    return f"run of {method}{' ' + knob if knob else ''} (epochs {config.get('epochs')}) #{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
+
+
+def grouping_config(config: dict, sources: Optional[dict] = None) -> Dict[str, object]:
+    """The flattened config that decides a run's row: everything but the seed and the ignored keys; a path
+    to another run (``SOURCE_KEYS``) stands for that run's setting where summary.json records it."""
     flat = flatten(upgrade_config(config))
+    for key, source in (sources or {}).items():
+        if key in SOURCE_KEYS and key in flat and isinstance(source, dict) and isinstance(source.get("config"), dict):
+            flat[key] = source_label(source)
     for key, (before, methods) in ADDED_KEYS.items():
         if key not in flat and (methods is None or flat.get("method.name") in methods):
             flat[key] = before
@@ -202,6 +222,10 @@ def knob_of(config: dict) -> str:
         if m.get("target_cr") is not None:  # the target rule (tau unused)
             return f"target c.r.={num(m['target_cr'])}%"
         return f"tau={num(config.get('tau'))}"
+    if name == "tucker" and m.get("ranks_from"):
+        return "ranks of another run"
+    if name == "tucker_prune":
+        return f"target c.r.={num(m['target_cr'])}%"
     if name in ("tucker", "cp", "tt", "matrix"):
         return f"rank={num(m['rank_frac'])}" if m.get("rank_frac") is not None else f"target c.r.={num(m['target_cr'])}%"
     if name in ("snip", "grasp", "imp"):
@@ -382,7 +406,8 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
                                 int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
                                 float(c["method"].get("init_decay", 0.0) or 0.0),
-                                None if best is None else float(best), grouping_config(c), s))
+                                None if best is None else float(best),
+                                grouping_config(c, s.get("sources") if isinstance(s.get("sources"), dict) else None), s))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {str(exc)[:200]}); listed as damaged",
                       file=sys.stderr)
