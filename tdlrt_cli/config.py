@@ -45,6 +45,13 @@ LEGACY_VALUES = {
     "method.ranks_from": None,
 }
 
+# Keys whose default changed after runs were made with the old one (the controls study: an lr warm-up for every
+# method, and the target rule's rank caps at the full channel count, a start at half, the target reached at 3/4
+# of training). A resume keeps a run's saved value of these unless the command sets them, so that older runs
+# continue (and report) as they were started.
+CHANGED_DEFAULTS = ("scheduler.warmup_epochs", "method.r_max_frac", "method.init_rank_frac", "method.ramp_end")
+TAU_RULE_RAMP = ((0.0, 0.75), (0.0, 0.5))  # (ramp_start, ramp_end) of the presets, now and before: the tau rule's
+
 
 from .errors import ConfigError
 
@@ -86,7 +93,7 @@ class MethodConfig:
     default_tau: Optional[float] = None
     r_min: int = 2
     r_max: Optional[int] = None
-    r_max_frac: float = 0.5
+    r_max_frac: Optional[float] = None    # tdlrt/dlrt: null resolves to 0.5 (tau rule) or 1 (target rule)
     init_rank: Optional[int] = None
     init_rank_frac: Optional[float] = None
     adapted_modes: str = "channels"
@@ -102,7 +109,7 @@ class MethodConfig:
     target_cr: Optional[float] = None     # ... or the fraction that reaches this conv compression rate (%);
                                           # tdlrt/dlrt: the conv c.r. the target rule reaches
     ramp_start: float = 0.0               # tdlrt/dlrt target rule: the asked compression rises from 0 at this
-    ramp_end: float = 0.5                 # fraction of the training steps to target_cr at this one (cubic)
+    ramp_end: float = 0.75                # fraction of the training steps to target_cr at this one (cubic)
     sparsity: float = 0.9                 # pruning baselines: fraction of conv weights removed
     rounds: int = 3                       # imp: prune-retrain rounds (epochs each)
     rewind_epoch: int = 1                 # imp: rewind weights to their values after this epoch
@@ -119,7 +126,7 @@ class OptimizerConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "cosine"
-    warmup_epochs: int = 0
+    warmup_epochs: int = 1
     min_lr: float = 0.0
     pct_start: float = 0.25
     step_size: int = 10
@@ -258,6 +265,7 @@ class TrainConfig:
             if m.augment_every is None:
                 m.augment_every = TARGET_AUGMENT_EVERY
             need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
+            resolve_rank_defaults(m)
             need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
             need(m.r_max is None or m.r_max >= m.r_min,
                  f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
@@ -281,11 +289,13 @@ class TrainConfig:
                     m.augment_every = TARGET_AUGMENT_EVERY
             else:  # the tau rule (the paper's)
                 need(self.tau is not None and 0 < self.tau < 1, f"tau={self.tau} must be in (0, 1)")
-                for key, preset in (("ramp_start", 0.0), ("ramp_end", 0.5)):
-                    need(getattr(m, key) == preset, f"method.{key}={getattr(m, key)} is used only by the target "
-                         f"rule: set method.target_cr=C (a conv compression rate in percent) too, or drop it")
+                if (m.ramp_start, m.ramp_end) not in TAU_RULE_RAMP:
+                    key = "ramp_start" if m.ramp_start != TAU_RULE_RAMP[0][0] else "ramp_end"
+                    raise ConfigError(f"method.{key}={getattr(m, key)} is used only by the target rule: set "
+                                      f"method.target_cr=C (a conv compression rate in percent) too, or drop it")
                 if m.augment_every is None:
                     m.augment_every = 1
+            resolve_rank_defaults(m)
             need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
             need(m.r_max is None or m.r_max >= m.r_min,
                  f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
@@ -320,6 +330,28 @@ RANK_ADAPTIVE = ("tdlrt", "dlrt")
 TARGET_AUGMENT_EVERY = 10  # the target rule's default clock (method.augment_every=null)
 
 
+def resolve_rank_defaults(m) -> None:
+    """The rank defaults that depend on the rule (a MethodConfig, or a method dict): ``r_max_frac=null`` is 0.5
+    under the tau rule (room to augment to 2r) and 1 under the target rule and for tucker_prune;
+    ``init_rank_frac=null`` under the target rule (with no ``init_rank``) is half the mode size, at most the
+    cap (before, null started at the cap: the same rank wherever the cap was at most 0.5, the old default).
+    :func:`upgrade_config` resolves the same for comparisons, only where ``r_max_frac`` is null (a config of
+    this version), so that older runs compare and report as they were."""
+    get = (lambda k: m.get(k)) if isinstance(m, dict) else (lambda k: getattr(m, k, None))
+
+    def put(k, v):
+        if isinstance(m, dict):
+            m[k] = v
+        else:
+            setattr(m, k, v)
+
+    target = get("target_cr") is not None
+    if get("r_max_frac") is None:
+        put("r_max_frac", 1.0 if target else 0.5)
+    if target and get("init_rank") is None and get("init_rank_frac") is None:
+        put("init_rank_frac", min(0.5, float(get("r_max_frac"))))
+
+
 def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """A config in this version's keys, with defaults that depend on other keys resolved: ``data.val_size``
     (a number of examples) became ``data.val_split`` (a fraction or a number of examples); tdlrt/dlrt's
@@ -335,8 +367,16 @@ def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
         method["augment_every"] = TARGET_AUGMENT_EVERY
     if isinstance(method, dict) and method.get("name") == "tucker" and method.get("ranks_from") is not None:
         method["target_cr"] = None  # the ranks (and so the c.r.) come from that run
+    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE + ("tucker_prune",) \
+            and method.get("r_max_frac", 0.5) is None:  # a config of this version at the rule's defaults
+        target = method.get("target_cr") is not None or method.get("name") == "tucker_prune"
+        method["r_max_frac"] = 1.0 if target else 0.5
+        if target and method.get("init_rank") is None and method.get("init_rank_frac") is None:
+            method["init_rank_frac"] = 0.5
     if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:
         target = method.get("target_cr") is not None
+        if not target and (method.get("ramp_start", 0.0), method.get("ramp_end", 0.5)) in TAU_RULE_RAMP:
+            method["ramp_start"], method["ramp_end"] = TAU_RULE_RAMP[1]  # unused by the tau rule: as before
         if method.get("augment_every", 1) is None:  # null: the rule's own clock
             method["augment_every"] = TARGET_AUGMENT_EVERY if target else 1
         if target:  # the target rule does not use tau: a run is not told apart by the preset's tau

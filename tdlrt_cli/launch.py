@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
+from .config import CHANGED_DEFAULTS, CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
 from .faults import faults
 from .files import is_disk_full, pid_alive, remove_stale_temporaries
@@ -433,9 +433,10 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         saved, done = saved_config(ckpt, keep=True)
         base = _original_overrides(run_dir) if run_dir is not None else []
         given = [o.key_or_group for o in _parse(mine)]
+        # the free keys as the run had them, and the keys whose default changed since (config.CHANGED_DEFAULTS)
         carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
-                   if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
-                   and not any(k.startswith(g + ".") for g in given)]
+                   if (is_free(k) and not any(k.startswith(m) for m in MACHINE_KEYS) or k in CHANGED_DEFAULTS)
+                   and k not in given and not any(k.startswith(g + ".") for g in given)]
         mine = _merge(_merge(base, carried), mine)
         mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={_quote(str(ckpt))}"]
         try:

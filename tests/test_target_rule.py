@@ -367,7 +367,7 @@ def test_cli_tau_rule_best_pt_is_chosen_among_epochs_at_the_final_ranks(tmp_path
      "method.tau_warmup_epochs=0.0 is not used by the target rule"),
     (["method=tdlrt", "method.target_cr=90", "method.convert_linear=true"], "cannot be combined with method.target_cr"),
     (["method=tdlrt", "method.target_cr=99.9", "method.r_min=4"], "method.target_cr=99.9 is out of reach"),
-    (["method=tdlrt", "method.target_cr=30"], "is below the conv compression rate at the rank caps"),
+    (["method=tdlrt", "method.target_cr=30", "method.r_max_frac=0.5"], "is below the conv compression rate at the rank caps"),
 ])
 def test_cli_refuses_what_the_target_rule_would_ignore_in_one_line(tmp_path, args, says):
     proc = run_tdlrt(["train", *TINY, *args, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, check=False)

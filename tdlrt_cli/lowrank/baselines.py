@@ -224,28 +224,29 @@ class MatrixFixedConv2d(_Factorised):
         return F.conv2d(h, self.U, self.bias)
 
 
-def _split_svd(m: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``m ~ A B`` with ``A = U_r S_r^{1/2}`` (rows x r) and ``B = S_r^{1/2} V_r^T`` (r x cols), the truncated
-    SVD in float64; a rank above ``min(m.shape)`` is padded with zero columns / rows."""
+def _split_svd(m: torch.Tensor, rank: int, balanced: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``m ~ A B``, the truncated SVD in float64: ``A = U_r S_r^{1/2}``, ``B = S_r^{1/2} V_r^T`` (balanced), or
+    ``A = U_r``, ``B = S_r V_r^T``; a rank above ``min(m.shape)`` is padded with zero columns / rows."""
     u, s, vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
     k = min(rank, s.numel())
-    root = s[:k].sqrt()
+    left, right = (s[:k].sqrt(), s[:k].sqrt()) if balanced else (torch.ones_like(s[:k]), s[:k])
     a = torch.zeros(m.shape[0], rank, dtype=torch.float64)
     b = torch.zeros(rank, m.shape[1], dtype=torch.float64)
-    a[:, :k] = u[:, :k] * root
-    b[:k] = root[:, None] * vh[:k]
+    a[:, :k] = u[:, :k] * left
+    b[:k] = right[:, None] * vh[:k]
     return a, b
 
 
 def tt_svd(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, ...]:
     """TT-SVD (Oseledets 2011) of a kernel over the modes (in, kh, kw, out) with TT ranks (r, r, r):
-    sequential truncated SVDs of the unfoldings, ``T(i, h w o) ~ A_1 B_1``, ``B_1(a h, w o) ~ A_2 B_2``,
-    ``B_2(b w, o) ~ A_3 B_3``; returns the cores in :class:`TTConv2d`'s layout (G1, G2, G3, G4), float64."""
+    sequential truncated SVDs of the unfoldings, ``T(i, h w o) ~ U_1 (S_1 V_1^T)``, then the same of
+    ``S_1 V_1^T`` reshaped to ``(a h, w o)``, then of the next remainder reshaped to ``(b w, o)`` (left-orthonormal
+    cores, the remainder carried forward); returns the cores in :class:`TTConv2d`'s layout (G1, G2, G3, G4), float64."""
     n_out, n_in, kh, kw = w.shape
     t = w.detach().to(torch.float64).permute(1, 2, 3, 0)  # (in, kh, kw, out)
-    a1, b1 = _split_svd(t.reshape(n_in, -1), rank)                        # (in, r), (r, kh kw out)
-    a2, b2 = _split_svd(b1.reshape(rank * kh, kw * n_out), rank)           # (r kh, r), (r, kw out)
-    a3, b3 = _split_svd(b2.reshape(rank * kw, n_out), rank)                # (r kw, r), (r, out)
+    a1, b1 = _split_svd(t.reshape(n_in, -1), rank, balanced=False)                  # (in, r), (r, kh kw out)
+    a2, b2 = _split_svd(b1.reshape(rank * kh, kw * n_out), rank, balanced=False)     # (r kh, r), (r, kw out)
+    a3, b3 = _split_svd(b2.reshape(rank * kw, n_out), rank, balanced=False)          # (r kw, r), (r, out)
     g1 = a1.t().reshape(rank, n_in, 1, 1)                                  # G1[a, i]
     g2 = a2.reshape(rank, kh, rank).permute(2, 0, 1).reshape(rank, rank, kh, 1)   # G2[b, a, h]
     g3 = a3.reshape(rank, kw, rank).permute(2, 0, 1).reshape(rank, rank, 1, kw)   # G3[c, b, w]

@@ -313,7 +313,9 @@ def _truncate_one(layer: LowRankLayer, core: torch.Tensor, keep: List[Optional[t
         else:
             q, r = cholesky_qr(layer.factors[i] @ p)
             maps[i] = (r @ p.transpose(0, 1)).to(core.dtype)
-        layer.set_factor(i, q)
+        # row-major like a freshly loaded checkpoint's factor (the triangular solve returns column-major
+        # storage): the same layout gives the same floating-point results after a resume, bitwise
+        layer.set_factor(i, q.contiguous())
     replace_data(layer.core, multi_mode_product(core, maps).contiguous())
 
 
