@@ -50,6 +50,24 @@ LEGACY_VALUES = {
 # of training). A resume keeps a run's saved value of these unless the command sets them, so that older runs
 # continue (and report) as they were started.
 CHANGED_DEFAULTS = ("scheduler.warmup_epochs", "method.r_max_frac", "method.init_rank_frac", "method.ramp_end")
+
+
+def changed_defaults_of(saved: Dict[str, Any], given, present) -> Dict[str, Any]:
+    """The saved values (flattened ``saved`` config) a resume keeps of the keys whose default changed: those the
+    command does not set itself (``given``: the keys it names) and the new config has (``present(key)``: e.g.
+    not after a switch to a method without the key)."""
+    flat = flatten(saved)
+    return {k: flat[k] for k in CHANGED_DEFAULTS if k in flat and k not in given and present(k)}
+
+
+def has_key(cfg, key: str) -> bool:
+    """``key`` (dotted) is in the composed (OmegaConf) config ``cfg``."""
+    from omegaconf import OmegaConf
+
+    missing = object()
+    return OmegaConf.select(cfg, key, default=missing) is not missing
+
+
 TAU_RULE_RAMP = ((0.0, 0.75), (0.0, 0.5))  # (ramp_start, ramp_end) of the presets, now and before: the tau rule's
 
 
@@ -333,10 +351,10 @@ TARGET_AUGMENT_EVERY = 10  # the target rule's default clock (method.augment_eve
 def resolve_rank_defaults(m) -> None:
     """The rank defaults that depend on the rule (a MethodConfig, or a method dict): ``r_max_frac=null`` is 0.5
     under the tau rule (room to augment to 2r) and 1 under the target rule and for tucker_prune;
-    ``init_rank_frac=null`` under the target rule (with no ``init_rank``) is half the mode size, at most the
-    cap (before, null started at the cap: the same rank wherever the cap was at most 0.5, the old default).
-    :func:`upgrade_config` resolves the same for comparisons, only where ``r_max_frac`` is null (a config of
-    this version), so that older runs compare and report as they were."""
+    with the default caps (``r_max_frac=null``) the target rule starts at half the mode size
+    (``init_rank_frac=null`` and no ``init_rank``); otherwise ``init_rank_frac=null`` starts at the cap, as it
+    always did. :func:`upgrade_config` resolves the same for comparisons, so that older runs compare and
+    report as they were."""
     get = (lambda k: m.get(k)) if isinstance(m, dict) else (lambda k: getattr(m, k, None))
 
     def put(k, v):
@@ -345,11 +363,11 @@ def resolve_rank_defaults(m) -> None:
         else:
             setattr(m, k, v)
 
-    target = get("target_cr") is not None
-    if get("r_max_frac") is None:
+    target = get("target_cr") is not None or get("name") == "tucker_prune"
+    if get("r_max_frac") is None:  # the rule's default caps (an explicit r_max_frac keeps init at its cap)
         put("r_max_frac", 1.0 if target else 0.5)
-    if target and get("init_rank") is None and get("init_rank_frac") is None:
-        put("init_rank_frac", min(0.5, float(get("r_max_frac"))))
+        if target and get("init_rank") is None and get("init_rank_frac") is None:
+            put("init_rank_frac", 0.5)
 
 
 def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -368,11 +386,8 @@ def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(method, dict) and method.get("name") == "tucker" and method.get("ranks_from") is not None:
         method["target_cr"] = None  # the ranks (and so the c.r.) come from that run
     if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE + ("tucker_prune",) \
-            and method.get("r_max_frac", 0.5) is None:  # a config of this version at the rule's defaults
-        target = method.get("target_cr") is not None or method.get("name") == "tucker_prune"
-        method["r_max_frac"] = 1.0 if target else 0.5
-        if target and method.get("init_rank") is None and method.get("init_rank_frac") is None:
-            method["init_rank_frac"] = 0.5
+            and "r_max_frac" in method:
+        resolve_rank_defaults(method)  # the rule's default caps and start (r_max_frac=null: this version's)
     if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:
         target = method.get("target_cr") is not None
         if not target and (method.get("ramp_start", 0.0), method.get("ramp_end", 0.5)) in TAU_RULE_RAMP:
@@ -468,14 +483,17 @@ FIELD_HELP = {
     "method.default_tau": "the tau a method=... preset brings; the top-level tau overrides it",
     "method.r_min": "tdlrt/dlrt: smallest rank of an adapted mode",
     "method.r_max": "tdlrt/dlrt: largest rank of an adapted mode (absolute); null: r_max_frac x mode size",
-    "method.r_max_frac": "tdlrt/dlrt: largest rank as a fraction of the mode size (when r_max is null)",
+    "method.r_max_frac": "tdlrt/dlrt/tucker_prune: largest rank as a fraction of the mode size (when r_max is null); "
+                         "null: 1 under the target rule, 0.5 under the tau rule",
     "method.init_rank": "tdlrt/dlrt: starting rank (absolute); null: init_rank_frac x mode size, else r_max",
-    "method.init_rank_frac": "tdlrt/dlrt: starting rank as a fraction of the mode size",
+    "method.init_rank_frac": "tdlrt/dlrt/tucker_prune: starting rank as a fraction of the mode size; null: the cap, "
+                             "but half the mode size under the target rule with r_max_frac=null",
     "method.adapted_modes": "tdlrt/dlrt: channels (out and in adapted, kernel modes full) or all four modes",
     "method.augment_every": "tdlrt/dlrt: augment bases and truncate every k-th step; fixed bases in between; "
                             "null: 1 with the tau rule, 10 with target_cr",
     "method.ramp_start": "tdlrt/dlrt with target_cr: fraction of the training steps where the asked compression starts rising",
-    "method.ramp_end": "tdlrt/dlrt with target_cr: fraction of the training steps where it reaches target_cr (cubic ramp)",
+    "method.ramp_end": "tdlrt/dlrt with target_cr, tucker_prune: fraction of the training steps where it reaches "
+                       "target_cr (cubic ramp)",
     "method.tau_warmup_epochs": "tdlrt/dlrt: the truncation tolerance ramps from 0 to tau over this many epochs",
     "method.tau_warmup_shape": "tdlrt/dlrt: linear (tau x t/T) or hold (truncate only to the rank caps until T)",
     "method.convert_linear": "also factorise hidden nn.Linear layers (the classifier stays dense)",
@@ -494,7 +512,7 @@ FIELD_HELP = {
     "optimizer.betas": "adam/adamw: the two moment decay rates",
     "optimizer.eps": "adam/adamw: denominator term (> 0)",
     "scheduler.name": "learning-rate schedule: cosine, onecycle, step, plateau or none; pick with scheduler=NAME",
-    "scheduler.warmup_epochs": "cosine: linear warm-up epochs before the decay",
+    "scheduler.warmup_epochs": "cosine: linear lr warm-up epochs before the decay (default 1; runs before it had 0)",
     "scheduler.min_lr": "cosine/plateau: the lowest learning rate (<= lr)",
     "scheduler.pct_start": "onecycle: fraction of the steps spent raising the learning rate",
     "scheduler.step_size": "step: epochs between two decays",

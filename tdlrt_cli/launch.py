@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import CHANGED_DEFAULTS, CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
+from .config import CONFIG_DIR, LEGACY_VALUES, changed_defaults_of, has_key, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
 from .errors import CheckpointError, ConfigError
 from .faults import faults
 from .files import is_disk_full, pid_alive, remove_stale_temporaries
@@ -338,7 +338,13 @@ def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tu
             last = job_dir / "checkpoints" / "last.pt"
             RunLock(job_dir).check()
             if last.is_file() and cfg.checkpoint.auto_resume:
-                drift = config_drift(saved_config(last)[0], train_config(cfg))
+                saved = saved_config(last)[0]
+                kept = changed_defaults_of(saved, [j.split("=", 1)[0].lstrip("+~") for j in job],
+                                           lambda k: has_key(cfg, k))
+                if kept:  # the job keeps the run's values of keys whose default changed (as the job itself does)
+                    cfg = compose(job + [f"{k}={_quote(v)}" for k, v in kept.items()])
+                    cfg.hydra.job.num = number
+                drift = config_drift(saved, train_config(cfg))
                 if drift:
                     raise ConfigError(f"{job_dir} holds a run with other settings: {describe_drift(drift)}")
             listed.append((" ".join(mine), str(cfg.hydra.sweep.subdir)))
@@ -433,10 +439,11 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         saved, done = saved_config(ckpt, keep=True)
         base = _original_overrides(run_dir) if run_dir is not None else []
         given = [o.key_or_group for o in _parse(mine)]
-        # the free keys as the run had them, and the keys whose default changed since (config.CHANGED_DEFAULTS)
         carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
-                   if (is_free(k) and not any(k.startswith(m) for m in MACHINE_KEYS) or k in CHANGED_DEFAULTS)
-                   and k not in given and not any(k.startswith(g + ".") for g in given)]
+                   if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
+                   and not any(k.startswith(g + ".") for g in given)]
+        # ... and the keys whose default changed since the run was made (config.CHANGED_DEFAULTS), as it had them
+        carried += [f"{k}={_quote(v)}" for k, v in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items()]
         mine = _merge(_merge(base, carried), mine)
         mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={_quote(str(ckpt))}"]
         try:

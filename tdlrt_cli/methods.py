@@ -94,7 +94,12 @@ def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generat
             ranks = ranks_of_run(m.ranks_from, cfg, dict(convs))
         else:
             dense = kept + sum(c.weight.numel() for _, c in convs)
-            chosen = allocate_tucker_ranks([c.weight for _, c in convs], (1 - m.target_cr / 100.0) * dense - kept)
+            budget = (1 - m.target_cr / 100.0) * dense - kept
+            least = sum(c.kernel_size[0] * c.kernel_size[1] + c.out_channels + c.in_channels for _, c in convs)
+            if budget < least:
+                raise ConfigError(f"method.target_cr={m.target_cr:g} is out of reach: at rank 1 in every layer the "
+                                  f"conv compression rate is {100 * (1 - (least + kept) / dense):.2f}%")
+            chosen = allocate_tucker_ranks([c.weight for _, c in convs], budget)
             ranks = {name: r for (name, _), r in zip(convs, chosen)}
         new = {name: FixedTuckerConv2d(conv, *ranks[name], init=init, generator=generator) for name, conv in convs}
     else:
@@ -144,6 +149,9 @@ def ranks_of_run(folder: str, cfg: TrainConfig, convs: Dict[str, nn.Conv2d]) -> 
         if not (isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)):
             raise ConfigError(f"{key}: layer {name} has no Tucker ranks there (the run must be of method=tdlrt, "
                               f"tucker or tucker_prune with the same layers factorised)")
+        if list(r[2:]) != list(conv.kernel_size):
+            raise ConfigError(f"{key}: layer {name} has kernel-mode ranks {r[2:]} there (method.adapted_modes=all); "
+                              f"fixed-rank Tucker keeps the {tuple(conv.kernel_size)} kernel modes whole")
         if not (1 <= r[0] <= conv.out_channels and 1 <= r[1] <= conv.in_channels):
             raise ConfigError(f"{key}: layer {name} has ranks {r[:2]} there, which do not fit its "
                               f"{conv.out_channels} x {conv.in_channels} channels")

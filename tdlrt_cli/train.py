@@ -49,6 +49,27 @@ from .selection import drop_top, no_best, remove_unlisted_top, repair_best, save
 
 # --------------------------------------------------------------------------- the run
 
+def keep_changed_defaults(cfg, run_dir: Path, given) -> None:
+    """A sweep job started again in a folder holding its run (``checkpoint.auto_resume``): the keys whose default
+    changed since that run was made (config.CHANGED_DEFAULTS) keep the run's saved values unless the job sets
+    them, as ``tdlrt train resume=`` does (launch)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from .config import changed_defaults_of, has_key
+    from .launch import saved_config
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file() or not OmegaConf.select(cfg, "checkpoint.auto_resume", default=True):
+        return
+    try:
+        saved = saved_config(last)[0]
+    except UserError:
+        return  # the checkpoint is checked (and refused, with its line) where it is loaded
+    with open_dict(cfg):
+        for key, value in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items():
+            OmegaConf.update(cfg, key, value)
+
+
 def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -> dict:
     """Train ``cfg`` into ``run_dir`` (``config_dict``: the resolved config, saved in every checkpoint);
     returns the summary. Holds the run folder's lock for the whole run."""
@@ -487,6 +508,9 @@ def main() -> None:
                                     describe=lambda exc: (f"sweep job {hydra_cfg.job.num} ({run_dir}): " if multirun
                                                           else "") + (str(exc) if isinstance(exc, UserError)
                                                                       else one_line(exc))):
+                if multirun:  # a job whose folder holds a run keeps its values of keys whose default changed
+                    keep_changed_defaults(cfg, run_dir, [o.split("=", 1)[0].lstrip("+~")
+                                                         for o in hydra_cfg.overrides.task])
                 tc = from_dictconfig(cfg)
                 if multirun:
                     faults.bug_now(int(hydra_cfg.job.num))

@@ -40,8 +40,10 @@ class TrainedTuckerConv2d(TuckerConv2d):
             u = self._buffers.pop(f"U{i}")
             self.register_parameter(f"U{i}", None if u is None else nn.Parameter(u))
 
-    def set_factor(self, i: int, u: torch.Tensor) -> None:
-        replace_data(getattr(self, f"U{i}"), u)
+    def set_factor(self, i: int, u: Optional[torch.Tensor]) -> None:
+        if u is None:  # a mode kept at full size has no factor (HOSVD of a dense kernel says so too)
+            return
+        replace_data(getattr(self, f"U{i}"), u.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Resize core and factors (all parameters here) to the checkpoint's ranks before the usual copy."""
@@ -52,18 +54,19 @@ class TrainedTuckerConv2d(TuckerConv2d):
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
 
+def orthonormal_parts(layer: LowRankLayer) -> Dict[int, tuple]:
+    """``U_i = Q_i R_i`` (QR, float64) of every stored factor: ``{i: (Q_i, R_i)}``; nothing is changed."""
+    return {i: orthonormalize(u.detach().to(torch.float64)) for i, u in enumerate(layer.factors) if u is not None}
+
+
 def orthonormalise_factors(layer: LowRankLayer) -> Dict[int, torch.Tensor]:
     """``U_i = Q_i R_i``; ``U_i <- Q_i`` and ``C <- C x_i R_i`` (the represented W is unchanged). Returns R_i."""
-    rs, core = {}, layer.core.detach()
-    for i, u in enumerate(layer.factors):
-        if u is None:
-            continue
-        q, r = orthonormalize(u.detach().to(torch.float64))
-        layer.set_factor(i, q.to(u.dtype))
+    parts, core = orthonormal_parts(layer), layer.core.detach()
+    for i, (q, r) in parts.items():
+        layer.set_factor(i, q.to(layer.factors[i].dtype))
         core = mode_product(core, r.to(core.dtype), i)
-        rs[i] = r
     replace_data(layer.core, core.contiguous())
-    return rs
+    return {i: r for i, (_, r) in parts.items()}
 
 
 def _map_state(optimizer, param: nn.Parameter, apply) -> None:
@@ -95,20 +98,27 @@ def transport_state(optimizer, layer: LowRankLayer, core_maps: Dict[int, torch.T
 
 
 def cut_to_budget(layers: Sequence[LowRankLayer], budget: float, optimizer=None) -> List[TruncationInfo]:
-    """Orthonormalise every layer's factors, then keep, per adapted mode, the leading ``k_i`` left singular
-    vectors ``P_i`` of ``Mat_i(C)`` with the ranks of all layers chosen together under ``budget`` parameters
-    (the target rule's allocation); ``U_i <- Q_i P_i``, ``C <- C x_i P_i^T``. A rank never grows (there is no
-    augmentation): each mode's upper bound is its current rank. The optimizer state is transported
-    (:func:`transport_state`)."""
+    """With ``U_i = Q_i R_i`` (QR) the kernel is ``(C x_i R_i) x_i Q_i``; keep, per adapted mode, the leading
+    ``k_i`` left singular vectors ``P_i`` of ``Mat_i(C x_j R_j)``, the ranks of all layers chosen together under
+    ``budget`` parameters (the target rule's allocation): ``U_i <- Q_i P_i``, ``C <- C x_i (P_i^T R_i)``, the
+    truncated HOSVD of W. A rank never grows (no augmentation): each mode's upper bound is its current rank. A
+    layer whose ranks all stay is left as it is (parameters and optimizer state untouched); the others'
+    optimizer state is transported (:func:`transport_state`)."""
     if not layers:
         return []
-    check_finite_cores([layer.core.detach() for layer in layers])
+    check_finite_cores([t.detach() for layer in layers for t in [layer.core, *layer.factors] if t is not None])
     before = [layer.ranks for layer in layers]
-    rs = [orthonormalise_factors(layer) for layer in layers]
-    jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
+    parts = [orthonormal_parts(layer) for layer in layers]
+    cores = []
+    for layer, p in zip(layers, parts):
+        core = layer.core.detach().to(torch.float64)
+        for i, (_, r) in p.items():
+            core = mode_product(core, r, i)
+        cores.append(core)
+    jobs = [(li, i) for li, p in enumerate(parts) for i in sorted(p)]
     grams = []
     for li, i in jobs:
-        m = unfold(layers[li].core.detach(), i).to(torch.float64)
+        m = unfold(cores[li], i)
         grams.append(m @ m.transpose(0, 1))
     pairs = mode_spectra(grams)
     spectra = [lam.tolist() for lam, _ in pairs]
@@ -130,16 +140,18 @@ def cut_to_budget(layers: Sequence[LowRankLayer], budget: float, optimizer=None)
         smallest[li][i] = math.sqrt(max(float(lam[k - 1]), 0.0))
     infos = []
     for li, layer in enumerate(layers):
-        core = layer.core.detach()
-        core_maps, factor_maps = {}, {}
-        for i, p in keep[li].items():
-            u = layer.factors[i]
-            layer.set_factor(i, (u.detach().to(torch.float64) @ p).to(u.dtype))
-            core = mode_product(core, p.transpose(0, 1).to(core.dtype), i)
-            core_maps[i] = p.transpose(0, 1) @ rs[li][i]
-            factor_maps[i] = torch.linalg.solve_triangular(rs[li][i], p, upper=True)  # R_i^{-1} P_i
-        replace_data(layer.core, core.contiguous())
-        transport_state(optimizer, layer, core_maps, factor_maps)
+        if any(p.shape[1] < p.shape[0] for p in keep[li].values()):  # some mode is cut
+            core_maps, factor_maps = {}, {}
+            core = cores[li]
+            for i, p in keep[li].items():
+                q, r = parts[li][i]
+                u = layer.factors[i]
+                layer.set_factor(i, (q @ p).to(u.dtype))
+                core = mode_product(core, p.transpose(0, 1), i)
+                core_maps[i] = p.transpose(0, 1) @ r
+                factor_maps[i] = torch.linalg.solve_triangular(r, p, upper=True)  # R_i^{-1} P_i
+            replace_data(layer.core, core.to(layer.core.dtype).contiguous())
+            transport_state(optimizer, layer, core_maps, factor_maps)
         rel = math.sqrt(tails[li] / norms[li]) if norms[li] > 0 else 0.0
         infos.append(TruncationInfo(before[li], layer.ranks, rel, smallest[li]))
     return infos

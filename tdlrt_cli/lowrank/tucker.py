@@ -51,7 +51,7 @@ def random_orthonormal(n: int, r: int, generator: Optional[torch.Generator] = No
     a = torch.randn(n, r, generator=generator, dtype=torch.float64)
     q, rr = torch.linalg.qr(a)
     q = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0, torch.ones(()))
-    return q.to(dtype=dtype, device=device)
+    return q.to(dtype=dtype, device=device).contiguous()  # row-major, as a factor loaded from a checkpoint
 
 
 def orthonormalize(u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,4 +83,4 @@ def hosvd(w: torch.Tensor, ranks: Sequence[Optional[int]]) -> Tuple[torch.Tensor
             u, _ = orthonormalize(torch.cat([u, extra], 1))
         factors.append(u[:, :r])
     core = multi_mode_product(w64, factors, transpose=True)
-    return core.to(w.dtype), [None if f is None else f.to(w.dtype) for f in factors]
+    return core.to(w.dtype).contiguous(), [None if f is None else f.to(w.dtype).contiguous() for f in factors]
