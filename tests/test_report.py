@@ -3,6 +3,7 @@ accuracy a row reports."""
 import copy
 import csv
 import json
+import re
 
 from conftest import TINY, run_dirs, run_tdlrt
 
@@ -96,7 +97,11 @@ def test_validation_selected_accuracy_ranks_rows_and_the_test_selected_maximum_n
     md = (out / "table.md").read_text()
     assert "| test acc. (%) | final (%) | max over epochs (%) | c.r. (%) |" in md
     assert "| _85.00 ± 0.00_ | 80.00 ± 0.00 | 88.00 ± 0.00 |" in md and "60.00 ± 0.00 †" in md
-    assert "Max over epochs" in (out / "table.tex").read_text()
+    tex = (out / "table.tex").read_text()
+    assert "Max over epochs" in tex
+    spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", tex).group(1)
+    body = [line for line in tex.splitlines() if line.endswith("\\\\") and "&" in line]
+    assert body and all(line.count("&") + 1 == len(spec) for line in body)  # every row has the declared columns
 
 
 def test_unfinished_runs_are_listed(tmp_path):

@@ -16,7 +16,8 @@
 # Every run has a fixed folder under outputs/controls_p/ and writes checkpoints/last.pt every 100 steps: running
 # the script again resumes unfinished runs and skips finished ones. A job whose input run (ranks_from,
 # init_from) is not finished yet waits for it. Finished runs' small files are copied to results/controls_p/runs/
-# and `tdlrt report results/controls_p/runs out=results/controls_p` regenerates the tables and plots.
+# and `tdlrt report results/controls_p/runs out=results/controls_p` regenerates the tables and plots,
+# `python scripts/evidence/controls_report.py` the study's own tables (controls.md, headline.md) and figure.
 #   bash scripts/evidence/controls.sh                   every job, two side by side
 #   bash scripts/evidence/controls.sh tdlrt_cr90_s0     the named jobs only (in the order given)
 #   JOBS_PARALLEL=1 bash scripts/evidence/controls.sh ...
@@ -93,3 +94,4 @@ else
 fi
 echo "$selected" | xargs -P "${JOBS_PARALLEL:-2}" -L 1 bash -c 'run_job "$@"' _
 python -m tdlrt_cli report "$keep" out="$(dirname "$keep")"
+python scripts/evidence/controls_report.py "$keep" --out "$(dirname "$keep")"

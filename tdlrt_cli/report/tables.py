@@ -56,7 +56,7 @@ def write_tables(rows: List[Row], out: Path, band: float, unfinished: Optional[L
           f"between \"setting\" and \"c.r. band\" are the config keys that differ between rows. "
           f"**Best** and _second best_ test accuracy among rows whose compression rates fall in "
           f"the same {band:g}-point band (\"c.r. band\").", "", ACC_NOTE]
-    tex = ["\\begin{tabular}{llll" + "l" * len(columns) + "lrrr}", "\\toprule",
+    tex = ["\\begin{tabular}{llll" + "l" * len(columns) + "lrrrr}", "\\toprule",
            "Data & Model & Method & Setting & " + "".join(f"{_tex(c)} & " for c in columns)
            + "c.r. band (\\%) & Test acc. (\\%) & Final (\\%) & Max over epochs (\\%) & c.r. (\\%) \\\\",
            "\\midrule"]
