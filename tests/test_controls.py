@@ -322,17 +322,21 @@ def test_cli_decomposing_a_trained_network_keeps_its_kernels(tmp_path, dense_run
         ckpt.with_suffix(".moved").rename(ckpt)
 
 
-def test_cli_tt_and_matrix_decompose_cp_is_refused(tmp_path, dense_run):
+def test_cli_cp_cannot_be_decomposed_from_a_trained_network(tmp_path, dense_run):
+    proc = run_tdlrt(["train", *TINY, "method=cp", f"init_from={dense_run}/checkpoints/last.pt",
+                      f"hydra.run.dir={tmp_path}/cp"], cwd=tmp_path, check=False)
+    one_line_error(proc, "a CP decomposition has no closed form")
+    assert not (tmp_path / "cp").exists()
+
+
+@pytest.mark.slow
+def test_cli_tt_and_matrix_decompose_a_trained_network(tmp_path, dense_run):
     ckpt = dense_run / "checkpoints" / "last.pt"
     for method in ("tt", "matrix"):
         run_tdlrt(["train", *TINY, f"method={method}", "method.target_cr=80", f"init_from={ckpt}", "epochs=1",
                    "cost_report=false", f"hydra.run.dir={tmp_path}/{method}"], cwd=tmp_path)
         s = summary(tmp_path / method)
         assert s["test_acc_at_start"] is not None and 80 <= s["compression_rate"] <= 82, method
-    proc = run_tdlrt(["train", *TINY, "method=cp", f"init_from={ckpt}", f"hydra.run.dir={tmp_path}/cp"],
-                     cwd=tmp_path, check=False)
-    one_line_error(proc, "a CP decomposition has no closed form")
-    assert not (tmp_path / "cp").exists()
 
 
 @pytest.mark.parametrize("method", ["tucker", "tt", "matrix"])
@@ -448,6 +452,7 @@ def test_cli_runs_made_before_the_defaults_changed_resume_as_they_were(tmp_path)
     assert cfg.scheduler.warmup_epochs == 1 and cfg.method.ramp_end == 0.75 and cfg.method.r_max_frac is None
 
 
+@pytest.mark.slow
 def test_report_groups_runs_started_from_the_seeds_of_one_setting(tmp_path):
     for seed in (0, 1):
         run_tdlrt(["train", *TINY, "epochs=1", "method=tdlrt", "method.target_cr=85", "cost_report=false",
@@ -459,6 +464,7 @@ def test_report_groups_runs_started_from_the_seeds_of_one_setting(tmp_path):
     assert len(rows) == 1 and "| 2 |" in rows[0], rows  # the two seeds' runs in one row
 
 
+@pytest.mark.slow
 def test_cli_gradual_pruning_from_a_trained_network(tmp_path, dense_run):
     """tucker_prune with init_from starts from the truncated HOSVD at its starting ranks, then prunes."""
     run_tdlrt(["train", *TINY, "method=tucker_prune", "method.target_cr=85", f"init_from={dense_run}/checkpoints/last.pt",
@@ -479,3 +485,18 @@ def test_cli_a_sweep_made_before_the_defaults_changed_extends_as_it_was(tmp_path
         s = summary(job)
         assert s["epochs"] == 2 and s["config"]["scheduler"]["warmup_epochs"] == 0, proc.stderr
         assert s["config"]["method"]["r_max_frac"] == 0.5 and s["config"]["method"]["ramp_end"] == 0.5
+
+
+def test_grouping_reads_a_source_run_by_its_setting_not_its_path():
+    from tdlrt_cli.report.collect import grouping_config
+
+    def source(seed, target):
+        return {"method.ranks_from": {"path": f"/x/tdlrt_s{seed}", "seed": seed, "config": {
+            "seed": seed, "epochs": 20, "method": {"name": "tdlrt", "target_cr": target}, "tau": None}}}
+
+    config = {"seed": 0, "method": {"name": "tucker", "ranks_from": "/x/tdlrt_s0", "target_cr": None}}
+    other = {**config, "seed": 1, "method": {**config["method"], "ranks_from": "/x/tdlrt_s1"}}
+    a, b = grouping_config(config, source(0, 90)), grouping_config(other, source(1, 90))
+    assert a == b and "run of tdlrt target c.r.=90%" in a["method.ranks_from"]
+    assert grouping_config(other, source(1, 97)) != a  # another setting of the source: another row
+    assert grouping_config(other)["method.ranks_from"] == "/x/tdlrt_s1"  # no record of the source: its path
