@@ -103,8 +103,8 @@ def main() -> None:
             reached.append(f"{min(v):.2f}-{max(v):.2f}% for the {c}% runs")
     md += ["", "Conv compression reached (min-max over every compressed run): " + "; ".join(reached) + "."]
 
-    md += ["", "**Where TDLRT's margin over uniform Tucker comes from** (differences of the means above; each step "
-           "adds one ingredient):", "", "| step | adds | " + " | ".join(f"{c}%" for c in crs) + " |", "|---|---|"
+    md += ["", "**Where TDLRT's margin over uniform Tucker comes from** (paired differences over the seeds both runs "
+           "have, mean ± std; each step adds one ingredient):", "", "| step | adds | " + " | ".join(f"{c}%" for c in crs) + " |", "|---|---|"
            + "---|" * len(crs)]
     steps = [("allocation", "Tucker at TDLRT's ranks - uniform Tucker", "alloc", "tucker"),
              ("gradual pruning", "gradual pruning - Tucker at TDLRT's ranks", "prune", "alloc"),
@@ -113,8 +113,11 @@ def main() -> None:
     for step, adds, hi, lo in steps:
         vals = []
         for c in crs:
-            x, y = table.get((hi, c)), table.get((lo, c))
-            vals.append("n/a" if x is None or y is None else f"{x[0] - y[0]:+.2f}")
+            a = {r["seed"]: r["acc"] for r in pick(rows, hi, c)}
+            b = {r["seed"]: r["acc"] for r in pick(rows, lo, c)}
+            st = stats([a[k] - b[k] for k in sorted(set(a) & set(b))])  # paired: the seeds both have
+            vals.append("n/a" if st is None else (f"{st[0]:+.2f} ± {st[1]:.2f} (n={st[2]})" if st[2] > 1
+                                                  else f"{st[0]:+.2f} (n=1)"))
         md.append(f"| {step} | {adds} | " + " | ".join(vals) + " |")
     md += ["", "The steps are differences between trained networks, not an exact split: gradual pruning ends at ranks "
            "of its own (its allocation on its own spectra), so its step mixes a second allocation with the pruning "
@@ -185,8 +188,11 @@ def figure(out: Path, rows, table) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fams = [(f, label) for f, label, _ in FAMILIES if f != "dense"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    short = {"tdlrt": "TDLRT", "prune": "gradual\npruning", "alloc": "Tucker at\nTDLRT's ranks",
+             "finetune": "dense 10 ep.\n+ fine-tune 10", "oneshot": "one-shot\n(no fine-tune)",
+             "tucker": "uniform\nTucker"}
+    fams = [(f, short[f]) for f, _, _ in FAMILIES if f != "dense"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     dense = [r["acc"] for r in pick(rows, "dense")]
     for ax, c in zip(axes, (90, 97)):
         for x, (fam, label) in enumerate(fams):
@@ -197,10 +203,10 @@ def figure(out: Path, rows, table) -> None:
         if dense:
             ax.axhspan(min(dense), max(dense), color="0.85", zorder=1)
             ax.axhline(statistics.fmean(dense), color="0.3", ls="--", lw=1, label="dense (mean, range)")
-        ax.set_xticks(range(len(fams)), [label for _, label in fams], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(len(fams)), [label for _, label in fams], fontsize=8)
         ax.set_title(f"{c}% conv compression")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%), validation-selected checkpoint")
+    axes[0].set_ylabel("test acc. (%), val.-selected checkpoint")
     if dense:
         axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("VGG16 x0.25 on proxy P: TDLRT and its controls (dots: seeds, bars: means)", fontsize=10)
