@@ -110,7 +110,7 @@ def main() -> None:
     text += "\n".join(f"- {'met' if ok else 'MISSED'}: {what}" for what, ok in checks) + "\n"
     ablations = [r for r in runs if r["kind"] == "ablation"]
     if ablations:
-        text += "\nAblations of the target rule (one seed each; the default is augment_every=10, ramp_end=0.5, " \
+        text += "\nAblations of the target rule (one seed each; the default of these runs: augment_every=10, ramp_end=0.5, " \
                 "r_max_frac=0.5):\n\n| run | target | changed | acc (%) | c.r. (%) | vs the default rule | vs dense |\n" \
                 "|---|---|---|---|---|---|---|\n"
         for r in sorted(ablations, key=lambda r: r["run"]):
