@@ -16,10 +16,9 @@ from omegaconf import OmegaConf
 from conftest import TINY, run_dirs, run_tdlrt
 from tdlrt_cli.lowrank import BudgetSchedule, RankPolicy, convert_to_lowrank
 from tdlrt_cli.lowrank.allocation import layer_params
-from tdlrt_cli.lowrank.baselines import (FixedTuckerConv2d, MatrixFixedConv2d, TTConv2d, allocate_tucker_ranks,
-                                         tt_svd)
+from tdlrt_cli.lowrank.baselines import (FixedTuckerConv2d, MatrixFixedConv2d, TTConv2d, allocate_tucker_ranks)
 from tdlrt_cli.lowrank.pruning import GradualPruning, TrainedTuckerConv2d, cut_to_budget
-from tdlrt_cli.lowrank.tucker import hosvd, reconstruct, unfold
+from tdlrt_cli.lowrank.tucker import hosvd, reconstruct
 
 f64 = torch.float64
 
