@@ -170,6 +170,13 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
         weights = weights["model"]
     elif isinstance(weights, dict) and "state_dict" in weights:
         weights = weights["state_dict"]
+    if isinstance(weights, dict):
+        bad = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point()
+               and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"init_from={source}: {bad[0]} holds NaN or Inf"
+                                  + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                                  + "; start from a checkpoint of a run that did not diverge")
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:

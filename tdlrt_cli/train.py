@@ -37,7 +37,7 @@ from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger, hparams_of
 from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
 from .messages import pace_note, pinned_modes, start_block, warn_pinned
-from .methods import Method, factorise, method_of, sources_of
+from .methods import Method, factorise, method_of, sources_of, tucker_ranks_in
 from .lowrank import lowrank_layers
 from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_model
@@ -253,7 +253,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
     for loader in (data.train, data.test, data.val):
         if loader is not None:
             loader.shard(dist.rank, dist.world)
-    model = build_network(cfg, data, say).to(device)
+    model = build_network(cfg, data, say, resume).to(device)
     if resume is None:
         method.start(model, lambda: next(iter(data.train)))  # snip, grasp: masks from one batch
     dist.sync_model(model)  # every replica starts from process 0's weights (and pruning masks)
@@ -280,10 +280,15 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
         say(line)
     if cfg.init_from and not r.resumed:  # a trained network compressed: its accuracy before any step
         evaluate_start(r)
+    if not r.resumed and dist.main:  # the runs it starts from, read now (their folders may move later)
+        sources = sources_of(cfg)
+        if sources:
+            atomic_write_text(run_dir / SOURCES, json.dumps(sources))
     return r
 
 
 START_EVAL = "start_eval.json"  # the starting network's test accuracy (init_from), for summary.json
+SOURCES = "sources.json"        # the runs it started from (ranks_from, init_from), read at the start
 
 
 def evaluate_start(r: Run) -> None:
@@ -298,16 +303,24 @@ def evaluate_start(r: Run) -> None:
                                                                "compression_rate": report["compression_rate"]}))
 
 
-def start_eval(run_dir: Path) -> Optional[dict]:
+def read_json(path: Path) -> Optional[dict]:
+    """A small JSON file the run wrote itself (a dict), or None if it is not there or not readable."""
     try:
-        found = json.loads((run_dir / START_EVAL).read_text())
-    except (OSError, ValueError):
+        found = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
     return found if isinstance(found, dict) else None
 
 
-def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]) -> nn.Module:
-    """The model, its starting weights (``init_from``) and the method's factorisation of its layers."""
+def start_eval(run_dir: Path) -> Optional[dict]:
+    return read_json(run_dir / START_EVAL)
+
+
+def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None],
+                  resume: Optional[dict] = None) -> nn.Module:
+    """The model, its starting weights (``init_from``) and the method's factorisation of its layers; a resumed
+    fixed-rank Tucker run takes its ranks from the checkpoint (not from ``method.ranks_from`` or the
+    allocation again, whose inputs may have moved)."""
     try:
         model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
     except ValueError as exc:
@@ -317,7 +330,9 @@ def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]
         say(f"init_from=torchvision: copied {copied} layers, {kept} keep their initialisation")
     elif cfg.init_from:
         load_dense_weights(model, cfg.init_from)
-    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed))
+    saved = tucker_ranks_in(resume["model"]) if resume is not None and cfg.method.name == "tucker" \
+        and isinstance(resume.get("model"), dict) else None
+    factorise(cfg, model, torch.Generator().manual_seed(cfg.seed), saved_ranks=saved or None)
     return model
 
 
@@ -433,7 +448,7 @@ def summarise(r: Run) -> dict:
     start = start_eval(r.run_dir) if cfg.init_from else None
     if start is not None:  # init_from: the network before training (after the decomposition)
         summary["test_acc_at_start"] = start.get("test_acc")
-    sources = sources_of(cfg)
+    sources = read_json(r.run_dir / SOURCES) or sources_of(cfg)
     if sources:  # the runs it started from (ranks_from, init_from), by their configs
         summary["sources"] = sources
     if cfg.cost_report and dist.main:

@@ -321,6 +321,18 @@ def test_cli_decomposing_a_trained_network_keeps_its_kernels(tmp_path, dense_run
         ckpt.with_suffix(".moved").rename(ckpt)
 
 
+def test_cli_a_checkpoint_holding_nan_is_refused_before_anything_is_decomposed(tmp_path, dense_run):
+    state = torch.load(dense_run / "checkpoints" / "last.pt", weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("7.weight"))
+    state["model"][key].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    for method in ("tucker", "tucker_prune"):
+        proc = run_tdlrt(["train", *TINY, f"method={method}", f"init_from={tmp_path}/nan.pt",
+                          f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, check=False)
+        one_line_error(proc, f"{key} holds NaN or Inf")
+        assert not (tmp_path / "run").exists()
+
+
 def test_cli_cp_cannot_be_decomposed_from_a_trained_network(tmp_path, dense_run):
     proc = run_tdlrt(["train", *TINY, "method=cp", f"init_from={dense_run}/checkpoints/last.pt",
                       f"hydra.run.dir={tmp_path}/cp"], cwd=tmp_path, check=False)
@@ -383,6 +395,15 @@ def test_cli_tucker_at_another_runs_ranks(tmp_path):
     assert alloc["conv_params"] == src["conv_params"]
     assert alloc["sources"]["method.ranks_from"]["config"]["method"]["target_cr"] == 85
     assert alloc["config"]["method"]["ranks_from"] == f"{tmp_path}/src"
+    # killed, then resumed after the source moved away: the ranks come from the checkpoint
+    killed = run_tdlrt(["train", *TINY, "method=tucker", f"method.ranks_from={tmp_path}/src", "epochs=2",
+                        "cost_report=false", "checkpoint.every_n_steps=2", f"hydra.run.dir={tmp_path}/alloc2"],
+                       cwd=tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "3"}, check=False)
+    assert killed.returncode == 137
+    (tmp_path / "src").rename(tmp_path / "src_moved")
+    run_tdlrt(["train", f"resume={tmp_path}/alloc2"], cwd=tmp_path)
+    assert summary(tmp_path / "alloc2")["sources"]["method.ranks_from"]["config"]["method"]["target_cr"] == 85
+    (tmp_path / "src_moved").rename(tmp_path / "src")
     refusals = [
         (["model.width_mult=0.25"], "is a run of model=vgg16 (width 0.125)"),
         ([f"method.ranks_from={tmp_path}/nothing"], "no summary.json there"),
