@@ -260,6 +260,21 @@ class TrainConfig:
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
         tau_methods = ("tdlrt", "dlrt")
+
+        def check_ramp() -> None:  # the target rule's schedule (tdlrt/dlrt with target_cr, tucker_prune)
+            need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and "
+                 f"method.ramp_end={m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of "
+                 f"the training steps)")
+
+        def check_ranks() -> None:  # rank bounds and start of the rank-adaptive methods (tdlrt, dlrt, tucker_prune)
+            resolve_rank_defaults(m)
+            need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
+            need(m.r_max is None or m.r_max >= m.r_min,
+                 f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
+            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
+            need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
+            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
+                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
         if m.name == "tucker" and m.ranks_from is not None:
             need(bool(str(m.ranks_from).strip()), "method.ranks_from= is empty (a finished run folder, or null)")
             need(m.rank_frac is None, "method.rank_frac cannot be combined with method.ranks_from (the ranks come "
@@ -278,26 +293,16 @@ class TrainConfig:
         if m.name == "tucker_prune":
             need(m.target_cr is not None and 0 < m.target_cr < 100,
                  f"method.target_cr={m.target_cr} must be in (0, 100) (a conv compression rate in percent)")
-            need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and method.ramp_end="
-                 f"{m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of the training steps)")
+            check_ramp()
             if m.augment_every is None:
                 m.augment_every = TARGET_AUGMENT_EVERY
             need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
-            resolve_rank_defaults(m)
-            need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
-            need(m.r_max is None or m.r_max >= m.r_min,
-                 f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
-            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
-            need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
-            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
-                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
+            check_ranks()
         if m.name in tau_methods:
             if m.target_cr is not None:  # the target rule
                 need(0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100) (a conv "
                                             f"compression rate in percent)")
-                need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and "
-                     f"method.ramp_end={m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of "
-                     f"the training steps)")
+                check_ramp()
                 need(not m.convert_linear, "method.convert_linear=true cannot be combined with method.target_cr "
                      "(a conv compression rate leaves factorised linear layers without a budget)")
                 for key, preset in (("tau_warmup_epochs", 1.0), ("tau_warmup_shape", "linear")):
@@ -313,14 +318,7 @@ class TrainConfig:
                                       f"method.target_cr=C (a conv compression rate in percent) too, or drop it")
                 if m.augment_every is None:
                     m.augment_every = 1
-            resolve_rank_defaults(m)
-            need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
-            need(m.r_max is None or m.r_max >= m.r_min,
-                 f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
-            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
-            need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
-            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
-                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
+            check_ranks()
             one_of("method.adapted_modes", m.adapted_modes, ("channels", "all"))
             need(m.augment_every >= 1, f"method.augment_every={m.augment_every} must be >= 1")
             need(m.tau_warmup_epochs >= 0, f"method.tau_warmup_epochs={m.tau_warmup_epochs} must be >= 0 (0: the "
