@@ -170,39 +170,17 @@ def test_target_rule_resumes_bitwise_with_caps_at_the_full_channel_count(tmp_pat
     """With caps at the full size a mode can keep its whole basis, whose re-orthonormalised factor came from a
     triangular solve (column-major storage); a resumed run loads it row-major. The factor is stored row-major
     at every truncation, so both give the same floating-point results."""
-    from test_target_rule import fit, pair_budget, two_layer_regression
-    from tdlrt_cli.lowrank import TDLRT, TuckerConv2d
-
-    class Pair(nn.Module):
-        def __init__(self, seed=1):
-            super().__init__()
-            g = torch.Generator().manual_seed(seed)
-            self.a, self.b = (TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None],
-                                           rank_bounds=[(1, 16), (1, 12), (3, 3), (3, 3)], dtype=f64, generator=g)
-                              for _ in range(2))
-
-        def loss(self, x, ys):
-            return F.mse_loss(self.a(x), ys[0]) + F.mse_loss(self.b(x), ys[1])
+    from test_target_rule import Pair, assert_resume_is_bitwise, pair_budget, two_layer_regression
+    from tdlrt_cli.lowrank import TDLRT
 
     x, ys = two_layer_regression([(10, 9), (2, 2)])
 
     def fresh():
-        model = Pair()
+        model = Pair(ranks=(8, 6), bounds=((1, 16), (1, 12)))
         opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
         return model, TDLRT(model, opt, tau=None, augment_every=3, budget=pair_budget((10, 9), (2, 2), 60))
 
-    model, integrator = fresh()
-    fit(model, integrator, x, ys, 13)
-    torch.save({"model": model.state_dict(), "integrator": integrator.state_dict()}, tmp_path / "ck.pt")
-    state = torch.load(tmp_path / "ck.pt", weights_only=True)
-    model2, integrator2 = fresh()
-    model2.load_state_dict(state["model"])
-    integrator2.load_state_dict(state["integrator"])
-    fit(model, integrator, x, ys, 30)
-    fit(model2, integrator2, x, ys, 30)
-    for a, b in ((model.a, model2.a), (model.b, model2.b)):
-        assert a.ranks == b.ranks
-        assert torch.equal(a.weight_full(), b.weight_full())
+    assert_resume_is_bitwise(fresh, x, ys, 13, 30, tmp_path / "ck.pt")
 
 
 # --------------------------------------------------------------------------- one-shot decompositions

@@ -248,11 +248,11 @@ def two_layer_regression(target_ranks, seed=0, n=48):
 
 
 class Pair(nn.Module):
-    def __init__(self, seed=1):
+    def __init__(self, seed=1, ranks=(8, 8), bounds=((1, 8), (1, 8))):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.a, self.b = (TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 8, None, None],
-                                       rank_bounds=[(1, 8), (1, 8), (3, 3), (3, 3)], dtype=f64, generator=g)
+        self.a, self.b = (TuckerConv2d(12, 16, 3, padding=1, ranks=[*ranks, None, None],
+                                       rank_bounds=[*bounds, (3, 3), (3, 3)], dtype=f64, generator=g)
                           for _ in range(2))
 
     def loss(self, x, ys):
@@ -301,6 +301,23 @@ def test_ranks_grow_back_when_a_layer_needs_more_later():
     assert end < 1e-6 * start
 
 
+def assert_resume_is_bitwise(fresh, x, ys, saved_at, then, path):
+    """Train ``fresh()``'s pair ``saved_at`` steps, checkpoint it, continue it and a fresh pair loaded from the
+    checkpoint for ``then`` more steps: the same ranks and kernels, bitwise."""
+    model, integrator = fresh()
+    fit(model, integrator, x, ys, saved_at)
+    torch.save({"model": model.state_dict(), "integrator": integrator.state_dict()}, path)
+    state = torch.load(path, weights_only=True)
+    model2, integrator2 = fresh()
+    model2.load_state_dict(state["model"])
+    integrator2.load_state_dict(state["integrator"])
+    fit(model, integrator, x, ys, then)
+    fit(model2, integrator2, x, ys, then)
+    for a, b in ((model.a, model2.a), (model.b, model2.b)):
+        assert a.ranks == b.ranks
+        assert torch.equal(a.weight_full(), b.weight_full())
+
+
 def test_resume_in_the_middle_of_the_ramp_is_bitwise(tmp_path):
     x, ys = two_layer_regression([(6, 5), (2, 2)])
 
@@ -309,18 +326,7 @@ def test_resume_in_the_middle_of_the_ramp_is_bitwise(tmp_path):
         opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
         return model, TDLRT(model, opt, tau=None, augment_every=3, budget=pair_budget((6, 5), (2, 2), 60))
 
-    model, integrator = fresh()
-    fit(model, integrator, x, ys, 25)
-    torch.save({"model": model.state_dict(), "integrator": integrator.state_dict()}, tmp_path / "ck.pt")
-    state = torch.load(tmp_path / "ck.pt", weights_only=True)
-    model2, integrator2 = fresh()
-    model2.load_state_dict(state["model"])
-    integrator2.load_state_dict(state["integrator"])
-    fit(model, integrator, x, ys, 40)
-    fit(model2, integrator2, x, ys, 40)
-    for a, b in ((model.a, model2.a), (model.b, model2.b)):
-        assert a.ranks == b.ranks
-        assert torch.equal(a.weight_full(), b.weight_full())
+    assert_resume_is_bitwise(fresh, x, ys, 25, 40, tmp_path / "ck.pt")
 
 
 # --------------------------------------------------------------------------- through the CLI
