@@ -31,7 +31,6 @@ common="model=vgg16 model.width_mult=0.25 data=cifar10 data.limit_train=10000 da
         progress=false cost_report=false checkpoint.every_n_steps=100 task_name=$study"
 rec="method=tdlrt_target method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75"
 prune="method=tucker_prune method.r_max_frac=1 method.init_rank_frac=0.5 method.ramp_end=0.75"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 jobs_list() {  # NAME OVERRIDES... (the first batch needs no other run; the second reads runs of the first)
   for s in 0 1 2; do
@@ -56,42 +55,7 @@ jobs_list() {  # NAME OVERRIDES... (the first batch needs no other run; the seco
   done
 }
 
-wait_for() {  # a run folder (or a file in it) that an earlier job of this study writes; 1 if it will not come
-  local dir=${1%/checkpoints/*}
-  until [[ -f $dir/summary.json ]]; do
-    pgrep -f "hydra.run.dir=$dir( |$)" > /dev/null || sleep 5
-    pgrep -f "hydra.run.dir=$dir( |$)" > /dev/null || [[ -f $dir/summary.json ]] || return 1
-    sleep 20
-  done
-}
-
-run_job() {  # NAME OVERRIDES...: train into $out/NAME unless finished, then keep its small files
-  local name=$1; shift
-  local dir=$out/$name
-  if [[ ! -f $dir/summary.json ]]; then
-    for arg in "$@"; do
-      case $arg in method.ranks_from=*|init_from=*)
-        wait_for "${arg#*=}" || { echo "$(date +%T) $name skipped: ${arg#*=} is not finished"; return 0; };; esac
-    done
-    echo "$(date +%T) start $name"
-    python -m tdlrt_cli train $common "$@" hydra.run.dir=$dir >> "$out/$name.log" 2>&1 \
-      || { echo "$(date +%T) $name failed: see $out/$name.log"; return 0; }
-  fi
-  mkdir -p "$keep/$name/.hydra"
-  cp "$dir"/summary.json "$dir"/metrics.csv "$dir"/train.log "$keep/$name/"
-  for f in ranks.csv ranks_steps.csv; do [[ -f $dir/$f ]] && cp "$dir/$f" "$keep/$name/"; done
-  cp "$dir"/.hydra/config.yaml "$dir"/.hydra/overrides.yaml "$keep/$name/.hydra/"
-  echo "$(date +%T) done $name: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"test acc {s['test_acc']:.2f}% c.r. {s['compression_rate']:.2f}%\")" "$dir/summary.json")"
-}
-export -f run_job wait_for
-export out keep common
-
-mkdir -p "$out"
-if [[ $# -gt 0 ]]; then
-  selected=$(for name in "$@"; do jobs_list | awk -v n="$name" '$1 == n' | grep . || { echo "no job named $name" >&2; exit 2; }; done)
-else
-  selected=$(jobs_list)
-fi
-echo "$selected" | xargs -P "${JOBS_PARALLEL:-2}" -L 1 bash -c 'run_job "$@"' _
+source scripts/evidence/jobs.sh
+run_selected "$@"
 python -m tdlrt_cli report "$keep" out="$(dirname "$keep")"
 python scripts/evidence/controls_report.py "$keep" --out "$(dirname "$keep")"

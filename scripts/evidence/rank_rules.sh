@@ -29,7 +29,6 @@ data=$([[ $SETTING == full ]] && echo "data.val_split=0" || echo "data.limit_tra
 common="model=vgg16 model.width_mult=0.25 data=cifar10 $data epochs=20
         batch_size=128 optimizer=sgd momentum=0.9 lr=0.05 scheduler=cosine progress=false cost_report=false
         checkpoint.every_n_steps=100 task_name=$study"
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 jobs_list() {  # NAME OVERRIDES...
   if [[ $SETTING == schedule ]]; then  # proxy P at 80%, twice the schedule (40 epochs, the same ramp fractions)
@@ -81,30 +80,9 @@ jobs_list() {  # NAME OVERRIDES...
   done
 }
 
-run_job() {  # NAME OVERRIDES...: train into $out/NAME unless finished, then keep its small files
-  local name=$1; shift
-  local dir=$out/$name
-  if [[ ! -f $dir/summary.json ]]; then
-    echo "$(date +%T) start $name"
-    python -m tdlrt_cli train $common "$@" hydra.run.dir=$dir >> "$out/$name.log" 2>&1 \
-      || { echo "$(date +%T) $name failed: see $out/$name.log"; return 0; }
-  fi
-  mkdir -p "$keep/$name/.hydra"
-  cp "$dir"/summary.json "$dir"/metrics.csv "$dir"/train.log "$keep/$name/"
-  for f in ranks.csv ranks_steps.csv; do [[ -f $dir/$f ]] && cp "$dir/$f" "$keep/$name/"; done
-  cp "$dir"/.hydra/config.yaml "$dir"/.hydra/overrides.yaml "$keep/$name/.hydra/"
-  echo "$(date +%T) done $name: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(f\"test acc {s['test_acc']:.2f}% c.r. {s['compression_rate']:.2f}%\")" "$dir/summary.json")"
-}
-export -f run_job
-export out keep common SETTING
-
-mkdir -p "$out"
-if [[ $# -gt 0 ]]; then
-  selected=$(for name in "$@"; do jobs_list | awk -v n="$name" '$1 == n' | grep . || { echo "no job named $name" >&2; exit 2; }; done)
-else
-  selected=$(jobs_list)
-fi
-echo "$selected" | xargs -P "${JOBS_PARALLEL:-2}" -L 1 bash -c 'run_job "$@"' _
+source scripts/evidence/jobs.sh
+export SETTING
+run_selected "$@"
 if [[ $SETTING == schedule ]]; then  # beside their 20-epoch runs
   python -m tdlrt_cli report "$keep" results/frontier_p/runs/dense_s0 results/frontier_p/runs/target_cr80_rmax1_s0 \
     out="$(dirname "$keep")"
