@@ -126,8 +126,14 @@ class BenchConfig:
         need(all(0 < f <= 0.5 for f in self.rank_fracs),
              f"rank_fracs={list(self.rank_fracs)} must all be in (0, 0.5] (r_max = n/2 leaves room to augment)")
         need(all(k >= 1 for k in self.augment_every), f"augment_every={list(self.augment_every)} must all be >= 1")
+        need(all(k <= 10_000 for k in self.augment_every), f"augment_every={list(self.augment_every)} must all be "
+             f"<= 10000 (each row times at least two cycles of that many steps)")
         need(self.threads >= 0, f"threads={self.threads} must be >= 0 (0: torch's default)")
-        need(self.seed >= 0, f"seed={self.seed} must be >= 0")
+        need(0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2^63)")
+        for key, top in (("model.width_mult", 16), ("image_size", 4096), ("channels", 64), ("num_classes", 10 ** 6),
+                         ("batch_size", 10 ** 5), ("steps", 10 ** 6), ("warmup", 10 ** 6), ("threads", 4096)):
+            value = self.model.width_mult if key == "model.width_mult" else getattr(self, key)
+            need(math.isfinite(value) and value <= top, f"{key}={value} is larger than tdlrt bench takes (at most {top:g})")
         return self
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -13,9 +12,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .config import unsafe_in
 from .errors import CheckpointError
 from .faults import faults
-from .files import atomic_file
+from .files import atomic_file, load_json
 from .metrics import layer_ranks
 
 FORMAT = "tdlrt-checkpoint-1"
@@ -71,6 +71,10 @@ def load_checkpoint(path, keep: bool = False, mmap: bool = False) -> dict:
                                   f"({reason[:160]})") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a tdlrt checkpoint (no '{FORMAT}' marker)")
+        found = unsafe_in(state.get("config"), "config")  # resolved when written: plain values only
+        if found:
+            raise CheckpointError(f"{path} holds {found} in its saved configuration; a checkpoint may only hold "
+                                  f"tdlrt's own settings (refused: nothing it names was run)")
     if keep and not mmap:
         _kept[:] = [(key, state)]
     return state
@@ -152,7 +156,7 @@ def finished_summary(run_dir: Path, resume: Optional[dict], ckpt_path: Optional[
     if Path(ckpt_path).resolve() != (run_dir / "checkpoints" / "last.pt").resolve():
         return None
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = load_json((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and "test_acc" in summary else None

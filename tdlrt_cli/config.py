@@ -6,6 +6,7 @@ below ``train.py`` sees only these plain dataclasses.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -72,6 +73,39 @@ TAU_RULE_RAMP = ((0.0, 0.75), (0.0, 0.5))  # (ramp_start, ramp_end) of the prese
 
 
 from .errors import ConfigError
+
+# The largest value of each numeric key that tdlrt takes, and why: beyond it a run cannot be built, cannot
+# be held in memory, or only diverges. Every number must also be finite (TrainConfig.validate).
+LARGEST = {
+    "model.width_mult": (16, "16 times the paper's channels"),
+    "data.image_size": (4096, "pixels a side"),
+    "data.channels": (64, "image channels"),
+    "data.num_classes": (1_000_000, "classes"),
+    "data.train_size": (10_000_000, "synthetic images are held in memory"),
+    "data.test_size": (10_000_000, "synthetic images are held in memory"),
+    "data.num_workers": (256, "loader processes"),
+    "method.r_min": (1_000_000, "a rank"), "method.r_max": (1_000_000, "a rank"),
+    "method.init_rank": (1_000_000, "a rank"),
+    "method.augment_every": (1_000_000_000, "steps"),
+    "method.tau_warmup_epochs": (1_000_000, "epochs"),
+    "method.init_decay": (30, "core singular values 10^(-decay k) underflow beyond it"),
+    "method.rounds": (10_000, "prune-retrain rounds"),
+    "lr": (1000, "a larger lr only diverges"),
+    "weight_decay": (10, "a larger decay only zeroes the weights"),
+    "epochs": (1_000_000, "epochs"),
+    "batch_size": (1_000_000, "examples a step"),
+    "eval_batch_size": (1_000_000, "examples a batch"),
+    "threads": (4096, "CPU threads"),
+    "log_every_n_steps": (1_000_000_000, "steps"),
+    "nan_max_skips": (1_000_000_000, "steps"),
+    "cost_repeat": (1_000_000, "timed repetitions"),
+    "checkpoint.every_n_steps": (1_000_000_000, "steps"),
+    "checkpoint.keep_top_k": (10_000, "checkpoints"),
+    "scheduler.warmup_epochs": (1_000_000, "epochs"),
+    "scheduler.step_size": (1_000_000, "epochs"),
+    "scheduler.patience": (1_000_000, "epochs"),
+    "optimizer.eps": (1.0, "a larger eps stops Adam's steps"),
+}
 
 
 @dataclass
@@ -201,6 +235,14 @@ class TrainConfig:
         def one_of(key: str, value: str, allowed) -> None:
             need(value in allowed, f"{key}={value} is not one of: {', '.join(allowed)}")
 
+        from dataclasses import asdict
+
+        for key, value in flatten(asdict(self)).items():  # every number finite, and none beyond what tdlrt takes
+            for v in value if isinstance(value, list) else [value]:
+                need(not isinstance(v, float) or math.isfinite(v), f"{key}={value} must be a finite number")
+            if key in LARGEST and isinstance(value, (int, float)) and not isinstance(value, bool):
+                top, why = LARGEST[key]
+                need(value <= top, f"{key}={value} is larger than tdlrt takes (at most {top:g}: {why})")
         one_of("model", self.model.name, MODELS)
         one_of("data", self.data.name, DATASETS)
         one_of("method", self.method.name, METHODS)
@@ -242,6 +284,11 @@ class TrainConfig:
         need(self.optimizer.eps > 0, f"optimizer.eps={self.optimizer.eps} must be > 0")
         sc = self.scheduler
         need(sc.warmup_epochs >= 0, f"scheduler.warmup_epochs={sc.warmup_epochs} must be >= 0")
+        need(sc.name not in ("cosine", "step") or self.epochs == 0 or sc.warmup_epochs <= self.epochs,
+             f"scheduler.warmup_epochs={sc.warmup_epochs} is longer than the run (epochs={self.epochs}): the lr would "
+             f"never reach lr={self.lr}")
+        need(self.data.image_size is None or self.data.image_size >= 1,
+             f"data.image_size={self.data.image_size} must be >= 1 (pixels)")
         need(0 <= sc.min_lr <= self.lr, f"scheduler.min_lr={sc.min_lr} must be in [0, lr={self.lr}]")
         if sc.name == "step":
             need(sc.step_size >= 1, f"scheduler.step_size={sc.step_size} must be >= 1 (epochs)")
@@ -340,6 +387,42 @@ def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def settings() -> set:
+    """Every dotted key of the run configuration (``TrainConfig``'s fields, every method's keys included)."""
+    from dataclasses import asdict
+
+    return set(flatten(asdict(TrainConfig())))
+
+
+def config_groups() -> Dict[str, set]:
+    """The config groups of ``configs/`` a run may select (``model=...``), with the presets of each."""
+    root = Path(CONFIG_DIR)
+    return {d.name: {p.stem for p in d.glob("*.yaml")} for d in sorted(root.iterdir())
+            if d.is_dir() and d.name != "hydra"}
+
+
+def unsafe_in(value: Any, where: str = "") -> Optional[str]:
+    """What in settings read from a run folder's files Hydra or OmegaConf would act on rather than store: a key
+    of Hydra's instantiation (``_target_``, ``_args_``, any ``_..``) or an interpolation (``${...}``: it reads
+    the environment or calls a resolver). None if there is nothing; else what and where, for one line."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{where}.{k}" if where else str(k)
+            if str(k).startswith("_"):
+                return f"the key {key}"
+            found = unsafe_in(v, key)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = unsafe_in(v, f"{where}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, str) and "${" in value:
+        return f"an interpolation at {where or 'top level'} ({value[:60]!r})"
+    return None
 
 
 RANK_ADAPTIVE = ("tdlrt", "dlrt")

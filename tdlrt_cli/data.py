@@ -163,9 +163,15 @@ def _mnist(root: Path, name: str, download: bool) -> Tuple[ImageTensors, ImageTe
     return out[0], out[1], 10
 
 
+def seed64(key: int) -> int:
+    """A generator seed from any non-negative integer (torch takes 64 bits): the key itself where it fits, so
+    the batches of runs made before are unchanged; else its value modulo 2^64 (seeds up to 2^63 are valid)."""
+    return key % (1 << 64)
+
+
 def _synthetic(cfg: DataConfig, seed: int) -> Tuple[ImageTensors, ImageTensors, int]:
     """Images whose class sets a smooth colour pattern, plus noise: learnable, reproducible, no files."""
-    g = torch.Generator().manual_seed(1234 + seed)
+    g = torch.Generator().manual_seed(seed64(1234 + seed))
     size, c, k = cfg.image_size or 32, cfg.channels, cfg.num_classes
     protos = F.interpolate(torch.rand(k, c, 4, 4, generator=g), size=(size, size), mode="bilinear",
                            align_corners=False)
@@ -243,13 +249,13 @@ class DeviceLoader:
                 yield (self.images[sl].float() - self.mean) / self.std, self.labels[sl]
             return
         key = self.seed * 100_003 + self.epoch
-        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(key)).to(self.device)
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed64(key))).to(self.device)
         for b in range(self.start_batch, len(self)):
             first = (b * self.world + self.rank) * self.batch_size
             idx = order[first:first + self.batch_size]
             x, y = self.images[idx], self.labels[idx]
             if self.augment:
-                g = torch.Generator().manual_seed((key * 1_000_003 + b) * 64 + self.rank)
+                g = torch.Generator().manual_seed(seed64((key * 1_000_003 + b) * 64 + self.rank))
                 x = random_crop_flip(x, self.pad, g)
             yield (x.float() - self.mean) / self.std, y
 
@@ -341,7 +347,7 @@ class FolderLoader:
         """This process's batches from ``start_batch`` on; the order depends only on (seed, epoch)."""
         n, bs = len(self.dataset), self.batch_size
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed64(self.seed * 100_003 + self.epoch)))
             batches = [order[(b * self.world + self.rank) * bs:][:bs].tolist() for b in range(self.start_batch, len(self))]
         else:
             batches = [list(range(b * bs, min(n, (b + 1) * bs))) for b in range(self.rank, -(-n // bs), self.world)]

@@ -2,7 +2,6 @@
 test accuracy and the cost report (dense and low-rank side by side)."""
 from __future__ import annotations
 
-import json
 import re
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error
 from .faults import faults
-from .files import atomic_write_text, strict_json
+from .files import atomic_write_text, load_json, strict_json
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -108,7 +107,7 @@ def load_onnx(path: Path):
     sidecar = Path(str(path) + ".json")
     if not sidecar.is_file():
         raise CheckpointError(f"{sidecar} not found: `tdlrt export ... format=onnx` writes it beside the file")
-    return OnnxNetwork(path), json.loads(sidecar.read_text())
+    return OnnxNetwork(path), load_json(sidecar.read_text())
 
 
 # The records (paths below the archive's root folder) of a program saved by ``torch.export.save`` as
@@ -169,7 +168,7 @@ def check_archive(data: bytes, path: Path) -> None:
                                           f"(torch.export.load may unpickle or run such records){advice}")
             for name, record in zip(names, records):
                 if record.endswith("_config.json"):
-                    bad = _unsafe_payloads(json.loads(archive.read(name)))
+                    bad = _unsafe_payloads(load_json(archive.read(name)))
                     if bad:
                         raise CheckpointError(f"{refuse}{name} asks for pickled entries ({', '.join(bad[:3])}), "
                                               f"which loading would execute{advice}")
@@ -207,7 +206,7 @@ def load_export(path: Path):
         quiet.setLevel(level)
     if not extra["tdlrt.json"]:
         raise CheckpointError(f"{path} was not written by `tdlrt export` (no tdlrt.json inside)")
-    return ExportedNetwork(program.module()), json.loads(extra["tdlrt.json"])
+    return ExportedNetwork(program.module()), load_json(extra["tdlrt.json"])
 
 
 def data_config(saved: dict, overrides: List[str]) -> dict:

@@ -9,6 +9,8 @@ TDLRT_FAULT_DISK_FULL_IN_CHECKPOINT=N  the N-th checkpoint write fails with ENOS
 TDLRT_FAULT_DISK_FULL_IN_LOCK=1  writing the run folder's lock (the first file of a run) fails with ENOSPC;
 TDLRT_FAULT_DISK_FULL_IN_EXPORT=1  `tdlrt export` fails with ENOSPC half-way through writing the .pt2 file;
 TDLRT_FAULT_NAN_AT_STEP=N        the loss of step N becomes NaN (TDLRT_FAULT_NAN_STEPS=K: of steps N to N+K-1);
+TDLRT_FAULT_INF_LR_AT_STEP=N     the lr of step N is infinite (its loss is finite, the stepped weights are not);
+                                 TDLRT_FAULT_INF_LR_IN_JOB=J: in job J of a sweep only;
 TDLRT_FAULT_SIGNAL_AT_STEP=N     the process sends itself TDLRT_FAULT_SIGNAL (INT, default, TERM or HUP) after
                                  step N, as a user's Ctrl-C, a scheduler's SIGTERM or a closed terminal would;
 TDLRT_FAULT_SIGNAL_AT=P          the process sends itself TDLRT_FAULT_SIGNAL at point P of a command, outside
@@ -36,6 +38,9 @@ class Faults:
         self.disk_full_in_export = bool(int(env.get("TDLRT_FAULT_DISK_FULL_IN_EXPORT", 0)))
         self.nan_at_step = int(env.get("TDLRT_FAULT_NAN_AT_STEP", 0))
         self.nan_steps = int(env.get("TDLRT_FAULT_NAN_STEPS", 1))
+        self.inf_lr_at_step = int(env.get("TDLRT_FAULT_INF_LR_AT_STEP", 0))
+        self.inf_lr_in_job = int(env.get("TDLRT_FAULT_INF_LR_IN_JOB", -1))
+        self.job = -1  # the sweep job this process runs (train sets it), -1 outside a sweep
         self.signal_at_step = int(env.get("TDLRT_FAULT_SIGNAL_AT_STEP", 0))
         self.signal = getattr(signal, "SIG" + env.get("TDLRT_FAULT_SIGNAL", "INT"))
         self.signal_at_point = env.get("TDLRT_FAULT_SIGNAL_AT", "")
@@ -47,6 +52,9 @@ class Faults:
 
     def nan_now(self, step: int) -> bool:
         return 0 < self.nan_at_step <= step < self.nan_at_step + self.nan_steps
+
+    def inf_lr_now(self, step: int) -> bool:
+        return self.inf_lr_at_step == step and self.inf_lr_in_job in (-1, self.job)
 
     def signal_now(self, step: int) -> None:
         if self.signal_at_step == step:

@@ -20,6 +20,22 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+# What a run folder holds of its own: written in place by its runs (never through a link), never replaced by the
+# output of another command (a resume, report or eval reads them).
+RUN_FILES = ("summary.json", "metrics.csv", "train.log", "ranks.csv", "ranks_steps.csv", "start_eval.json",
+             "sources.json", ".lock")
+RUN_FOLDERS = ("checkpoints", ".hydra", "tensorboard")
+
+
+def load_json(text: str):
+    """``json.loads`` of a file someone may have handed over: nesting too deep for Python's parser is a
+    ValueError like any other malformed JSON (not a RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -144,7 +160,8 @@ def resume_command(run_dir: Path) -> str:
     try:
         from omegaconf import OmegaConf
 
-        overrides = [str(o) for o in OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml")]
+        overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml"),
+                                                            resolve=False)]
     except Exception:  # no Hydra files (library use): the folder alone
         pass
     keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in

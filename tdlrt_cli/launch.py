@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import CONFIG_DIR, LEGACY_VALUES, changed_defaults_of, has_key, NOT_TRAINING_KEYS, flatten, from_dictconfig, upgrade_config
+from .config import (CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, changed_defaults_of, config_groups, flatten,
+                     from_dictconfig, has_key, settings, unsafe_in, upgrade_config)
 from .errors import CheckpointError, ConfigError
 from .faults import faults
-from .files import is_disk_full, pid_alive, remove_stale_temporaries
+from .logs import read_csv
+from .files import RUN_FILES, RUN_FOLDERS, is_disk_full, load_json, pid_alive, remove_stale_temporaries
 
 # Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
 # (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
@@ -88,7 +90,7 @@ class RunLock:
         """The lock's record, None without a lock; a lock that is not one tdlrt writes (a folder, unreadable,
         not JSON, a PID that is not a positive number a process can have) raises :class:`DamagedLock`."""
         try:
-            data = json.loads(self.path.read_text())
+            data = load_json(self.path.read_text())
         except FileNotFoundError:
             return None
         except IsADirectoryError:
@@ -400,8 +402,11 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     resume = _value(overrides, "resume")
     ckpt_arg = _value(overrides, "ckpt_path")
     mine = [o.input_line for o in _parse(overrides) if o.key_or_group != "resume"]
-    target = resume if resume not in (None, "None", "null") else (
-        ckpt_arg if ckpt_arg not in (None, "None", "null") else None)
+    given = lambda v: v not in (None, "None", "null")  # noqa: E731
+    if given(resume) and given(ckpt_arg):
+        raise ConfigError(f"resume={resume} and ckpt_path={ckpt_arg} both name where to continue from; give one "
+                          f"(resume=<run folder or checkpoint>)")
+    target = resume if given(resume) else (ckpt_arg if given(ckpt_arg) else None)
     ckpt = run_dir = None
     auto = False  # the same job started again in its folder
     if target is not None:
@@ -436,6 +441,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
             ckpt, run_dir = last.resolve(), folder.resolve()
             auto = True
     if ckpt is not None:
+        if run_dir is not None:
+            check_run_files(run_dir)
         saved, done = saved_config(ckpt, keep=True)
         base = _original_overrides(run_dir) if run_dir is not None else []
         given = [o.key_or_group for o in _parse(mine)]
@@ -515,10 +522,66 @@ def _original_overrides(run_dir: Path) -> List[str]:
     if not path.is_file():
         return []
     try:
-        listed = [str(o) for o in OmegaConf.load(path)]
+        listed = [str(o) for o in OmegaConf.to_container(OmegaConf.load(path), resolve=False)]  # never resolved
     except Exception:
         raise ConfigError(f"{path} is unreadable; cannot tell how the run was configured") from None
-    return [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+    listed = [o for o in listed if o.split("=", 1)[0].lstrip("+~") not in PLACEMENT_KEYS]
+    check_saved_overrides(listed, path)
+    return listed
+
+
+def check_run_files(run_dir: Path) -> None:
+    """A run folder's own files and folders are written in place: none may be a symbolic link (a resumed run
+    would append its log, events or Hydra files to wherever it points) or of the wrong kind (a folder where
+    metrics.csv belongs)."""
+    for name in [n for n in RUN_FILES if n != LOCK_NAME] + list(RUN_FOLDERS):  # (the lock: RunLock's checks)
+        path = run_dir / name
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symbolic link; a run folder's files are written in place, never "
+                              f"through a link (put the file itself there, or resume a copy of the folder)")
+        if path.exists() and not (path.is_dir() if name in RUN_FOLDERS else path.is_file()):
+            raise ConfigError(f"{path} is not a {'folder' if name in RUN_FOLDERS else 'file'}, as a run folder's "
+                              f"{name} is; restore it or move it away before resuming")
+    for name in ("metrics.csv", "ranks.csv", "ranks_steps.csv"):  # appended to: they must read as CSV
+        read_csv(run_dir / name)
+    for folder in RUN_FOLDERS:
+        for path in sorted((run_dir / folder).glob("*")) if (run_dir / folder).is_dir() else []:
+            if path.is_symlink():
+                raise ConfigError(f"{path} is a symbolic link; a run folder's files are written in place, never "
+                                  f"through a link (put the file itself there, or resume a copy of the folder)")
+
+
+def check_saved_overrides(lines: List[str], path: Path) -> None:
+    """A run folder is data, never code: its saved overrides, handed back to Hydra on a resume, may only set
+    tdlrt's own keys to plain values and pick presets of ``configs/``. Nothing under ``hydra``, no package or
+    deletion, no ``_target_`` (or any ``_..`` key), no interpolation: else one line naming the file."""
+    known, groups = settings(), config_groups()
+    for line in lines:
+        reason = _not_a_setting(line, known, groups)
+        if reason:
+            raise ConfigError(f"{path} holds {line[:80]!r}, {reason}; a run folder's files may only hold tdlrt's "
+                              f"own settings (nothing was resumed, nothing it names was run)")
+
+
+def _not_a_setting(line: str, known: set, groups: dict) -> Optional[str]:
+    try:
+        (o,) = _parse([line])
+    except Exception:
+        return "which does not parse as an override"
+    key = o.key_or_group
+    if "${" in line:
+        return "an interpolation (it reads the environment or calls a resolver)"
+    if o.package is not None or o.is_delete() or "/" in key or key.split(".")[0] == "hydra" \
+            or any(part.startswith("_") for part in key.split(".")) or "_target_" in line:
+        return "which is not a tdlrt setting"
+    value = o.value()
+    if key in groups:
+        if not isinstance(value, str) or value not in groups[key]:
+            return f"which names no {key} preset of tdlrt ({', '.join(sorted(groups[key]))})"
+        return None
+    if key not in known:
+        return "which is not a tdlrt setting"
+    return unsafe_in(value, key) and "which is not a plain value"
 
 
 def check_names(folder: Path, key: str) -> None:

@@ -9,15 +9,20 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .config import flatten
+from .errors import ConfigError
 from .files import atomic_text, atomic_write_text, strict_json
 
 
-def _read_csv(path: Path) -> List[List[str]]:
+def read_csv(path: Path) -> List[List[str]]:
     """The rows of a CSV file, without a partial last row (an older writer killed mid-line)."""
     if not path.is_file():
         return []
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:  # binary, or a NUL byte
+        raise ConfigError(f"{path} is not a CSV file written by tdlrt ({type(exc).__name__}); restore it or move "
+                          f"it away") from None
     return rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0])] if rows else []
 
 
@@ -28,7 +33,7 @@ def _write_csv(path: Path, rows: List[list]) -> None:
 
 def _truncate_csv(path: Path, max_value: int, column: str = "epoch") -> None:
     """Drop the rows whose ``column`` is above ``max_value`` (written after the checkpoint a run resumes from)."""
-    rows = _read_csv(path)
+    rows = read_csv(path)
     if not rows:
         return
     header, body = rows[0], rows[1:]
@@ -92,8 +97,13 @@ class RunLogger:
         if not self.write:
             return
         path = self.dir / name
-        old = _read_csv(path)
+        old = read_csv(path)
         header = old[0] if old else list(rows[0].keys())
+        added = [k for r in rows for k in r if k not in header]
+        if added:  # a column the file lacks (an older version wrote it, or its header was edited): added, not dropped
+            added = list(dict.fromkeys(added))
+            header = header + added
+            old = [header] + [row + [""] * len(added) for row in old[1:]]
         _write_csv(path, (old or [header]) + [[r.get(k, "") for k in header] for r in rows])
 
     def epoch(self, row: dict) -> None:

@@ -31,8 +31,8 @@ class Diverged(UserError):
             super().__init__(f"the training loss was NaN/Inf again at step {step} (epoch {epoch + 1}) after "
                              f"nan_max_skips steps were skipped; stopped, {keep} (lower lr, or raise nan_max_skips)")
         elif weights:
-            super().__init__(f"the low-rank cores became NaN/Inf in the optimizer step at step {step} (epoch "
-                             f"{epoch + 1}); stopped, {keep} (lower lr)")
+            super().__init__(f"the low-rank cores became NaN/Inf (or too large to decompose) in the optimizer step "
+                             f"at step {step} (epoch {epoch + 1}); stopped, {keep} (lower lr)")
         else:
             super().__init__(f"the training loss became NaN/Inf at step {step} (epoch {epoch + 1}); stopped, {keep} "
                              f"(nan_policy=skip skips such steps instead)")
@@ -146,6 +146,9 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         elif faults.kill_now(global_step + 1, "rank_change"):
             integrator.prepare_step()  # bases augmented to 2r, then killed before the update and truncation
             faults.die()
+        if faults.inf_lr_now(global_step + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = float("inf")
         try:
             stepper.step()
         except (NonFiniteCore, RuntimeError) as exc:
@@ -153,7 +156,7 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
             # non-finite loss that caused it if there was one, else the weights; never the linear algebra
             if int(bad_step) >= 0:
                 raise Diverged(int(bad_step), epoch) from None
-            if isinstance(exc, NonFiniteCore):
+            if isinstance(exc, (NonFiniteCore, torch.linalg.LinAlgError)):  # cores too large to decompose
                 raise Diverged(global_step + 1, epoch, weights=True) from None
             raise
         if per_step_sched:

@@ -13,7 +13,6 @@ imp              iterative magnitude pruning with rewinding (``method.rounds``, 
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -33,6 +32,7 @@ from .lowrank.baselines import (DECOMPOSABLE, FIXED, FixedTuckerConv2d, allocate
 from .lowrank.pruning import GradualPruning
 from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
+from .files import load_json
 
 INTEGRATED = ("tdlrt", "dlrt")
 PRUNED = ("tucker_prune",)  # ranks cut on the target rule's schedule, without the integrator
@@ -57,10 +57,14 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
         fmt = {"tdlrt": "tucker", "dlrt": "matrix", "tucker_prune": "trained_tucker"}[m.name]
         try:
-            convert_to_lowrank(model, policy, rules, init=init, generator=generator, conv_format=fmt)
+            converted = convert_to_lowrank(model, policy, rules, init=init, generator=generator, conv_format=fmt)
         except ValueError as exc:
-            raise ConfigError(f"{exc}: method.init_rank and method.r_min are absolute ranks "
-                              f"(method.init_rank_frac sets a fraction of each layer)") from None
+            raise ConfigError(f"{exc}: method.init_rank and method.r_min are absolute ranks, method.r_max_frac "
+                              f"a fraction of each layer (method.init_rank_frac sets the start)") from None
+        if not converted:
+            raise ConfigError(f"method={m.name}: no layer of {cfg.model.name} at model.width_mult="
+                              f"{cfg.model.width_mult:g} can be factorised (a conv needs 2 or more channels in and "
+                              f"out); raise model.width_mult")
     elif m.name in FIXED:
         factorise_fixed(cfg, model, generator, saved_ranks)
     if m.init_decay > 0:
@@ -82,6 +86,10 @@ def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generat
                           f"tt or matrix")
     init = "hosvd" if decompose else "random"
     convs = _convs_to_factorise(model, m.convert_first_conv)
+    if not convs:
+        raise ConfigError(f"method={m.name}: no layer of {cfg.model.name} at model.width_mult="
+                          f"{cfg.model.width_mult:g} can be factorised (a conv needs 2 or more channels in and "
+                          f"out); raise model.width_mult")
     names = {n for n, _ in convs}
     kept = sum(c.weight.numel() for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and n not in names)
     if m.name == "tucker" and (saved_ranks or m.ranks_from or (decompose and m.target_cr is not None)):
@@ -127,7 +135,7 @@ def ranks_of_run(folder: str, cfg: TrainConfig, convs: Dict[str, nn.Conv2d]) -> 
     key = f"method.ranks_from={folder}"
     path = Path(folder).expanduser() / "summary.json"
     try:
-        summary = json.loads(path.read_text())
+        summary = load_json(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{key}: no summary.json there (a finished tdlrt run folder is needed)") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -169,7 +177,7 @@ def sources_of(cfg: TrainConfig) -> Dict[str, dict]:
     found = {}
     if getattr(cfg.method, "ranks_from", None):
         try:
-            config = json.loads((Path(cfg.method.ranks_from).expanduser() / "summary.json").read_text()).get("config")
+            config = load_json((Path(cfg.method.ranks_from).expanduser() / "summary.json").read_text()).get("config")
         except (OSError, ValueError, AttributeError):
             config = None
         if isinstance(config, dict):

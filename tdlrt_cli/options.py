@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .errors import ConfigError
+from .files import RUN_FILES, RUN_FOLDERS
 
 
 def check_device(device: str) -> None:
@@ -14,11 +15,31 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device={device} is not one of: auto, cpu, cuda, cuda:N")
 
 
+def run_file(path: Path) -> Optional[Path]:
+    """The run folder whose own file (or a file in whose own folders) ``path`` would replace, or None."""
+    path = path.absolute()
+    if path.is_symlink() or path.exists():
+        path = path.resolve()
+    for depth, folder in enumerate(list(path.parents)[:3]):
+        is_run = (folder / ".hydra").is_dir() or (folder / "checkpoints").is_dir()
+        if not is_run:
+            continue
+        parts = path.relative_to(folder).parts
+        if (depth == 0 and parts[0] in RUN_FILES) or parts[0] in RUN_FOLDERS:
+            return folder
+    return None
+
+
 def check_output_file(path: Path, example: str = "model.pt2", key: str = "out") -> None:
     """Fail before any work when ``path`` cannot become an output file: a folder, a folder that does not
-    exist, or one that takes no new file (tried with a temporary file, removed again)."""
+    exist, one that takes no new file (tried with a temporary file, removed again), or a file of a run folder's
+    own (its checkpoints, logs, metrics, Hydra files), also through a symlink."""
     if path.is_dir():
         raise ConfigError(f"{key}={path} is a folder; give a file name, e.g. {key}={path / example}")
+    owner = run_file(path)
+    if owner is not None:
+        raise ConfigError(f"{key}={path} is a file of the run in {owner} (its checkpoints, logs and metrics are "
+                          f"never overwritten); choose another file, e.g. {key}={owner / example}")
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"{key}={path}: the folder {folder} does not exist; create it or choose another {key}=")

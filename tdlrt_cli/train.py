@@ -32,7 +32,7 @@ from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
 from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
 from .faults import faults
-from .files import atomic_write_text, remove_stale_temporaries, resume_command
+from .files import atomic_write_text, load_json, remove_stale_temporaries, resume_command
 from .launch import RunLock, config_drift, describe_drift
 from .logs import Console, RunLogger, hparams_of
 from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
@@ -306,7 +306,7 @@ def evaluate_start(r: Run) -> None:
 def read_json(path: Path) -> Optional[dict]:
     """A small JSON file the run wrote itself (a dict), or None if it is not there or not readable."""
     try:
-        found = json.loads(path.read_text())
+        found = load_json(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return found if isinstance(found, dict) else None
@@ -528,7 +528,8 @@ def main() -> None:
                                                          for o in hydra_cfg.overrides.task])
                 tc = from_dictconfig(cfg)
                 if multirun:
-                    faults.bug_now(int(hydra_cfg.job.num))
+                    faults.job = int(hydra_cfg.job.num)
+                    faults.bug_now(faults.job)
                 summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
         except SystemExit as exc:
             if exc.code == 2 and multirun:

@@ -81,9 +81,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_an_infinite_lr_stops_before_truncation_with_one_line(tmp_path):
-    """lr=inf makes the stepped cores non-finite while the loss of that step was finite: the integrator
-    refuses to truncate them and the run stops like at a NaN loss, not with a linear-algebra traceback."""
-    proc = run_tdlrt(["train", *TINY, "method=tdlrt", "lr=inf"], tmp_path, check=False)
+    """An infinite lr at step 1 (fault injection: lr=inf is refused by validation) makes the stepped cores
+    non-finite while the loss of that step was finite: the integrator refuses to truncate them and the run stops
+    like at a NaN loss, not with a linear-algebra traceback."""
+    proc = run_tdlrt(["train", *TINY, "method=tdlrt"], tmp_path, check=False, env={"TDLRT_FAULT_INF_LR_AT_STEP": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("tdlrt: error: ") and "NaN/Inf" in line and "at step 1 (epoch 1)" in line

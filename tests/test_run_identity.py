@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_dirs, run_tdlrt
+from conftest import TINY, run_tdlrt
 
 # a run that differs from every default in what is trained: resuming with the defaults would show it
 RUN = [a for a in TINY if not a.startswith("epochs")] + ["method=tdlrt", "tau=0.15", "lr=0.02", "seed=3",
@@ -218,16 +218,18 @@ def test_a_sweep_is_validated_before_its_first_job(tmp_path):
 
 
 def test_a_failed_sweep_job_does_not_stop_the_sweep_and_the_end_says_what_did_not_finish(tmp_path):
-    """lr=inf makes job 1 stop at its first step: jobs 0 and 2 still run, the last line lists job 1 and how to
-    run it; the sweep run again (job 1 fixed) skips the finished jobs, leaving their files as they are."""
+    """An infinite lr at its first step (fault injection) makes job 1 stop there: jobs 0 and 2 still run, the last
+    line lists job 1 and how to run it; the sweep run again (the cause gone) skips the finished jobs, leaving their
+    files as they are."""
     args = ["train", "-m", *[a for a in TINY if not a.startswith("epochs")], "epochs=1", "method=tdlrt",
             "cost_report=false", "hydra.sweep.dir=sw"]
-    proc = run_tdlrt(args + ["lr=0.05,inf,0.01"], tmp_path, check=False)
+    proc = run_tdlrt(args + ["lr=0.05,0.02,0.01"], tmp_path, check=False,
+                     env={"TDLRT_FAULT_INF_LR_AT_STEP": "1", "TDLRT_FAULT_INF_LR_IN_JOB": "1"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert any(line.startswith(f"tdlrt: error: sweep job 1 ({tmp_path / 'sw' / '1'}): ") and "NaN/Inf" in line
                for line in lines)
-    assert lines[-1] == ("tdlrt: error: 1 of 3 sweep jobs did not finish: job 1 (lr=inf); once the cause is fixed, "
+    assert lines[-1] == ("tdlrt: error: 1 of 3 sweep jobs did not finish: job 1 (lr=0.02); once the cause is fixed, "
                          "the same command runs them (finished jobs are skipped, stopped ones resume)")
     sw = tmp_path / "sw"
     assert [(sw / str(n) / "summary.json").is_file() for n in range(3)] == [True, False, True]

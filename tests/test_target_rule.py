@@ -3,6 +3,8 @@
 Mathematics against float64 references (the allocation's optimality conditions, the truncated HOSVD at the
 allocated ranks, ranks found on regressions with known Tucker ranks), then behaviour through the real CLI.
 """
+import csv
+import io
 import json
 import math
 import re
@@ -357,7 +359,10 @@ def test_cli_tau_rule_best_pt_is_chosen_among_epochs_at_the_final_ranks(tmp_path
     best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     ranks = {name: list(r) for name, r in best["best"]["ranks"].items()}
     assert ranks == summary["ranks"]
-    rows = (run / "ranks.csv").read_text().splitlines()
+    rows = list(csv.DictReader(io.StringIO((run / "ranks.csv").read_text())))
+    last = max(int(r["epoch"]) for r in rows)
+    final = {r["layer"]: [int(r["r_out"]), int(r["r_in"])] for r in rows if int(r["epoch"]) == last}
+    assert final == {name: r[:2] for name, r in ranks.items()}  # best.pt holds the final ranks
     assert summary["selected"]["epoch"] >= 1
 
 

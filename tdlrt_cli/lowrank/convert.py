@@ -29,11 +29,15 @@ class RankPolicy:
     adapted_modes: str = "channels"  # "channels" (out, in) or "all"
 
     def check(self, n: int) -> None:
-        """Explicit ranks must fit a mode of size ``n`` (``r_max`` is a cap and is clipped to n)."""
+        """Explicit ranks must fit a mode of size ``n`` (``r_max`` is a cap and is clipped to n), and the cap
+        ``r_max_frac * n`` may not fall to 0 (it would hold the mode below ``r_min``)."""
         for key in ("init_rank", "r_min"):
             value = getattr(self, key)
             if value is not None and value > n:
                 raise ValueError(f"{key}={value} is larger than the layer (a mode of size {n})")
+        if self.r_max is None and int(self.r_max_frac * n) < 1:
+            raise ValueError(f"r_max_frac={self.r_max_frac:g} caps a mode of size {n} at rank 0, below "
+                             f"r_min={self.r_min}")
 
     def bounds(self, n: int) -> Tuple[int, int]:
         hi = self.r_max if self.r_max is not None else int(self.r_max_frac * n)

@@ -19,16 +19,30 @@ file leaves an earlier report whole.
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from ..errors import UserError
-from ..files import remove_stale_temporaries
+from ..files import pid_alive, remove_stale_temporaries
 from .collect import collect, group
 from .plots import (REPORT_TEMPORARY, loss_curve, plot_accuracy_vs_compression, plot_ill_conditioned,
                     plot_rank_trajectories, rank_runs, read_ranks)
 from .tables import mark_best, write_runs, write_tables
+
+
+STAGE = re.compile(r"^\.report\.(?P<pid>\d+)\.tmp$")  # a report being made (by that process)
+
+
+def remove_stale_stages(out: Path) -> None:
+    """The staging folders of reports killed while they were being made."""
+    for path in out.iterdir():
+        match = STAGE.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not pid_alive(int(match.group("pid"))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -62,17 +76,27 @@ def main(argv: Optional[List[str]] = None) -> None:
         # read every file the plots need before writing anything: a damaged one leaves the old report whole
         ranks_of = {run.path: read_ranks(row, run) for row, run in rank_runs(rows)}
         curves = {run.path: loss_curve(run) for run in runs if run.init_decay > 0}
+        stage = None
         try:
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(out, REPORT_TEMPORARY)
-            write_tables(rows, out, band, unfinished)
-            write_runs(runs, out)
-            pngs = (plot_accuracy_vs_compression(rows, out) + plot_rank_trajectories(rows, out, ranks_of)
-                    + plot_ill_conditioned(runs, out, curves))
+            remove_stale_stages(out)
+            # everything is made in a staging folder inside out/ first, then moved in: all or none
+            stage = out / f".report.{os.getpid()}.tmp"
+            stage.mkdir()
+            write_tables(rows, stage, band, unfinished)
+            write_runs(runs, stage)
+            pngs = (plot_accuracy_vs_compression(rows, stage) + plot_rank_trajectories(rows, stage, ranks_of)
+                    + plot_ill_conditioned(runs, stage, curves))
+            for made in sorted(stage.iterdir()):
+                os.replace(made, out / made.name)
         except OSError as exc:
             where = exc.filename or out
             raise UserError(f"cannot write the report into out={out} ({where}: {exc.strerror or exc}); "
                             f"choose a writable folder with out=DIR") from None
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
     except UserError as exc:
         print(f"tdlrt: error: {exc}", file=sys.stderr)
         sys.exit(2)

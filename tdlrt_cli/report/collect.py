@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
 from ..errors import UserError
+from ..files import load_json
 
 METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp"]
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
@@ -295,11 +296,11 @@ def _hydra_config(run_dir: Path) -> Tuple[dict, str]:
         if not (d / "config.yaml").is_file():
             continue
         try:
-            loaded = OmegaConf.load(d / "config.yaml")
-            try:
-                config = OmegaConf.to_container(loaded, resolve=True)
-            except Exception:
-                config = OmegaConf.to_container(loaded, resolve=False)
+            # never resolved: an interpolation in a run file reads the environment or calls a resolver. The one
+            # the project's config has in the keys shown, tau: ${method.default_tau}, is taken by hand.
+            config = OmegaConf.to_container(OmegaConf.load(d / "config.yaml"), resolve=False)
+            if isinstance(config, dict) and config.get("tau") == "${method.default_tau}":
+                config["tau"] = (config.get("method") or {}).get("default_tau")
             if (d / "overrides.yaml").is_file():
                 overrides = " ".join(str(o) for o in OmegaConf.to_container(OmegaConf.load(d / "overrides.yaml")))
         except Exception as exc:
@@ -396,7 +397,7 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
                 continue
             seen.add(f.resolve())
             try:
-                s = json.loads(f.read_text())
+                s = load_json(f.read_text())
                 c = s["config"]
                 if s.get("test_acc") is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
                     unfinished.append(empty_run(f.parent, s))
@@ -408,7 +409,7 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
                                 float(c["method"].get("init_decay", 0.0) or 0.0),
                                 None if best is None else float(best),
                                 grouping_config(c, s.get("sources") if isinstance(s.get("sources"), dict) else None), s))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 print(f"tdlrt: warning: skipping {f} ({type(exc).__name__}: {str(exc)[:200]}); listed as damaged",
                       file=sys.stderr)
                 unfinished.append(unfinished_run(f.parent))

@@ -15,6 +15,7 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels come from run files: "$...$" in a name is text
     import matplotlib.pyplot as plt
 
     return plt
@@ -105,12 +106,19 @@ def plot_accuracy_vs_compression(rows: List[Row], out: Path) -> List[Path]:
         ax.set_title(f"{model} on {data}: accuracy vs compression")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        written.append(_save(fig, out / f"acc_vs_cr_{data}_{model}.png"))
+        written.append(_save(fig, out / png_name("acc_vs_cr", data, model)))
     return written
 
 
 def _file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "", text.replace(", ", "_"))
+
+
+def png_name(*parts) -> str:
+    """A plot's file name from names read from run files: letters, digits, '.', '_' and '-' only, never
+    starting with '.', at most 200 characters (a name in the data cannot reach outside out=)."""
+    name = "_".join(_file_part(str(part)) for part in parts).lstrip(".")[:200]
+    return (name or "plot") + ".png"
 
 
 def rank_series(run_dir: Path) -> Tuple[str, Dict[Tuple[str, str], List[Tuple[int, int]]]]:
@@ -210,8 +218,8 @@ def plot_rank_trajectories(rows: List[Row], out: Path, ranks_of: Dict[Path, tupl
         extra = _extra(row, keys[(row.data, row.model)])
         fig.suptitle(f"{row.model} on {row.data}, {METHOD_LABEL[row.method]} {row.knob}"
                      + (f", {extra}" if extra else "") + f" (seed {run.seed})")
-        name = f"ranks_{row.data}_{row.model}_{row.method}_{_file_part(row.knob.replace('=', ''))}"
-        written.append(_save(fig, out / (name + (f"_{_file_part(extra)}" if extra else "") + ".png")))
+        parts = ("ranks", row.data, row.model, row.method, row.knob.replace("=", "")) + ((extra,) if extra else ())
+        written.append(_save(fig, out / png_name(*parts)))
     return written
 
 
