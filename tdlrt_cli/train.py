@@ -530,7 +530,13 @@ def main() -> None:
                 if multirun:
                     faults.job = int(hydra_cfg.job.num)
                     faults.bug_now(faults.job)
-                summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+                try:
+                    summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+                except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises a RuntimeError
+                    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)):
+                        raise
+                    raise UserError(f"out of memory ({one_line(exc)[:160]}); lower batch_size, eval_batch_size, "
+                                    f"model.width_mult or the data size") from None
         except SystemExit as exc:
             if exc.code == 2 and multirun:
                 SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))

@@ -3,7 +3,6 @@ what its files name, never writes outside the folder it was asked to write into 
 every numeric key has a finite range checked before a folder is made. Each case plants one payload or bad value
 and checks that it is refused in one line (exit 2) with nothing run and nothing the run wrote touched."""
 import json
-import os
 import shutil
 import sys
 
@@ -152,6 +151,13 @@ def test_a_deeply_nested_summary_is_listed_as_damaged_not_a_traceback(run, tmp_p
     (run / "summary.json").write_text('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}")
     proc = run_tdlrt(["report", str(run), f"out={tmp_path / 'report'}"], tmp_path, check=False)
     assert "Traceback" not in proc.stderr and "damaged" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("band", ["1e-320", "inf", "0"])
+def test_report_band_out_of_range_is_one_line(run, tmp_path, band):
+    one_line(run_tdlrt(["report", str(run), f"band={band}", f"out={tmp_path / 'r'}"], tmp_path, check=False),
+             f"band={band} must be a number of percentage points in [0.01, 100]")
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------ numbers: finite, in range, before any folder

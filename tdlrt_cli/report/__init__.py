@@ -18,7 +18,6 @@ file leaves an earlier report whole.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -62,9 +61,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise UserError(f"unknown option {sorted(unknown)[0]}=...; report takes out=DIR and band=POINTS")
         try:
             band = float(opts.get("band", 5))
-            assert 0 < band < math.inf
+            assert 0.01 <= band <= 100
         except (ValueError, AssertionError):
-            raise UserError(f"band={opts['band']} must be a positive number of percentage points") from None
+            raise UserError(f"band={opts['band']} must be a number of percentage points in [0.01, 100]") from None
         if not paths:
             raise UserError("no run folders given: tdlrt report PATH... [out=DIR]")
         out = Path(opts.get("out", "report"))
