@@ -11,6 +11,7 @@ import torch
 
 from conftest import TINY, run_tdlrt
 from test_config import make
+from test_run_identity import one_line
 from tdlrt_cli.bench import BenchConfig
 from tdlrt_cli.config import ConfigError, from_dictconfig
 from tdlrt_cli.data import DeviceLoader, ImageTensors, seed64
@@ -22,14 +23,6 @@ BASE = [a for a in TINY if not a.startswith("epochs")] + ["epochs=1", "method=de
 def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and not p.is_symlink() and p.name != ".lock"}
-
-
-def one_line(proc, *needles):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("tdlrt: error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

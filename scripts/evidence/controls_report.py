@@ -210,11 +210,18 @@ def figure(out: Path, rows, table) -> None:
     if dense:
         axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("VGG16 x0.25 on proxy P: TDLRT and its controls (dots: seeds, bars: means)", fontsize=10)
+    save_figure(fig, out, "controls")
+
+
+def save_figure(fig, out: Path, stem: str) -> None:
+    """``fig`` as out/STEM.png and out/STEM.svg, each written to a temporary file and renamed over the old one."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     for ext in ("png", "svg"):
-        tmp = out / f".controls.tmp.{ext}"
+        tmp = out / f".{stem}.tmp.{ext}"
         fig.savefig(tmp, dpi=150)
-        tmp.replace(out / f"controls.{ext}")
+        tmp.replace(out / f"{stem}.{ext}")
     plt.close(fig)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from pathlib import Path
 
+from controls_report import save_figure, stats  # this folder's: the same statistics and figure files
 from tdlrt_cli.files import atomic_write_text
 
 NAME = re.compile(r"^(?:w(?P<w>[\d.]+)_|(?P<full>full)_)?(?P<family>dense|tdlrt|prune)(?:_cr(?P<cr>\d+))?_s(?P<seed>\d+)$")
@@ -42,12 +42,6 @@ def load(dirs) -> list:
                          "conv": int(s["conv_params"]), "wall": float(s.get("wall_time_s") or 0.0),
                          "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7], "dir": str(f.parent)})
     return rows
-
-
-def stats(values):
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
 def fmt(st, signed=False) -> str:
@@ -191,12 +185,7 @@ def figure(out: Path, rows, widths) -> None:
     ax.set_title("accuracy gap to dense (mean ± std over seeds)", fontsize=10)
     bx.set_title("training cost (one CPU thread per run)", fontsize=10)
     fig.suptitle("VGG16 on proxy P: TDLRT and gradual pruning against dense as the network widens", fontsize=10)
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        tmp = out / f".width.tmp.{ext}"
-        fig.savefig(tmp, dpi=150)
-        tmp.replace(out / f"width.{ext}")
-    plt.close(fig)
+    save_figure(fig, out, "width")
 
 
 if __name__ == "__main__":
