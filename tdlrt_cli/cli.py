@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from typing import List, Optional
 
 from .launch import RunLock, remove_if_fresh
@@ -130,11 +131,12 @@ def _command(command: str, rest: List[str]) -> None:
         return
     sys.argv = [f"tdlrt-{command}"] + prepared.argv + _rank_overrides(rest)
     try:
-        _run_hydra(entry)
+        with _scheduler_refusal(prepared):
+            _run_hydra(entry)
     except SystemExit as exc:
         if exc.code == 2:  # refused after the checks above (data missing, a checkpoint that does not load)
             remove_if_fresh(prepared)
-        if multirun and exc.code:  # stopped (Ctrl-C, SIGTERM): the jobs left, and how to run them
+        if multirun and exc.code and not isinstance(exc, SchedulerRefused):  # stopped (Ctrl-C, SIGTERM): the jobs left, and how to run them
             left = sweep_report(prepared.sweep, SWEEP_FAILURES)
             if left:
                 print(f"tdlrt: stopped: {left}", file=sys.stderr)
@@ -153,6 +155,53 @@ def _command(command: str, rest: List[str]) -> None:
     if left:  # jobs failed (each said why as it ended); the others ran
         print(f"tdlrt: error: {left}", file=sys.stderr)
         sys.exit(2)
+
+
+class SchedulerRefused(SystemExit):
+    """The scheduler refused a sweep's submission: said in one line already (exit status 2)."""
+
+
+class _WithoutSubmititEcho:
+    """sys.stderr, less what submitit itself prints of a refused ``sbatch`` (its stderr, which
+    :func:`_scheduler_refusal` says in its one line instead); everything else passes through."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if sys._getframe(1).f_globals.get("__name__", "") == "submitit.core.utils":
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _scheduler_refusal(prepared):
+    """A sweep the cluster's scheduler refuses (``sbatch`` exits non-zero: an unknown partition, an account
+    over its limits) ends as one line with the scheduler's reason and exit status 2; the sweep folder this
+    command made, holding nothing trained yet, is removed."""
+    try:
+        from submitit.core.utils import FailedJobError
+    except ImportError:  # no cluster launcher installed: nothing can be refused by a scheduler
+        yield
+        return
+    stderr, sys.stderr = sys.stderr, _WithoutSubmititEcho(sys.stderr)
+    try:
+        yield
+    except FailedJobError as exc:
+        if os.environ.get("TDLRT_DEBUG"):
+            raise
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:500] or "no reason given"
+        sweep = prepared.sweep
+        if sweep is not None and sweep.fresh is not None and not any(sweep.folder.rglob("summary.json")) \
+                and not any(sweep.folder.rglob("*.pt")):
+            shutil.rmtree(sweep.fresh, ignore_errors=True)
+        print(f"tdlrt: error: the scheduler refused the sweep: {reason}", file=stderr)
+        raise SchedulerRefused(2) from None
+    finally:
+        sys.stderr = stderr
 
 
 def _installs_completion(args: List[str]) -> bool:

@@ -8,7 +8,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -209,6 +209,23 @@ def load_export(path: Path):
     return ExportedNetwork(program.module()), load_json(extra["tdlrt.json"])
 
 
+def export_metadata(meta, where: Path) -> Tuple[dict, Tuple[int, int, int]]:
+    """The run's config and the data shape (channels, classes, image size) that `tdlrt export` recorded,
+    checked: a hand-edited or foreign file is refused in one line naming it, never read half-way."""
+    shape = meta.get("data_shape") if isinstance(meta, dict) else None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} holds no run configuration ('config'): it was not written by `tdlrt export`, "
+                              f"or was edited; export the run again")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= top
+                    for n, top in zip(shape, (4096, 1_000_000, 65536)))):
+        raise CheckpointError(f"{where}: data_shape {str(shape)[:80]} is not (channels, classes, image size) as "
+                              f"`tdlrt export` writes it (three whole numbers, at most 4096, 1000000, 65536); "
+                              f"export the run again")
+    return config, tuple(shape)
+
+
 def data_config(saved: dict, overrides: List[str]) -> dict:
     """The run's config with ``data=NAME`` (a configs/data preset) and ``data.KEY=VALUE`` applied."""
     from omegaconf import OmegaConf
@@ -257,7 +274,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
         if is_onnx:
             device = torch.device("cpu")  # ONNX Runtime's CPU provider
         model, meta = load_onnx(path) if is_onnx else load_export(path)
-        saved, shape = meta["config"], tuple(meta["data_shape"])
+        saved, shape = export_metadata(meta, Path(str(path) + ".json") if is_onnx else path)
     else:
         run = load_run(opts.source, opts.checkpoint)
         model, saved, shape = run.model, run.config, run.data_shape

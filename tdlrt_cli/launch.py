@@ -304,16 +304,17 @@ def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = T
     stamp = stamp or time.strftime("%Y-%m-%d_%H-%M-%S")
     with Composer() as compose:
         if multirun:
-            sweep_dir, jobs = _check_sweep(compose, overrides)
+            sweep_dir, jobs, fresh = _check_sweep(compose, overrides)
             pin = [f"hydra.sweep.dir={_quote(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
                 is None else []  # the folder checked and made here (its name holds the time)
-            return Prepared(args + pin, sweep=Sweep(sweep_dir, jobs, bool(pin)) if sweep_dir else None)
+            return Prepared(args + pin, sweep=Sweep(sweep_dir, jobs, bool(pin), fresh) if sweep_dir else None)
         return _prepare_run(compose, overrides, stamp, writer)
 
 
-def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tuple[str, Path]]]:
+def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tuple[str, Path]], Optional[Path]]:
     """Compose and validate every job of a sweep, refusing all of them if one is bad; make the sweep folder.
-    Returns it and every job's swept overrides and folder (None and none for a sweeper that picks its jobs)."""
+    Returns it, every job's swept overrides and folder, and the highest folder made (None, none and None for a
+    sweeper that picks its jobs)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     if _value(overrides, "resume") is not None:
@@ -324,7 +325,7 @@ def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tu
                           f"cluster's login node, or use hydra/launcher=local on this machine")
     sweeper = _value(overrides, "hydra/sweeper")
     if sweeper not in (None, "basic"):
-        return None, []  # another sweeper chooses its jobs as it goes
+        return None, [], None  # another sweeper chooses its jobs as it goes
     jobs = [job for batch in BasicSweeper.split_arguments(_parse(overrides), None) for job in batch]
     swept = [o.input_line.split("=", 1)[0] for o in _parse(overrides) if o.is_sweep_override()]
     listed = []
@@ -355,13 +356,14 @@ def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tu
             raise ConfigError(*exc.args) from None
     if jobs:  # every job checked: the sweep folder may be made now (Hydra would make it next)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        fresh = _first_missing(sweep_dir)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"hydra.sweep.dir={sweep_dir} cannot be created ({exc.strerror or exc}); choose a "
                               f"writable folder") from None
-        return sweep_dir, [(swept_here, sweep_dir / subdir) for swept_here, subdir in listed]
-    return None, []
+        return sweep_dir, [(swept_here, sweep_dir / subdir) for swept_here, subdir in listed], fresh
+    return None, [], None
 
 
 @dataclass
@@ -370,6 +372,7 @@ class Sweep:
     folder: Path
     jobs: List[Tuple[str, Path]]
     pinned: bool  # the command did not name hydra.sweep.dir (its name holds the time)
+    fresh: Optional[Path] = None  # the highest folder the checks made for it (None: it existed)
 
 
 def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Optional[str]:

@@ -3,6 +3,7 @@ what its files name, never writes outside the folder it was asked to write into 
 every numeric key has a finite range checked before a folder is made. Each case plants one payload or bad value
 and checks that it is refused in one line (exit 2) with nothing run and nothing the run wrote touched."""
 import json
+import os
 import shutil
 import sys
 
@@ -224,3 +225,43 @@ def test_bench_refuses_an_augmentation_clock_it_could_not_finish():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_sweep_the_scheduler_refuses_is_one_line_and_leaves_no_folder(tmp_path):
+    """A stand-in ``sbatch`` that refuses the submission as SLURM does (exit 1, the reason on stderr)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": 'echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2\n'
+                                 "exit 1\n", "srun": "exit 0\n"}.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_tdlrt(["train", "-m", "hydra/launcher=slurm", *BASE, "seed=0,1"], work, check=False,
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    one_line(proc, "the scheduler refused the sweep", "Invalid partition name specified")
+    assert list(work.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    run_tdlrt(["export", str(trained), f"out={out}", "format=onnx"], out.parent)
+    return out
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"data_shape": [3, 10, 1e30]}, "data_shape [3, 10, 1e+30] is not (channels, classes, image size)"),
+    ({"data_shape": 5}, "data_shape 5 is not"),
+    ({"data_shape": [3, 10, 10 ** 20]}, "is not (channels, classes, image size)"),
+    ({"data_shape": None}, "data_shape None is not"),
+    ({"config": None}, "holds no run configuration"),
+])
+def test_an_edited_onnx_sidecar_is_one_line(onnx_export, tmp_path, edit, says):
+    out, sidecar = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    shutil.copy(onnx_export, out)
+    shutil.copy(str(onnx_export) + ".json", sidecar)
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **edit}))
+    one_line(run_tdlrt(["eval", str(out), "latency=false"], tmp_path, check=False), "m.onnx.json", says)
