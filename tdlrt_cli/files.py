@@ -65,7 +65,7 @@ def disk_full_error(path: Path):
     run = "; free space and run the command again"
     if path.parent.name == "checkpoints" and path.suffix == ".pt":
         if (path.parent / "last.pt").is_file():
-            run = f"; free space, then resume the run: tdlrt train resume={path.parent.parent}"
+            run = f"; free space, then resume the run: {resume_command(path.parent.parent)}"
         else:  # nothing to resume from: the same run, started again in its folder
             run = (f"; no checkpoint was written yet: free space, then start the run again in its folder: "
                    f"{resume_command(path.parent.parent)}")
@@ -153,17 +153,30 @@ def remove_stale_temporaries(folder: Path, pattern: "re.Pattern") -> None:
             tmp.unlink(missing_ok=True)
 
 
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as it is when Hydra reads it back unchanged, else single-quoted
+    (a path with a comma, a space, an equals sign, a quote or a non-ASCII letter; a word Hydra would read as
+    null, a boolean or a number)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:@+-]+", text) and "/" in text:  # a path (never null, true, 1e3)
+        return text
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # Hydra: backslashes before a quote or the end
+    return "'" + escaped.replace("'", "\\'") + "'"
+
+
 def resume_command(run_dir: Path) -> str:
-    """The command that continues the run in ``run_dir``: its own overrides, in its folder (auto-resume from
-    its last.pt; without one, the run starts again there)."""
+    """The shell command that continues the run in ``run_dir``: ``tdlrt train resume=<folder>`` (the run's
+    own settings, from its last.pt); without a last.pt, the run's own overrides started again in its folder."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "tdlrt train " + shlex.quote(f"resume={hydra_value(str(run_dir))}")
     overrides = []
     try:
         from omegaconf import OmegaConf
 
-        overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml"),
+        overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"),
                                                             resolve=False)]
     except Exception:  # no Hydra files (library use): the folder alone
         pass
     keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in
             ("hydra.run.dir", "ckpt_path", "checkpoint.auto_resume")]
-    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={run_dir}"])
+    return "tdlrt train " + shlex.join(keep + [f"hydra.run.dir={hydra_value(str(run_dir))}"])

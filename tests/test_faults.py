@@ -177,7 +177,7 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resum
     assert (state["epoch"], state["global_step"]) == (1, 6) and state["position"]["batch"] == 2
     assert (run / "train.log").read_text().strip().endswith(line)  # read after a closed terminal (SIGHUP)
     command = shlex.split(line.split("resume with: ", 1)[1])
-    assert command[:2] == ["tdlrt", "train"] and f"hydra.run.dir={run}" in command
+    assert command[:2] == ["tdlrt", "train"] and len(command) == 3 and command[2].startswith("resume=")
     run_tdlrt(command[1:], tmp_path)
     assert run_dirs(tmp_path / "outputs") == [run]
     a, b = final_state(straight), final_state(run)
@@ -285,3 +285,19 @@ def test_keep_top_k_keeps_the_k_best_epochs_of_the_final_network(tmp_path, metho
     eligible = [r for r in rows if method == "dense" or int(r["epoch"]) >= summary["selected"]["epoch"]]
     best_two = sorted(float(r["val_acc"]) for r in eligible)[-2:]
     assert sorted(float(n.split("val_acc")[1][:-3]) for n in kept) == pytest.approx(best_two[-len(kept):], abs=0.006)
+
+
+def test_the_printed_resume_command_parses_for_a_folder_with_a_comma_a_space_and_a_non_ascii_letter(tmp_path):
+    """Shell-quoted and Hydra-quoted: ``resume='<folder>'`` reaches the run as it is named."""
+    import shlex
+
+    from tdlrt_cli.files import hydra_value
+
+    folder = tmp_path / "runs, été 1"
+    stopped = run_tdlrt([*ARGS, f"hydra.run.dir={hydra_value(str(folder))}"], tmp_path,
+                        env={"TDLRT_FAULT_SIGNAL_AT_STEP": "2", "TDLRT_FAULT_SIGNAL": "TERM"}, check=False)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    command = shlex.split(stopped.stderr.strip().splitlines()[-1].split("resume with: ", 1)[1])
+    assert command[:2] == ["tdlrt", "train"] and len(command) == 3, command
+    run_tdlrt(command[1:], tmp_path)
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == final_state(folder)["epoch"] == 3
