@@ -19,6 +19,8 @@ TDLRT_FAULT_SIGNAL_AT=P          the process sends itself TDLRT_FAULT_SIGNAL at 
                                  measured, the report not yet written), ``train_setup`` (`tdlrt train`: the data
                                  read, the network not yet built), ``train_summary`` (`tdlrt train`: the epochs
                                  done, the summary not yet written).
+TDLRT_FAULT_OOM_AT_STEP=N        step N asks the allocator of the training device for 2**62 bytes (4 EiB): the
+                                 allocator's own out-of-memory error, as a batch too large for the machine gives;
 TDLRT_FAULT_BUG_IN_JOB=N         job N of a sweep (`tdlrt train -m`) fails with an unexpected exception, as a bug
                                  in tdlrt would.
 """
@@ -45,6 +47,7 @@ class Faults:
         self.signal = getattr(signal, "SIG" + env.get("TDLRT_FAULT_SIGNAL", "INT"))
         self.signal_at_point = env.get("TDLRT_FAULT_SIGNAL_AT", "")
         self.bug_in_job = int(env.get("TDLRT_FAULT_BUG_IN_JOB", -1))
+        self.oom_at_step = int(env.get("TDLRT_FAULT_OOM_AT_STEP", 0))
         self.checkpoints_written = 0
 
     def kill_now(self, step: int, phase: str) -> bool:
@@ -63,6 +66,12 @@ class Faults:
     def signal_at(self, point: str) -> None:
         if self.signal_at_point == point:
             os.kill(os.getpid(), self.signal)
+
+    def oom_now(self, step: int, device) -> None:
+        if self.oom_at_step == step:
+            import torch
+
+            torch.empty(2 ** 62, dtype=torch.uint8, device=device)
 
     def bug_now(self, job: int) -> None:
         if self.bug_in_job == job:

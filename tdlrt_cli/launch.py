@@ -198,6 +198,9 @@ def config_drift(saved: dict, new: dict) -> List[Tuple[str, object, object]]:
 
 
 def describe_drift(drift, limit: int = 6) -> str:
+    """The changed keys, the names of what is trained first (``method.name "tdlrt" -> "dense"`` is the news;
+    the keys that differ because another preset was picked follow)."""
+    drift = sorted(drift, key=lambda d: not str(d[0]).endswith(".name"))
     shown = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in drift[:limit])
     return shown + (f" (and {len(drift) - limit} more)" if len(drift) > limit else "")
 
@@ -447,8 +450,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         if run_dir is not None:
             check_run_files(run_dir)
         saved, done = saved_config(ckpt, keep=True)
-        base = _original_overrides(run_dir) if run_dir is not None else []
         given = [o.key_or_group for o in _parse(mine)]
+        base = _original_overrides(run_dir) if run_dir is not None else overrides_of(saved, given)
         carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
                    if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
                    and not any(k.startswith(g + ".") for g in given)]
@@ -515,6 +518,24 @@ def _remove_empty(folder: Path, top: Optional[Path]) -> None:
         if path == top or path == path.parent:
             return
         path = path.parent
+
+
+def overrides_of(saved: dict, given: List[str]) -> List[str]:
+    """The overrides that rebuild a checkpoint's own configuration without its run folder (a ``last.pt``
+    copied elsewhere): the presets its names select, then every key that makes the run what it is, as it was;
+    none under a key or group the command gives (``model=lenet5`` is then compared with the run, as in a folder)."""
+    groups = config_groups()
+    chosen = [f"{group}={saved[group]['name']}" for group in ("model", "data", "method", "optimizer", "scheduler")
+              if isinstance(saved.get(group), dict) and saved[group].get("name") in groups.get(group, ())]
+    return chosen + [f"++{k}={_literal(v)}" for k, v in flatten(saved).items()
+                     if not is_free(k) and not any(k == g or k.startswith(g + ".") for g in given)]
+
+
+def _literal(value) -> str:
+    """A value of a saved configuration as Hydra reads it back (lists as lists)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    return _quote(value)
 
 
 def _original_overrides(run_dir: Path) -> List[str]:

@@ -128,6 +128,7 @@ def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger
         with amp():
             out = model(x)
             loss = F.cross_entropy(out, y)
+        faults.oom_now(global_step + 1, device)
         if faults.nan_now(global_step + 1):
             loss = loss * float("nan")
         finite = torch.isfinite(loss.detach())

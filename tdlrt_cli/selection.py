@@ -104,5 +104,7 @@ def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console
         have = None
     if have != last.get("epoch"):
         save_checkpoint({k: v for k, v in last.items() if k != "format"}, best_path)
+        if not best_path.parent.joinpath("last.pt").is_file():
+            return  # a checkpoint resumed outside its folder: this folder's first best.pt, nothing was stale
         say(f"tdlrt: note: {best_path} was older than the best epoch ({last.get('epoch')}) recorded in last.pt "
             f"(the run was stopped between the two writes); rewritten from last.pt")

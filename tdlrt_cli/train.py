@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -535,7 +536,9 @@ def main() -> None:
                 except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises a RuntimeError
                     if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)):
                         raise
-                    raise UserError(f"out of memory ({one_line(exc)[:160]}); lower batch_size, eval_batch_size, "
+                    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", one_line(exc))
+                    said = said if len(said) <= 160 else said[:160].rsplit(" ", 1)[0] + " ..."
+                    raise UserError(f"out of memory ({said}); lower batch_size, eval_batch_size, "
                                     f"model.width_mult or the data size") from None
         except SystemExit as exc:
             if exc.code == 2 and multirun:

@@ -265,3 +265,33 @@ def test_an_edited_onnx_sidecar_is_one_line(onnx_export, tmp_path, edit, says):
     shutil.copy(str(onnx_export) + ".json", sidecar)
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **edit}))
     one_line(run_tdlrt(["eval", str(out), "latency=false"], tmp_path, check=False), "m.onnx.json", says)
+
+
+def test_running_out_of_memory_is_one_line_and_leaves_no_folder(tmp_path):
+    """The allocator's own error (a 4 EiB request at step 2, before any checkpoint)."""
+    proc = run_tdlrt(["train", *BASE, "hydra.run.dir=oom"], tmp_path, env={"TDLRT_FAULT_OOM_AT_STEP": "2"},
+                     check=False)
+    last = proc.stderr.strip().splitlines()[-1]  # after the start block: the network was built
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("tdlrt: error: out of memory (") and "can't allocate memory" in last, last
+    assert "lower batch_size" in last and not (tmp_path / "oom").exists()
+
+
+def test_a_resume_that_changes_the_method_names_the_method_first(run, tmp_path):
+    line = one_line(run_tdlrt(["train", f"resume={run}", "method=tdlrt"], tmp_path, check=False))
+    assert 'would change what is trained: method.name "dense" -> "tdlrt", ' in line, line
+
+
+def test_a_checkpoint_copied_out_of_its_folder_resumes_with_its_own_settings(run, tmp_path):
+    """Without its run folder the checkpoint's own configuration is rebuilt (not the defaults: `lenet5 ->
+    vgg16`); a setting the command changes is still refused."""
+    loose = tmp_path / "elsewhere" / "last.pt"
+    loose.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "last.pt", loose)
+    one_line(run_tdlrt(["train", f"ckpt_path={loose}", "epochs=2", "lr=0.5"], tmp_path, check=False),
+             "would change what is trained: lr 0.05 -> 0.5")
+    proc = run_tdlrt(["train", f"ckpt_path={loose}", "epochs=2", "hydra.run.dir=continued"], tmp_path)
+    assert "note:" not in proc.stderr
+    summary = json.loads((tmp_path / "continued" / "summary.json").read_text())
+    assert summary["epochs"] == 2
+    assert "resuming" in (tmp_path / "continued" / "train.log").read_text().splitlines()[0]
