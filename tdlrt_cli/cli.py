@@ -180,8 +180,8 @@ class _WithoutSubmititEcho:
 @contextmanager
 def _scheduler_refusal(prepared):
     """A sweep the cluster's scheduler refuses (``sbatch`` exits non-zero: an unknown partition, an account
-    over its limits) ends as one line with the scheduler's reason and exit status 2; the sweep folder this
-    command made, holding nothing trained yet, is removed."""
+    over its limits) ends as one line with the scheduler's reason and exit status 2 (and, as any refused start,
+    :func:`~tdlrt_cli.launch.remove_if_fresh` removes the sweep folder this command made)."""
     try:
         from submitit.core.utils import FailedJobError
     except ImportError:  # no cluster launcher installed: nothing can be refused by a scheduler
@@ -194,10 +194,6 @@ def _scheduler_refusal(prepared):
         if os.environ.get("TDLRT_DEBUG"):
             raise
         reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:500] or "no reason given"
-        sweep = prepared.sweep
-        if sweep is not None and sweep.fresh is not None and not any(sweep.folder.rglob("summary.json")) \
-                and not any(sweep.folder.rglob("*.pt")):
-            shutil.rmtree(sweep.fresh, ignore_errors=True)
         print(f"tdlrt: error: the scheduler refused the sweep: {reason}", file=stderr)
         raise SchedulerRefused(2) from None
     finally:

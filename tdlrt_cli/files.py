@@ -153,14 +153,19 @@ def remove_stale_temporaries(folder: Path, pattern: "re.Pattern") -> None:
             tmp.unlink(missing_ok=True)
 
 
+def hydra_quoted(text: str) -> str:
+    """``text`` single-quoted as a Hydra override value (Hydra reads it back as this string)."""
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # Hydra: backslashes before a quote or the end
+    return "'" + escaped.replace("'", "\\'") + "'"
+
+
 def hydra_value(text: str) -> str:
     """``text`` as a Hydra override value: as it is when Hydra reads it back unchanged, else single-quoted
     (a path with a comma, a space, an equals sign, a quote or a non-ASCII letter; a word Hydra would read as
     null, a boolean or a number)."""
     if re.fullmatch(r"[A-Za-z0-9_./:@+-]+", text) and "/" in text:  # a path (never null, true, 1e3)
         return text
-    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)  # Hydra: backslashes before a quote or the end
-    return "'" + escaped.replace("'", "\\'") + "'"
+    return hydra_quoted(text)
 
 
 def resume_command(run_dir: Path) -> str:

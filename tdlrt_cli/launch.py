@@ -34,7 +34,8 @@ from .config import (CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, changed_defau
 from .errors import CheckpointError, ConfigError
 from .faults import faults
 from .logs import read_csv
-from .files import RUN_FILES, RUN_FOLDERS, is_disk_full, load_json, pid_alive, remove_stale_temporaries
+from .files import (RUN_FILES, RUN_FOLDERS, hydra_quoted, is_disk_full, load_json, pid_alive,
+                    remove_stale_temporaries)
 
 # Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
 # (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
@@ -247,7 +248,7 @@ def _quote(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_quoted(str(value))
 
 
 class Composer:
@@ -658,6 +659,11 @@ def _first_missing(folder: Path) -> Optional[Path]:
 
 def remove_if_fresh(prepared: Optional[Prepared]) -> None:
     """After a refused start: delete the folders this command created, unless a checkpoint got written."""
+    if prepared is not None and prepared.sweep is not None and prepared.sweep.fresh is not None:
+        folder = prepared.sweep.folder
+        if not any(any(folder.rglob(name)) for name in ("*.pt", "metrics.csv", "summary.json")):
+            shutil.rmtree(prepared.sweep.fresh, ignore_errors=True)  # no job trained anything: as if never run
+        return
     if prepared is None or prepared.fresh is None or prepared.run_dir is None:
         return
     run = prepared.run_dir

@@ -223,9 +223,6 @@ def test_bench_refuses_an_augmentation_clock_it_could_not_finish():
         BenchConfig(steps=10 ** 7).validate()
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 def test_a_sweep_the_scheduler_refuses_is_one_line_and_leaves_no_folder(tmp_path):
     """A stand-in ``sbatch`` that refuses the submission as SLURM does (exit 1, the reason on stderr)."""
@@ -295,3 +292,7 @@ def test_a_checkpoint_copied_out_of_its_folder_resumes_with_its_own_settings(run
     summary = json.loads((tmp_path / "continued" / "summary.json").read_text())
     assert summary["epochs"] == 2
     assert "resuming" in (tmp_path / "continued" / "train.log").read_text().splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
