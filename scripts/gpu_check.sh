@@ -35,7 +35,8 @@
 #                 ratio_vs_dense_graph, truncation_share, truncation_ms, truncation_ms_iqr, peak_mem_mib,
 #                 compression_rate, params, flops_forward, flops_train}]  (one per row of each bench run)
 #     bench_runs  [{stage, precision, spectra, device, torch, notes}]
-#     training  [{method, model, data, epochs, steps, test_acc, best_test_acc, wall_time_s, ms_per_step,
+#     training  [{method, model, data, epochs, steps, test_acc, checkpoint, test_acc_final, test_acc_max_epoch,
+#                 wall_time_s, ms_per_step,
 #                 compression_rate, ranks, cost}]  (cost: the run's cost report, when it wrote one)
 #   gpu_check.md    the same figures as markdown tables (meta, stages, bench, training)
 #   gpu_check.log   every stage's command, stdout and stderr

@@ -107,14 +107,16 @@ def require(state: dict, keys, path) -> None:
 
 def checkpoint_state(cfg, config_dict, model, optimizer, integrator, scheduler, epoch, global_step, best,
                      position: Optional[dict] = None, data_shape: Optional[tuple] = None, skipped_steps: int = 0,
-                     elapsed_s: float = 0.0) -> dict:
+                     elapsed_s: float = 0.0, data_input: Optional[dict] = None) -> dict:
     """Everything a resumed run needs: ``epoch`` completed epochs, and with ``position`` the place inside
     the next one (batch, running loss and accuracy sums) for checkpoints written mid-epoch; ``elapsed_s``:
-    the run's wall time so far, over all its sessions (a resumed run's summary adds its own)."""
+    the run's wall time so far, over all its sessions (a resumed run's summary adds its own); ``data_input``:
+    the normalisation of the pixels and the class names (for the sidecar of an export)."""
     return {
         "epoch": epoch, "global_step": global_step, "best_test_acc": best["max_test"], "best": best,
         "position": position, "skipped_steps": skipped_steps, "elapsed_s": elapsed_s,
         "data_shape": list(data_shape) if data_shape else None,
+        "data_input": data_input,  # {"mean", "std", "classes"}: what a user of the network feeds it
         "model_name": cfg.model.name, "method": cfg.method.name, "ranks": layer_ranks(model),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "integrator": integrator.state_dict(optimizer=False) if integrator else None,

@@ -37,17 +37,20 @@ def _rank_overrides(args: List[str]) -> List[str]:
     return [f"hydra.run.dir='{scratch}'", "hydra.output_subdir=null"]
 
 
-def _run_hydra(entry) -> None:
+def _run_hydra(entry, keys=None, listed_by: str = "tdlrt train --cfg job") -> None:
     """Run a Hydra entry point; configuration errors end as one line on stderr and exit status 2
-    (TDLRT_DEBUG=1 shows the traceback instead)."""
+    (TDLRT_DEBUG=1 shows the traceback instead). ``keys``: the command's own schema keys, which an unknown
+    key is matched against (default: `tdlrt train`'s); ``listed_by``: the command that lists them."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import UserError, exit_on_user_error, one_line
+    from .config import error_line
+    from .errors import UserError, exit_on_user_error
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let the errors reach us instead of Hydra's printer
     with exit_on_user_error(HydraException, OmegaConfBaseException,
-                            describe=lambda exc: str(exc) if isinstance(exc, UserError) else one_line(exc)):
+                            describe=lambda exc: str(exc) if isinstance(exc, UserError) else
+                            error_line(exc, keys, listed_by)):
         entry()
 
 
@@ -116,10 +119,13 @@ def _command(command: str, rest: List[str]) -> None:
         print(bench_help())
         return
     if command == "bench":
-        from .bench import main as entry
+        from dataclasses import asdict
+
+        from .bench import BenchConfig, main as entry
+        from .config import flatten
 
         sys.argv = [f"tdlrt-{command}"] + rest
-        return _run_hydra(entry)
+        return _run_hydra(entry, keys=list(flatten(asdict(BenchConfig()))), listed_by="tdlrt bench --help")
     from .errors import say_stopped, stopped_by
     from .launch import sweep_report
     from .train import SWEEP_FAILURES, main as entry

@@ -7,6 +7,7 @@ below ``train.py`` sees only these plain dataclasses.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -106,6 +107,41 @@ LARGEST = {
     "scheduler.patience": (1_000_000, "epochs"),
     "optimizer.eps": (1.0, "a larger eps stops Adam's steps"),
 }
+
+# Keys given in percent (0-100), and what of: a value in (0, 1) is a fraction typed where a percentage belongs
+# (a 0.9% compression target is none anyone asks for), refused with the percentage it reads as.
+PERCENTAGES = {"method.target_cr": "of the conv parameters removed"}
+# Keys that are fractions (the ranges TrainConfig.validate checks), and what of: a value in (1, 100] that is a
+# valid fraction once divided by 100 is a percentage typed where a fraction belongs, refused with that fraction.
+# (data.val_split is not one: a value >= 1 is a number of examples.)
+FRACTIONS = {
+    "method.r_max_frac": "of the mode size", "method.init_rank_frac": "of the mode size",
+    "method.rank_frac": "of the channels", "method.sparsity": "of the conv weights removed",
+    "method.ramp_start": "of the training steps", "method.ramp_end": "of the training steps",
+    "scheduler.pct_start": "of the training steps",
+}
+
+
+def _number(value: float) -> str:
+    """A number as a user types it: 90, 0.5, 0.125 (no float noise: 0.9 * 100 is 90)."""
+    return f"{round(float(value), 10):g}"
+
+
+def percentage_given(key: str, value, interval: str, ok) -> Optional[str]:
+    """One line when a fraction key (:data:`FRACTIONS`) got a percentage: ``value`` in (1, 100] with
+    ``ok(value / 100)``; ``interval``: its range as the line shows it, ``(0-1]``. None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 < value <= 100 or not ok(value / 100):
+        return None
+    return (f"{key}={_number(value)} is a fraction {interval}: did you mean {key}={_number(value / 100)}? "
+            f"(a fraction {FRACTIONS.get(key, 'of one')}, not a percentage)")
+
+
+def fraction_given(key: str, value) -> Optional[str]:
+    """One line when a percentage key (:data:`PERCENTAGES`) got a fraction, ``value`` in (0, 1); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        return None
+    return (f"{key}={_number(value)} is a percentage: did you mean {key}={_number(value * 100)}? (a percentage "
+            f"{PERCENTAGES.get(key, '')}, 0-100, not a fraction)").replace("  ", " ")
 
 
 @dataclass
@@ -235,6 +271,12 @@ class TrainConfig:
         def one_of(key: str, value: str, allowed) -> None:
             need(value in allowed, f"{key}={value} is not one of: {', '.join(allowed)}")
 
+        def fraction(key: str, value, ok, interval: str, msg: Optional[str]) -> None:  # a fraction key: a
+            if not ok(value):  # percentage given there gets the fraction it reads as (method.r_max_frac=50: 0.5)
+                hint = percentage_given(key, value, interval, ok) or msg
+                if hint:  # (msg None: the caller's own check says what else is wrong)
+                    raise ConfigError(hint)
+
         from dataclasses import asdict
 
         for key, value in flatten(asdict(self)).items():  # every number finite, and none beyond what tdlrt takes
@@ -271,7 +313,8 @@ class TrainConfig:
             need(value is None or value > 0, f"data.{key}={value} must be a positive number of examples")
         v = self.data.val_split
         need(v == 0 or 0 < v < 1 or v >= 1 and float(v).is_integer(),
-             f"data.val_split={v} must be 0 (none), a fraction in (0, 1), or a whole number of examples")
+             f"data.val_split={v} must be 0 (none), a fraction in (0, 1), or a whole number of examples"
+             + (f" (a percentage? {v:g}% is data.val_split={_number(v / 100)})" if 1 < v < 100 else ""))
         need(v == 0 or self.data.name != "imagefolder",
              "data.val_split is not supported for data=imagefolder (put a validation split in its own folder)")
         need(self.nan_max_skips >= 1, f"nan_max_skips={self.nan_max_skips} must be >= 1")
@@ -294,7 +337,8 @@ class TrainConfig:
             need(sc.step_size >= 1, f"scheduler.step_size={sc.step_size} must be >= 1 (epochs)")
             need(0 < sc.gamma <= 1, f"scheduler.gamma={sc.gamma} must be in (0, 1]")
         if sc.name == "onecycle":
-            need(0 < sc.pct_start < 1, f"scheduler.pct_start={sc.pct_start} must be in (0, 1)")
+            fraction("scheduler.pct_start", sc.pct_start, lambda x: 0 < x < 1, "(0-1)",
+                     f"scheduler.pct_start={sc.pct_start} must be in (0, 1)")
         if sc.name == "plateau":
             need(0 < sc.factor < 1, f"scheduler.factor={sc.factor} must be in (0, 1)")
             need(sc.patience >= 0, f"scheduler.patience={sc.patience} must be >= 0")
@@ -307,8 +351,14 @@ class TrainConfig:
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
         tau_methods = ("tdlrt", "dlrt")
+        for key in PERCENTAGES:  # method.target_cr=0.9: a fraction where a percentage belongs (0 < v < 1)
+            group, _, leaf = key.rpartition(".")
+            hint = fraction_given(key, getattr(getattr(self, group) if group else self, leaf))
+            need(hint is None, hint)
 
         def check_ramp() -> None:  # the target rule's schedule (tdlrt/dlrt with target_cr, tucker_prune)
+            for key in ("ramp_start", "ramp_end"):
+                fraction(f"method.{key}", getattr(m, key), lambda x: 0 <= x <= 1, "[0-1]", None)
             need(0 <= m.ramp_start <= m.ramp_end <= 1, f"method.ramp_start={m.ramp_start} and "
                  f"method.ramp_end={m.ramp_end} must satisfy 0 <= ramp_start <= ramp_end <= 1 (fractions of "
                  f"the training steps)")
@@ -318,10 +368,12 @@ class TrainConfig:
             need(m.r_min >= 1, f"method.r_min={m.r_min} must be >= 1")
             need(m.r_max is None or m.r_max >= m.r_min,
                  f"method.r_min={m.r_min} is larger than method.r_max={m.r_max}")
-            need(0 < m.r_max_frac <= 1, f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
+            fraction("method.r_max_frac", m.r_max_frac, lambda x: 0 < x <= 1, "(0-1]",
+                     f"method.r_max_frac={m.r_max_frac} must be in (0, 1]")
             need(m.init_rank is None or m.init_rank >= 1, f"method.init_rank={m.init_rank} must be >= 1")
-            need(m.init_rank_frac is None or 0 < m.init_rank_frac <= 1,
-                 f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
+            if m.init_rank_frac is not None:
+                fraction("method.init_rank_frac", m.init_rank_frac, lambda x: 0 < x <= 1, "(0-1]",
+                         f"method.init_rank_frac={m.init_rank_frac} must be in (0, 1]")
         if m.name == "tucker" and m.ranks_from is not None:
             need(bool(str(m.ranks_from).strip()), "method.ranks_from= is empty (a finished run folder, or null)")
             need(m.rank_frac is None, "method.rank_frac cannot be combined with method.ranks_from (the ranks come "
@@ -329,10 +381,13 @@ class TrainConfig:
         elif m.name in ("tucker", "cp", "tt", "matrix"):
             need((m.rank_frac is None) != (m.target_cr is None),
                  f"method={m.name} needs exactly one of method.rank_frac and method.target_cr")
-            need(m.rank_frac is None or 0 < m.rank_frac <= 1, f"method.rank_frac={m.rank_frac} must be in (0, 1]")
+            if m.rank_frac is not None:
+                fraction("method.rank_frac", m.rank_frac, lambda x: 0 < x <= 1, "(0-1]",
+                         f"method.rank_frac={m.rank_frac} must be in (0, 1]")
             need(m.target_cr is None or 0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100)")
         if m.name in ("snip", "grasp", "imp"):
-            need(0 < m.sparsity < 1, f"method.sparsity={m.sparsity} must be in (0, 1)")
+            fraction("method.sparsity", m.sparsity, lambda x: 0 < x < 1, "(0-1)",
+                     f"method.sparsity={m.sparsity} must be in (0, 1)")
         if m.name == "imp":
             need(m.rounds >= 1 and 0 <= m.rewind_epoch < max(self.epochs, 1),
                  f"method.rounds={m.rounds} must be >= 1 and method.rewind_epoch={m.rewind_epoch} below epochs")
@@ -401,6 +456,77 @@ def config_groups() -> Dict[str, set]:
     root = Path(CONFIG_DIR)
     return {d.name: {p.stem for p in d.glob("*.yaml")} for d in sorted(root.iterdir())
             if d.is_dir() and d.name != "hydra"}
+
+
+def _presets_with(group: str, leaf: str) -> List[str]:
+    """The presets of ``configs/<group>/`` that have the key ``leaf`` (``scheduler``, ``pct_start``: onecycle)."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for name in sorted(config_groups().get(group, ())):
+        try:
+            preset = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / group / f"{name}.yaml"))
+        except Exception:
+            continue
+        if isinstance(preset, dict) and leaf in preset:
+            found.append(name)
+    return found
+
+
+def _either(items: List[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
+def unknown_key(key: str, value: Optional[str] = None, keys=None, listed_by: str = "tdlrt train --cfg job") -> str:
+    """One line for an override of a key the composed configuration does not have (``target_cr=90``), with
+    the keys it may have meant, from the schema (``keys``, dotted and in order; default: every key of
+    :class:`TrainConfig`) and with the value typed (``value``): the same last part under a group
+    (``method.target_cr=90``; all of them where several groups have it), else the closest spellings
+    (difflib: ``method.target_c`` -> ``method.target_cr``). A key of the schema that the chosen preset of its
+    group lacks names the presets that have it. ``+key=`` is suggested only under ``hydra.``: tdlrt's schema
+    takes no new key (``+target_cr=90`` is refused), but parts of Hydra's own configuration do."""
+    import difflib
+    from dataclasses import asdict
+
+    listing = f"`{listed_by}` lists the keys"
+    if key.split(".")[0] == "hydra":
+        return f"unknown option {key!r}: no such config key ({listing}; +{key}=... adds a new one)"
+    keys = list(flatten(asdict(TrainConfig()))) if keys is None else list(keys)
+    group, _, leaf = key.rpartition(".")
+    if key in keys and group and group in config_groups():  # a key of other presets of its group
+        having = _presets_with(group, leaf)
+        where = f": it is a key of {group}={_either(having)}" if having else ""
+        return f"unknown option {key!r}: the chosen {group} preset has no {leaf}{where} ({listing})"
+    leaves: Dict[str, List[str]] = {}
+    for k in keys:
+        leaves.setdefault(k.rpartition(".")[2], []).append(k)
+    meant = [k for k in leaves.get(leaf, []) if k != key]  # the key under another group (or none)
+    if not meant:  # a misspelt last part, under its own group first: method.target_c -> method.target_cr
+        mine = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == group]
+        meant = [f"{group}.{near}" if group else near
+                 for near in difflib.get_close_matches(leaf, mine, n=3, cutoff=0.7)]
+    if not meant:  # ... then anywhere: width_mlt -> model.width_mult
+        meant = [k for near in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.7) for k in leaves[near]]
+    if not meant:
+        return f"unknown option {key!r}: no such config key ({listing})"
+    typed = "" if value is None else f"={value}"
+    return f"unknown option {key!r}: did you mean {_either([k + typed for k in meant])}? ({listing})"
+
+
+def error_line(exc: BaseException, keys=None, listed_by: str = "tdlrt train --cfg job") -> str:
+    """:func:`tdlrt_cli.errors.one_line` of a Hydra or OmegaConf error, where an override of a key the
+    configuration lacks names the keys it may have meant (:func:`unknown_key`: ``keys``, the command's schema,
+    default `tdlrt train`'s; ``listed_by``, the command that lists them)."""
+    from .errors import one_line
+
+    text = str(exc)
+    override = re.match(r"Could not override '([^']*)'", text)
+    if not override:
+        return one_line(exc)
+    key = override.group(1)
+    typed = re.search(r"^To append to your config use \+(.*)$", text, re.M)  # Hydra's hint holds the value
+    value = typed.group(1).split("=", 1)[1] if typed and typed.group(1).startswith(f"{key}=") else None
+    return unknown_key(key, value, keys, listed_by)
 
 
 def unsafe_in(value: Any, where: str = "") -> Optional[str]:
@@ -535,6 +661,11 @@ def from_dictconfig(cfg) -> TrainConfig:
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)
+        if key and re.match(r"Key '[^']*' not in '\w+'$", msg) and key not in settings():  # +target_cr=90
+            value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+            typed = None if isinstance(value, (dict, list)) or OmegaConf.is_config(value) else (
+                "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
+            raise ConfigError(unknown_key(key, typed)) from None
         raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {msg}") from None
     return obj.validate()
 

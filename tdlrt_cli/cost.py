@@ -241,7 +241,8 @@ def format_report(report: dict) -> str:
                      + ("  unreliable: spread > difference" if latency_unreliable(d, lr, b) else ""))
     cr = (f"compression rate: conv {p['compression_rate']:.1f}%, whole network {p['compression_rate_total']:.1f}%"
           + (f", during training {p['compression_rate_train']:.1f}%" if p.get("compression_rate_train") is not None
-             else ""))
+             else " (an export: BatchNorm folded into the convs of both networks, so the whole network counts no "
+                  "BatchNorm parameters; a run's summary.json counts them)"))
     lines.append(cr)
     runtime = report.get("runtime", "torch")
     lines.append(f"measured on {report['device']} ({report['threads']} torch threads)"

@@ -11,7 +11,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,23 @@ STATS = {  # per-channel mean and std of the training images, in [0, 1]
     "fashion_mnist": ((0.2860,), (0.3530,)),
 }
 
+
+CLASSES = {  # class names in label order (torchvision's)
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+}
+
+
+def normalisation(name: str, cfg: Optional[DataConfig] = None) -> Optional[Tuple[tuple, tuple]]:
+    """(mean, std) of a dataset whose normalisation its name (or, for imagefolder, its config) fixes; None
+    where it is measured on the training images (synthetic)."""
+    if name in STATS:
+        return STATS[name]
+    if name == "imagefolder" and cfg is not None:
+        return _folder_stats(cfg)
+    return None
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -98,6 +115,14 @@ class DataBundle:
     num_classes: int
     image_size: int
     val: "Optional[DeviceLoader]" = None  # data.val_split > 0: the held-out end of the training set
+    mean: Tuple[float, ...] = ()    # per-channel normalisation of the pixels scaled to [0, 1]: (x - mean) / std
+    std: Tuple[float, ...] = ()
+    classes: Optional[List[str]] = None  # the class names, in label order, where the data names them
+
+    @property
+    def train_examples(self) -> int:
+        """Training examples (an epoch sees ``train.num_examples``: whole batches only)."""
+        return self.train.dataset_size
 
 
 # --------------------------------------------------------------------------- readers
@@ -237,7 +262,12 @@ class DeviceLoader:
 
     @property
     def num_examples(self) -> int:
+        """Examples an epoch sees (training: the whole batches; the partial one is dropped)."""
         return len(self) * self.batch_size if self.train else len(self.labels)
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.labels)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -340,6 +370,10 @@ class FolderLoader:
     def num_examples(self) -> int:
         return len(self.dataset)
 
+    @property
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
@@ -373,7 +407,9 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
             extra = sorted(set(te.classes) ^ set(tr.classes))[:3]
             raise DataError(f"the class folders of {root / cfg.test_dir} and {root / cfg.train_dir} differ "
                             f"({', '.join(extra) or 'order'}); both need the same class folders")
-        return DataBundle(tr, te, 3, tr.num_classes, tr.image_size)
+        mean, std = _folder_stats(cfg)
+        return DataBundle(tr, te, 3, tr.num_classes, tr.image_size, mean=tuple(mean), std=tuple(std),
+                          classes=list(tr.classes))
     if cfg.name in ("cifar10", "cifar100"):
         train, test, k = _cifar(root, cfg.name, cfg.download)
     elif cfg.name in ("mnist", "fashion_mnist"):
@@ -402,4 +438,5 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     tr = DeviceLoader(train, batch_size, device, mean, std, train=True, augment=cfg.augment, seed=seed)
     te = DeviceLoader(test, eval_batch_size, device, mean, std, train=False)
     va = None if val is None else DeviceLoader(val, eval_batch_size, device, mean, std, train=False)
-    return DataBundle(tr, te, c, k, size, va)
+    return DataBundle(tr, te, c, k, size, va, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                      classes=CLASSES.get(cfg.name))

@@ -111,7 +111,8 @@ def exit_on_interrupt(command: str):
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra's composition and parsing errors as one line naming the option and the choices."""
+    """Hydra's composition and parsing errors as one line naming the option and the choices (an unknown key
+    with the keys it may have meant: :func:`tdlrt_cli.config.error_line`, which knows the schema)."""
     text = str(exc)
     missing = re.search(r"Could not find '([^']*)/([^']*)'", text)
     if missing:

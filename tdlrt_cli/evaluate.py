@@ -22,8 +22,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class EvalOptions:
     source: str
-    checkpoint: str = "last"
+    checkpoint: str = "selected"  # run folders: selected (the network of summary.json's test_acc), best, last
     device: str = "auto"
+    threads: int = 0            # CPU threads of torch; 0: as `tdlrt train` (threads=null)
     batch_size: int = 1024
     repeat: int = 10
     cost_repeat: int = 0        # the name `tdlrt train` uses for repeat= (> 0: overrides repeat)
@@ -33,8 +34,12 @@ class EvalOptions:
     def validate(self) -> "EvalOptions":
         from .options import check_device, check_output_file
 
-        if self.checkpoint not in ("last", "best"):
-            raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
+        from .runs import CHOICES
+
+        if self.checkpoint not in CHOICES:
+            raise ConfigError(f"checkpoint={self.checkpoint} is not one of: {', '.join(CHOICES)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 1 (0: automatic, as tdlrt train's threads=null)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if self.cost_repeat < 0:
@@ -212,7 +217,11 @@ def load_export(path: Path):
 def export_metadata(meta, where: Path) -> Tuple[dict, Tuple[int, int, int]]:
     """The run's config and the data shape (channels, classes, image size) that `tdlrt export` recorded,
     checked: a hand-edited or foreign file is refused in one line naming it, never read half-way."""
-    shape = meta.get("data_shape") if isinstance(meta, dict) else None
+    shape = meta.get("data_shape") if isinstance(meta, dict) else None  # exports before the input spec
+    given = meta.get("input") if isinstance(meta, dict) else None
+    if isinstance(given, dict) and isinstance(given.get("shape"), list) and len(given["shape"]) == 4:
+        _, c, h, w = given["shape"]
+        shape = [c, meta.get("classes"), h if h == w else None]
     config = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(config, dict):
         raise CheckpointError(f"{where} holds no run configuration ('config'): it was not written by `tdlrt export`, "
@@ -220,9 +229,9 @@ def export_metadata(meta, where: Path) -> Tuple[dict, Tuple[int, int, int]]:
     if not (isinstance(shape, list) and len(shape) == 3
             and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= top
                     for n, top in zip(shape, (4096, 1_000_000, 65536)))):
-        raise CheckpointError(f"{where}: data_shape {str(shape)[:80]} is not (channels, classes, image size) as "
-                              f"`tdlrt export` writes it (three whole numbers, at most 4096, 1000000, 65536); "
-                              f"export the run again")
+        raise CheckpointError(f"{where}: its input shape and classes {str(shape)[:80]} are not (channels, classes, "
+                              f"image size) as `tdlrt export` writes them (input.shape [N, C, H, H] and classes: "
+                              f"whole numbers, at most 4096, 1000000, 65536); export the run again")
     return config, tuple(shape)
 
 
@@ -264,8 +273,9 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     from .metrics import parameter_report
     from .runs import dense_reference
     from .metrics import evaluate
-    from .runtime import resolve_device
+    from .runtime import resolve_device, set_threads
 
+    set_threads(opts.threads or None)
     device = resolve_device(opts.device)
     path = Path(opts.source).expanduser()
     is_onnx = path.is_file() and path.suffix == ".onnx"
@@ -275,9 +285,12 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
             device = torch.device("cpu")  # ONNX Runtime's CPU provider
         model, meta = load_onnx(path) if is_onnx else load_export(path)
         saved, shape = export_metadata(meta, Path(str(path) + ".json") if is_onnx else path)
+        origin = meta["checkpoint"].get("described") if isinstance(meta.get("checkpoint"), dict) else None
+        network = f"exported from {origin}" if isinstance(origin, str) else "exported"
     else:
         run = load_run(opts.source, opts.checkpoint)
         model, saved, shape = run.model, run.config, run.data_shape
+        network = run.describe()
     cfg = from_dictconfig(OmegaConf.create(data_config(saved, data_overrides)))
     data = build_data(cfg.data, cfg.batch_size, opts.batch_size, device, cfg.seed)
     if (data.in_channels, data.num_classes, data.image_size) != tuple(shape):
@@ -287,8 +300,8 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     model = model.to(device).eval()
     test_loss, test_acc = evaluate(model, data.test, nullcontext, device)
     faults.signal_at("eval")
-    result = {"source": str(path), "data": cfg.data.name, "test_acc": test_acc, "test_loss": test_loss,
-              "test_examples": data.test.num_examples}
+    result = {"source": str(path), "network": network, "data": cfg.data.name, "test_acc": test_acc,
+              "test_loss": test_loss, "test_examples": data.test.num_examples}
     dense = dense_reference(cfg.model.name, shape, cfg.model.width_mult, device)
     example = next(iter(data.test))[0][:128].to(device)
     if is_export:
@@ -322,13 +335,15 @@ def parse(argv: List[str]):
 
 
 USAGE = """usage: tdlrt eval <run folder, checkpoint, .pt2 or .onnx export> [data=NAME] [data.KEY=VALUE ...]
-                  [checkpoint=last|best] [device=auto|cpu|cuda] [batch_size=1024] [latency=true] [repeat=10]
-                  [out=REPORT.json]      (cost_repeat=N, train's name, is the same as repeat=N)
+                  [checkpoint=selected|best|last] [device=auto|cpu|cuda] [threads=N] [batch_size=1024]
+                  [latency=true] [repeat=10] [out=REPORT.json]   (cost_repeat=N, train's name, is repeat=N)
 
 Test accuracy on the run's dataset (or the one given), and the cost report: parameters and compression
 rates, FLOPs per image (inference; training), peak memory and latency at batch 1 and 128 (median and
 interquartile range over `repeat` blocks timed with torch.utils.benchmark), dense and low-rank side by
-side, measured here."""
+side, measured here. checkpoint=selected (the default) evaluates the network whose accuracy summary.json
+and `tdlrt report` give: best.pt, chosen on the validation split, or last.pt for a run without one; the
+first line names it."""
 
 
 def main(argv: List[str]) -> None:
@@ -342,7 +357,7 @@ def main(argv: List[str]) -> None:
         opts, data_overrides = parse(argv)
         result = evaluate_source(opts, data_overrides)
         print(f"{result['source']}: test accuracy {result['test_acc']:.2f}% (loss {result['test_loss']:.4f}) on "
-              f"{result['test_examples']} {result['data']} test images")
+              f"{result['test_examples']} {result['data']} test images; network: {result['network']}")
         if "dense" in result["cost"]:
             print(format_report(result["cost"]))
         if opts.out:

@@ -31,7 +31,7 @@ from .lowrank.export import conv_chain, is_factorised, merged
 from .metrics import parameter_report
 from .options import check_device, check_output_file, parse_args
 from .programs import trace_program, write_program
-from .runs import load_run
+from .runs import CHOICES, TrainedRun, load_run
 
 FORMATS = ("pt2", "onnx")
 MERGE = ("auto", "chain", "dense")
@@ -66,18 +66,21 @@ class ExportOptions:
     out: Optional[str] = None
     format: str = "pt2"
     merge: str = "chain"          # chain (default: keep the compression), auto (time each layer), dense
-    checkpoint: str = "last"      # last | best (run folders)
+    checkpoint: str = "selected"  # run folders: selected (the network of summary.json's test_acc), best, last
     device: str = "cpu"           # where merge=auto measures (cpu, cuda, cuda:N, auto)
     merge_batch: int = 1          # the batch size merge=auto measures at
     repeat: int = 20
+    threads: int = 0              # CPU threads of torch; 0: as `tdlrt train` (threads=null)
 
     def validate(self) -> "ExportOptions":
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format} is not one of: {', '.join(FORMATS)}")
         if self.merge not in MERGE:
             raise ConfigError(f"merge={self.merge} is not one of: {', '.join(MERGE)}")
-        if self.checkpoint not in ("last", "best"):
-            raise ConfigError(f"checkpoint={self.checkpoint} is not one of: last, best")
+        if self.checkpoint not in CHOICES:
+            raise ConfigError(f"checkpoint={self.checkpoint} is not one of: {', '.join(CHOICES)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 1 (0: automatic, as tdlrt train's threads=null)")
         if self.merge_batch < 1 or self.repeat < 1:
             raise ConfigError(f"merge_batch={self.merge_batch} and repeat={self.repeat} must be >= 1")
         check_device(self.device)
@@ -109,6 +112,7 @@ class ExportReport:
     layers: List[LayerChoice] = field(default_factory=list)
     compression_rate: Optional[float] = None      # conv c.r. (%) of the exported network
     run_compression_rate: Optional[float] = None  # conv c.r. (%) of the run's network
+    checkpoint: str = ""          # which network, in words: the file, its epoch, why it was chosen
 
 
 def _input_shapes(model: nn.Module, example: torch.Tensor) -> dict:
@@ -218,8 +222,9 @@ def write_atomically(program, out: Path, fmt: str, metadata: dict) -> None:
 
 def export(opts: ExportOptions) -> ExportReport:
     opts.validate()
-    from .runtime import resolve_device
+    from .runtime import resolve_device, set_threads
 
+    set_threads(opts.threads or None)
     device = str(resolve_device(opts.device))
     if opts.out:
         out = Path(opts.out).expanduser()
@@ -244,11 +249,37 @@ def export(opts: ExportOptions) -> ExportReport:
     if error > 1e-4 * max(1.0, float(want.abs().max())):
         warnings.warn(f"the exported network differs from the low-rank one by up to {error:.2e} on a test batch")
     report = ExportReport(str(out), opts.format, opts.merge, str(run.checkpoint), error, choices,
-                          *exported_compression(net, run.model))
-    metadata = {"tdlrt_export": asdict(report), "data_shape": list(run.data_shape), "config": run.config,
+                          *exported_compression(net, run.model), checkpoint=run.describe())
+    metadata = {"tdlrt_export": asdict(report), **input_spec(run), "config": run.config,
                 "flops_forward": flops(net, example[:2], train=False)}
     write_atomically(trace_program(net, example, opts.format), out, opts.format, metadata)
     return report
+
+
+def input_spec(run: TrainedRun) -> dict:
+    """What the program takes and gives, for the sidecar: the input's shape (N, C, H, W: N free), dtype and
+    normalisation, the classes, and the checkpoint it came from."""
+    from .data import normalisation
+
+    c, k, size = run.data_shape
+    recorded = run.data_input or {}
+    if recorded.get("mean") and recorded.get("std"):
+        mean, std, how = recorded["mean"], recorded["std"], "as the run normalised its data"
+    else:  # checkpoints written before the run recorded it
+        fixed = normalisation(run.cfg.data.name, run.cfg.data)
+        mean, std = (list(fixed[0]), list(fixed[1])) if fixed else (None, None)
+        how = "the dataset's" if fixed else "unknown: measured on the run's training images, not recorded"
+    classes = recorded.get("classes")
+    return {
+        "input": {"shape": ["N", c, size, size], "layout": "NCHW", "dtype": "float32",
+                  "batch": "N from 1 to 65536",
+                  "pixels": "RGB" if c == 3 else "grey", "scale": "pixel values / 255, then (x - mean) / std per channel",
+                  "mean": mean, "std": std, "normalisation": how},
+        "output": {"shape": ["N", k], "meaning": "logits, one per class (argmax: the predicted class)"},
+        "classes": k, "class_names": classes if isinstance(classes, list) and len(classes) == k else None,
+        "checkpoint": {"file": str(run.checkpoint), "epoch": run.state_epoch, "selected": run.selected,
+                       "described": run.describe()},
+    }
 
 
 def exported_compression(net: nn.Module, model: nn.Module) -> Tuple[float, float]:
@@ -269,19 +300,23 @@ def print_report(report: ExportReport, file=sys.stdout) -> None:
         fmt = (lambda v: f"{v:9.3f}" if v is not None else f"{'-':>9}")
         print(f"{c.layer:<24} {c.exported:>8} {fmt(c.chain_ms)} {fmt(c.dense_ms)} {c.chain_params:>13} "
               f"{c.dense_params:>13}", file=file)
-    print(f"wrote {report.out} ({report.format}, merge={report.merge}); max |export - low-rank| = "
-          f"{report.max_abs_error:.2e} on a test batch; conv c.r. {report.compression_rate:.1f}% "
-          f"(the run's: {report.run_compression_rate:.1f}%)", file=file)
+    print(f"wrote {report.out} ({report.format}, merge={report.merge}) from {report.checkpoint}; max |export - "
+          f"low-rank| = {report.max_abs_error:.2e} on a test batch; conv c.r. {report.compression_rate:.1f}% "
+          f"(the run's: {report.run_compression_rate:.1f}%); its input and classes: {report.out}.json", file=file)
 
 
 USAGE = """usage: tdlrt export <run folder or checkpoint> [out=FILE] [format=pt2|onnx] [merge=chain|auto|dense]
-                    [checkpoint=last|best] [device=cpu|cuda] [merge_batch=1] [repeat=20]
+                    [checkpoint=selected|best|last] [device=cpu|cuda] [threads=N] [merge_batch=1]
+                    [repeat=20]
 
 Writes the trained network as plain PyTorch: factorised layers become chains of standard convs (the default,
 merge=chain, keeps the compression; merge=auto times both forms and merges a layer into one dense conv only
 where that is at least 10% faster, which gives the compression of that layer up; the decision of every layer
-goes to stderr), BatchNorm is folded. The last line gives the exported network's conv c.r. out defaults to
-<run folder>/model.<format>; FILE.json beside it records the choices and timings."""
+goes to stderr), BatchNorm is folded. checkpoint=selected (the default) exports the network whose accuracy
+summary.json and `tdlrt report` give: best.pt, chosen on the validation split, or last.pt for a run without
+one. The last line names the checkpoint and gives the exported network's conv c.r. out defaults to
+<run folder>/model.<format>; FILE.json beside it records the input (shape N,C,H,W, dtype, mean and std), the
+classes, the checkpoint, and the choices and timings."""
 
 
 def main(argv: List[str]) -> None:

@@ -400,9 +400,10 @@ def sweep_report(sweep: Optional[Sweep], failed: List[Tuple[int, Path]]) -> Opti
 
 
 def _message(exc: BaseException) -> str:
-    from .errors import UserError, one_line
+    from .config import error_line
+    from .errors import UserError
 
-    return str(exc) if isinstance(exc, UserError) else one_line(exc)
+    return str(exc) if isinstance(exc, UserError) else error_line(exc)
 
 
 def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Prepared:

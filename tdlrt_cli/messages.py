@@ -15,10 +15,6 @@ from .metrics import lowrank_named
 def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int, device: torch.device,
                 resumed_at: Optional[int]) -> list:
     """The lines a run starts with: where it writes, and the settings that decide what it trains."""
-    def count(loader) -> str:
-        n = getattr(loader, "num_examples", None)
-        return f"{n:,}" if n is not None else "?"
-
     m, o = cfg.method, cfg.optimizer
     method = m.name + (f" tau {cfg.tau}" if cfg.tau is not None else "") + (
         f" rank_frac {m.rank_frac}" if m.rank_frac is not None else "") + (
@@ -30,16 +26,34 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
     return [
         f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),
         f"  model {cfg.model.name}" + (f" x{cfg.model.width_mult}" if cfg.model.width_mult != 1 else "")
-        + f" ({params:,} trainable parameters) | data {cfg.data.name}: {count(data.train)} train"
-        + (f", {count(data.val)} validation" if data.val is not None else "")
-        + (f" (of the first {cfg.data.limit_train:,}: data.limit_train)" if cfg.data.limit_train else "")
-        + f", {count(data.test)} test"
+        + f" ({params:,} trainable parameters) | data {cfg.data.name}: {data_counts(cfg, data)}"
         + f" | method {method}",
         f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
         f"{total_epochs} epoch{'s' if total_epochs != 1 else ''} of {len(data.train)} steps, batch {cfg.batch_size} | "
         f"device {device}{threads_note() if device.type == 'cpu' else ''}, {cfg.precision} "
         f"| seed {cfg.seed}",
     ]
+
+
+def data_counts(cfg: TrainConfig, data) -> str:
+    """The examples of each split, and why an epoch sees fewer training examples than there are: the partial
+    last batch is dropped (the order is shuffled every epoch, so a different few each time)."""
+    def count(loader) -> str:
+        n = getattr(loader, "num_examples", None)
+        return f"{n:,}" if n is not None else "?"
+
+    size = getattr(data.train, "dataset_size", None)
+    world = getattr(data.train, "world", 1)  # data parallel: the batches of all processes
+    seen = getattr(data.train, "num_examples", None)
+    seen = None if seen is None else seen * world
+    text = f"the first {cfg.data.limit_train:,} training images (data.limit_train): " if cfg.data.limit_train else ""
+    text += f"{size:,} train" if size is not None else f"{count(data.train)} train"
+    if data.val is not None:
+        text += f" + {count(data.val)} validation (data.val_split)"
+    if size is not None and seen is not None and seen < size:
+        text += (f"; an epoch uses {seen:,} ({len(data.train) * world} whole batches of {cfg.batch_size}"
+                 f"{f' over {world} processes' if world > 1 else ''}, the {size - seen} left over change every epoch)")
+    return text + f"; {count(data.test)} test"
 
 
 def threads_note() -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,17 +23,57 @@ class TrainedRun:
     config: dict              # the run's resolved config, as saved
     checkpoint: Path
     data_shape: tuple         # (in_channels, num_classes, image_size)
+    state_epoch: int = 0      # the epochs the checkpoint's network was trained for
+    selected: Optional[dict] = None  # best.pt's selection record ({"by", "epoch", ...}) when it is best.pt
+    data_input: Optional[dict] = None  # {"mean", "std", "classes"} as the run recorded them (newer runs)
+
+    def describe(self) -> str:
+        """Which network this is, in words: the file, its epoch and why it was chosen."""
+        where = (f"{self.checkpoint.parent.name}/{self.checkpoint.name}" if self.checkpoint.parent.name == "checkpoints"
+                 else str(self.checkpoint))
+        if self.checkpoint.name == "best.pt" and self.selected:
+            how = ("chosen on the validation split" if self.selected.get("by") == "val_acc"
+                   else "chosen on the test set")
+            return f"{where} (epoch {self.selected.get('epoch')}, {how})"
+        return f"{where} (after epoch {self.state_epoch})"
 
     def example(self, batch: int = 1, device="cpu") -> torch.Tensor:
         c, _, size = self.data_shape
         return torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def find_checkpoint(path: str, which: str = "last") -> Path:
-    """A checkpoint file, or ``<run folder>/checkpoints/<which>.pt``."""
+CHOICES = ("selected", "best", "last")  # checkpoint= of export, eval and bench
+
+
+def handed_on(run_dir: Path) -> str:
+    """The file of the network a run hands on, the one summary.json's ``test_acc`` is of: ``best.pt`` when
+    chosen on the validation split, else ``last.pt`` (summary.accuracies). A run without a readable
+    summary.json (unfinished): ``best.pt`` if its selection is by validation accuracy, else ``last.pt``."""
+    from .files import load_json
+    from .summary import accuracies
+
+    try:
+        summary = load_json((run_dir / "summary.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        summary = None
+    if isinstance(summary, dict) and accuracies(summary).get("checkpoint") in ("best.pt", "last.pt"):
+        return accuracies(summary)["checkpoint"]
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file():
+        try:
+            selected = (load_checkpoint(best, mmap=True).get("best") or {}).get("selected") or {}
+        except CheckpointError:
+            return "last.pt"
+        if selected.get("by") == "val_acc":
+            return "best.pt"
+    return "last.pt"
+
+
+def find_checkpoint(path: str, which: str = "selected") -> Path:
+    """A checkpoint file, or ``<run folder>/checkpoints/<which>.pt`` (``selected``: :func:`handed_on`)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        p = p / "checkpoints" / f"{which}.pt"
+        p = p / "checkpoints" / (handed_on(p) if which == "selected" else f"{which}.pt")
         if not p.is_file():
             raise CheckpointError(f"no checkpoint {p.name} in {p.parent} (is {path} a tdlrt run folder?)")
     elif not p.is_file():
@@ -86,12 +127,15 @@ def build_trained(state: dict, cfg: TrainConfig, data_shape: tuple, path: Path) 
     return model.eval()
 
 
-def load_trained(path: str, which: str = "last") -> TrainedRun:
+def load_trained(path: str, which: str = "selected") -> TrainedRun:
     ckpt = find_checkpoint(path, which)
     state = load_checkpoint(ckpt)
     cfg = config_of(state, ckpt)
     shape = data_shape_of(state, cfg)
-    return TrainedRun(build_trained(state, cfg, shape, ckpt), cfg, state["config"], ckpt, shape)
+    selected = (state.get("best") or {}).get("selected") if ckpt.name == "best.pt" else None
+    data_input = state.get("data_input") if isinstance(state.get("data_input"), dict) else None
+    return TrainedRun(build_trained(state, cfg, shape, ckpt), cfg, state["config"], ckpt, shape,
+                      int(state.get("epoch") or 0), selected if isinstance(selected, dict) else None, data_input)
 
 
 def dense_reference(model_name: str, data_shape: tuple, width_mult: float, device) -> nn.Module:

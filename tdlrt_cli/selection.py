@@ -108,3 +108,4 @@ def repair_best(last: dict, ckpt_dir: Path, say: Callable[[str], None] = Console
             return  # a checkpoint resumed outside its folder: this folder's first best.pt, nothing was stale
         say(f"tdlrt: note: {best_path} was older than the best epoch ({last.get('epoch')}) recorded in last.pt "
             f"(the run was stopped between the two writes); rewritten from last.pt")
+

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .checkpoint import (CHECKPOINT_TEMPORARY, checkpoint_state, finished_summary, load_checkpoint,
                          load_dense_weights, restore, save_checkpoint)
-from .config import CONFIG_DIR, TrainConfig
+from .config import CONFIG_DIR, TrainConfig, error_line
 from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
 from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
@@ -199,7 +199,8 @@ class Run:
         return checkpoint_state(self.cfg, self.config_dict, self.model, self.optimizer, self.integrator,
                                 self.scheduler, epoch, self.global_step if position is None else position["global_step"],
                                 self.best, position, (d.in_channels, d.num_classes, d.image_size),
-                                skipped_steps=self.cfg.nan_max_skips - self.skip_budget[0], elapsed_s=self.elapsed())
+                                skipped_steps=self.cfg.nan_max_skips - self.skip_budget[0], elapsed_s=self.elapsed(),
+                                data_input={"mean": list(d.mean), "std": list(d.std), "classes": d.classes})
 
     def save_position(self, position: dict) -> None:
         """A mid-epoch ``last.pt`` (every checkpoint.every_n_steps, and when a stop signal came)."""
@@ -381,6 +382,7 @@ def train_epoch(r: Run, epoch: int, stop: StopSignals) -> dict:
 def evaluate_epoch(r: Run, epoch: int, stats: dict) -> dict:
     """Test (and validation) accuracy after the epoch, and the plateau schedule's step: the epoch's row."""
     r.dist.sync_batchnorm(r.model)  # running statistics of process 0 (each process saw its own batches)
+    started = time.time()
     r.test_loss, r.test_acc = evaluate(r.model, r.data.test, r.amp, r.device, r.dist)
     val = {} if r.data.val is None else dict(zip(("val_loss", "val_acc"),
                                                  evaluate(r.model, r.data.val, r.amp, r.device, r.dist)))
@@ -389,7 +391,8 @@ def evaluate_epoch(r: Run, epoch: int, stats: dict) -> dict:
     report = parameter_report(r.model)
     return {"epoch": epoch + 1, "step": r.global_step, **stats, **val, "test_loss": r.test_loss,
             "test_acc": r.test_acc, "lr": r.optimizer.param_groups[0]["lr"], "params": report["params"],
-            "compression_rate": report["compression_rate"], "compression_rate_total": report["compression_rate_total"]}
+            "compression_rate": report["compression_rate"], "compression_rate_total": report["compression_rate_total"],
+            "eval_time_s": time.time() - started}  # test and validation sets
 
 
 def log_epoch(r: Run, row: dict) -> None:
@@ -418,8 +421,8 @@ def epoch_line(r: Run, row: dict) -> str:
     return (f"epoch {row['epoch']}/{r.total_epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% "
             + (f"| val acc {row['val_acc']:.2f}% " if "val_acc" in row else "")
             + f"| test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% | {row['images_per_s']:.0f} img/s "
-            + f"| {row['epoch_time_s']:.0f} s"
-            + (f" | c.r. {row['compression_rate']:.1f}%" if r.cfg.method.name != "dense" else ""))
+            + f"| train {row['epoch_time_s']:.0f} s, evaluation {row['eval_time_s']:.0f} s"
+            + (f" | conv c.r. {row['compression_rate']:.1f}%" if r.cfg.method.name != "dense" else ""))
 
 
 def summarise(r: Run) -> dict:
@@ -431,13 +434,15 @@ def summarise(r: Run) -> dict:
         r.test_loss, r.test_acc = evaluate(model, r.data.test, r.amp, r.device, dist)
     report = parameter_report(model)
     example = next(iter(r.data.train))[0][:2].to(r.device)
-    summary = {
-        "test_acc": r.test_acc, "test_loss": r.test_loss,  # of the last checkpoint (the network at the end)
-        "test_acc_last": r.test_acc,
-        # of best.pt, chosen on the validation split (data.val_split > 0); None without one
-        "test_acc_val_selected": (best["selected"] or {}).get("test_acc") if r.select_by == "val_acc" else None,
+    chosen = (best["selected"] or {}).get("test_acc") if r.select_by == "val_acc" else None
+    summary = {  # the names: summary.accuracies
+        # the network the run hands on (export and eval read it by default): best.pt, chosen on the validation
+        # split (data.val_split > 0), else last.pt
+        "test_acc": r.test_acc if chosen is None else chosen,
+        "checkpoint": "last.pt" if chosen is None else "best.pt",
+        "test_acc_final": r.test_acc, "test_loss_final": r.test_loss,  # after the last epoch (last.pt)
         # max over epochs (rank-adaptive methods: the epochs at the final ranks): chosen on the test set, optimistic
-        "best_test_acc": max(best["max_test"], r.test_acc),
+        "test_acc_max_epoch": max(best["max_test"], r.test_acc),
         "selected": best["selected"],  # the epoch of best.pt: by val_acc (data.val_split > 0) or by test_acc
         "epochs": r.total_epochs, "steps": r.global_step, **report, "ranks": layer_ranks(model),
         "pinned_modes": pinned_modes(model) if r.method.ranks_move else None,
@@ -462,7 +467,7 @@ def summarise(r: Run) -> dict:
             warnings.warn(f"data-parallel replicas differ at the end of the run (fingerprints {prints})")
     r.logger.summary(summary)
     r.logger.hparams(hparams_of(r.config_dict or {}), {
-        "test_acc": r.test_acc, "test_acc_val_selected": summary["test_acc_val_selected"],
+        "test_acc": summary["test_acc"], "test_acc_final": r.test_acc,
         "compression_rate": report["compression_rate"], "params": report["params"]})
     r.logger.close()
     dist.close()
@@ -475,12 +480,23 @@ def say_done(r: Run, summary: dict) -> None:
         m = r.cfg.method
         warn_pinned(summary["pinned_modes"], sum(sum(layer.adapted) for layer in lowrank_layers(r.model)), r.say,
                     target=m.target_cr is not None, cap_is_full=m.r_max is None and m.r_max_frac >= 1)
-    chosen, selected = summary["test_acc_val_selected"], summary["selected"]
-    r.say(f"done: test acc {r.test_acc:.2f}% at the end"
-          + (f", {chosen:.2f}% with best.pt (epoch {selected['epoch']}, chosen on the validation split)"
-             if chosen is not None else f" (max over epochs {summary['best_test_acc']:.2f}%, chosen on the test set)")
-          + (f", c.r. {summary['compression_rate']:.1f}%" if r.cfg.method.name != "dense" else "")
-          + f", outputs in {r.run_dir}")
+    r.say(done_line(summary, r.cfg.method.name != "dense", r.run_dir))
+
+
+def done_line(summary: dict, compressed: bool, run_dir: Path) -> str:
+    """The accuracy of the network the run hands on (and which file it is), the final one beside it, the
+    conv c.r. and the whole network's."""
+    selected, acc, final = summary["selected"], summary["test_acc"], summary["test_acc_final"]
+    if summary["checkpoint"] == "best.pt":
+        line = (f"done: test acc {acc:.2f}% with checkpoints/best.pt (epoch {selected['epoch']}, chosen on the "
+                f"validation split; export and eval use it), {final:.2f}% after the last epoch")
+    else:
+        line = (f"done: test acc {acc:.2f}% after the last epoch (checkpoints/last.pt; no validation split to choose "
+                f"on; max over epochs {summary['test_acc_max_epoch']:.2f}%, chosen on the test set)")
+    if compressed:
+        line += (f", conv c.r. {summary['compression_rate']:.1f}% (whole network "
+                 f"{summary['compression_rate_total']:.1f}%)")
+    return line + f", outputs in {run_dir}"
 
 
 def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.device, params: dict) -> dict:
@@ -523,7 +539,7 @@ def main() -> None:
             with exit_on_user_error(HydraException, OmegaConfBaseException,
                                     describe=lambda exc: (f"sweep job {hydra_cfg.job.num} ({run_dir}): " if multirun
                                                           else "") + (str(exc) if isinstance(exc, UserError)
-                                                                      else one_line(exc))):
+                                                                      else error_line(exc))):
                 if multirun:  # a job whose folder holds a run keeps its values of keys whose default changed
                     keep_changed_defaults(cfg, run_dir, [o.split("=", 1)[0].lstrip("+~")
                                                          for o in hydra_cfg.overrides.task])

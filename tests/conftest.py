@@ -54,3 +54,69 @@ def real_data():
             not (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no MNIST copy in {root}/MNIST/raw (set TDLRT_DATA or put it in data/)")
     return root
+
+
+# ----------------------------------------------------------------------------- which tests run by default
+# The default suite (`pytest`) stays under 8 minutes on 2 cores; `pytest -m slow` runs what it leaves out, and
+# `pytest -m "slow or not slow"` everything. Measured with `pytest --durations=0`: the tests below are the slow
+# ones whose behaviour another default test already covers (a kill at another instant, another signal, another
+# refused value), or long end-to-end runs of the controls and the GPU check's dry run.
+SLOW = {
+    "test_gpu_check.py::test_json_holds_every_figure",        # the GPU check's dry run (run before a GPU session)
+    "test_gpu_check.py::test_markdown_tables",
+    "test_controls.py::test_cli_tucker_at_another_runs_ranks",
+    "test_controls.py::test_cli_gradual_pruning_lands_on_the_target_and_resumes_bitwise_after_a_kill",
+    "test_controls.py::test_cli_a_sweep_made_before_the_defaults_changed_extends_as_it_was",
+    "test_run_identity.py::test_a_failed_sweep_job_does_not_stop_the_sweep_and_the_end_says_what_did_not_finish",
+    "test_run_identity.py::test_a_full_disk_says_so_and_keeps_the_previous_checkpoint",
+    "test_run_identity.py::test_a_full_disk_at_the_start_leaves_nothing_and_the_same_command_then_runs",
+    "test_faults.py::test_the_same_job_started_again_continues_its_run",
+    "test_export.py::test_export_and_eval_of_a_pruned_run",
+}
+# Parametrized CLI tests: their first N cases run by default, the others with -m slow.
+FIRST_CASES = {
+    "test_faults.py::test_killed_run_resumes_to_the_same_final_result_bitwise": 1,
+    "test_faults.py::test_a_signal_finishes_the_step_writes_last_pt_and_the_printed_command_resumes_bitwise": 1,
+    "test_faults.py::test_a_signal_outside_the_training_loop_is_one_line_and_the_run_resumes": 1,
+    "test_export.py::test_export_runs_in_a_fresh_process_without_tdlrt": 1,
+    "test_export.py::test_eval_refuses_an_export_with_pickled_entries_before_loading_it": 1,
+    "test_cli.py::test_resume_continues_at_the_right_epoch": 1,
+    "test_run_identity.py::test_resume_restores_the_runs_own_config": 1,
+    "test_bad_input.py::test_values_that_used_to_crash_or_train_garbage": 4,
+    "test_bad_input.py::test_unknown_key_suggests_the_full_key": 3,
+    "test_bad_input.py::test_percentage_where_a_fraction_belongs": 3,
+    "test_bad_input.py::test_fraction_where_a_percentage_belongs": 1,
+    "test_bad_input.py::test_validation_split_out_of_range": 2,
+    "test_target_rule.py::test_cli_refuses_what_the_target_rule_would_ignore_in_one_line": 3,
+    "test_run_identity.py::test_refused_input_aimed_at_a_run_folder_writes_nothing": 4,
+    "test_run_identity.py::test_a_damaged_lock_is_one_line_saying_what_to_do_and_touches_nothing": 3,
+    "test_run_identity.py::test_resume_that_changes_what_is_trained_is_refused_and_touches_nothing": 3,
+    "test_run_identity.py::test_a_folder_name_too_long_is_one_line_before_anything_is_written": 2,
+    "test_run_folder_is_data.py::test_an_edited_onnx_sidecar_is_one_line": 3,
+    "test_run_folder_is_data.py::test_eval_out_may_not_name_a_file_of_the_run": 2,
+    "test_run_folder_is_data.py::test_other_payloads_in_overrides_yaml_are_refused": 3,
+    "test_bad_input_tools.py::test_imagefolder_bad_input": 2,
+    "test_bench_args.py::test_bad_values_fail_with_one_line_naming_key_and_values": 3,
+    "test_lowrank.py::test_bases_that_must_rotate_converge_with_momentum_as_fast_as_dense": 2,
+}
+# `pytest -m quick`: a first check in under 2 minutes: the algebra against its float64 references, the config
+# schema, the import structure, and one run through the CLI with its files, export and eval.
+QUICK = ("test_structure.py", "test_config.py", "test_truncation_fast.py", "test_data.py", "test_lowrank.py",
+         "test_one_network.py", "test_cli.py::test_train_writes_every_run_file",
+         "test_bad_input.py::test_unknown_key_suggests_the_full_key")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: a first check in under 2 minutes (pytest -m quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: dict = {}
+    for item in items:
+        name = item.nodeid.split("/", 1)[-1]  # test_file.py::test_name[case]
+        base = name.split("[", 1)[0]
+        seen[base] = seen.get(base, 0) + 1
+        if base in SLOW or base in FIRST_CASES and seen[base] > FIRST_CASES[base]:
+            item.add_marker(pytest.mark.slow)
+        if name.startswith(QUICK) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.quick)

@@ -138,11 +138,83 @@ def test_checkpoint_without_config(tmp_path):
 
 
 def test_unknown_key(tmp_path):
-    one_error_line(tmp_path, ["lrr=0.1"], "unknown option 'lrr'", "+lrr=")
+    line = one_error_line(tmp_path, ["lrr=0.1"], "unknown option 'lrr'", "did you mean lr=0.1?")
+    assert "+lrr" not in line  # tdlrt's schema takes no new key: +lrr=0.1 would fail too
 
 
 def test_unknown_nested_key(tmp_path):
-    one_error_line(tmp_path, ["method.tau_max=0.5"], "unknown option 'method.tau_max'")
+    line = one_error_line(tmp_path, ["method.tau_max=0.5"], "unknown option 'method.tau_max'", "no such config key")
+    assert "+method.tau_max" not in line and "did you mean" not in line  # nothing close enough to suggest
+
+
+@pytest.mark.parametrize("args, meant", [
+    (["target_cr=90"], "did you mean method.target_cr=90?"),  # a key of a group, given at the top level
+    (["width_mult=0.5"], "did you mean model.width_mult=0.5?"),
+    (["val_split=0.2"], "did you mean data.val_split=0.2?"),
+    (["warmup_epochs=2"], "did you mean scheduler.warmup_epochs=2?"),
+    (["model.val_split=0.2"], "did you mean data.val_split=0.2?"),  # ... or under the wrong group
+    (["method.target_c=90"], "did you mean method.target_cr=90?"),  # misspelt: the closest key, the value typed
+    (["widht_mult=0.25"], "did you mean model.width_mult=0.25?"),
+    (["+target_cr=90"], "did you mean method.target_cr=90?"),  # the old advice, +key, is refused the same way
+    (["name=lenet5"], "did you mean model.name=lenet5, data.name=lenet5, method.name=lenet5, "
+                      "optimizer.name=lenet5 or scheduler.name=lenet5?"),  # several groups: all listed
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_unknown_key_suggests_the_full_key(tmp_path, args, meant):
+    line = one_error_line(tmp_path, args, f"unknown option '{args[0].lstrip('+').split('=')[0]}'", meant)
+    assert "adds a new one" not in line and " +" not in line
+
+
+def test_key_of_another_preset_names_the_presets_that_have_it(tmp_path):
+    line = one_error_line(tmp_path, ["method=tdlrt", "method.sparsity=0.9"], "unknown option 'method.sparsity'",
+                          "the chosen method preset has no sparsity", "method=grasp, imp or snip")
+    assert "+method.sparsity" not in line  # +method.sparsity=0.9 is refused with method=tdlrt
+
+
+def test_unknown_hydra_key_keeps_the_plus_advice(tmp_path):
+    """Parts of Hydra's own configuration take new keys (+hydra.job.env_set.X=1 works); tdlrt's schema none."""
+    one_error_line(tmp_path, ["hydra.job.env_set.TDLRT_X=1"], "unknown option 'hydra.job.env_set.TDLRT_X'",
+                   "+hydra.job.env_set.TDLRT_X=... adds a new one")
+
+
+def test_bench_suggests_its_own_keys(tmp_path):
+    proc = run_tdlrt(["bench", "width_mult=1", "rank_frac=0.2"], tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "did you mean model.width_mult=1?" in lines[0] and "`tdlrt bench --help` lists the keys" in lines[0]
+    assert "method." not in lines[0] and "tdlrt train" not in lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["method=tdlrt", "method.target_cr=0.9"], "method.target_cr=0.9 is a percentage: did you mean method.target_cr=90?"),
+    (["method=tucker", "method.target_cr=0.95"],
+     "method.target_cr=0.95 is a percentage: did you mean method.target_cr=95?"),
+    (["method=tucker_prune", "method.target_cr=0.5"],
+     "method.target_cr=0.5 is a percentage: did you mean method.target_cr=50?"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_fraction_where_a_percentage_belongs(tmp_path, args, needle):
+    line = one_error_line(tmp_path, args, needle, "of the conv parameters removed, 0-100")
+    assert "rank cap" not in line
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["method=tdlrt", "method.r_max_frac=50"], "method.r_max_frac=50 is a fraction (0-1]: did you mean "
+                                               "method.r_max_frac=0.5?"),
+    (["method=tdlrt", "method.init_rank_frac=30"], "method.init_rank_frac=30 is a fraction (0-1]: did you mean "
+                                                   "method.init_rank_frac=0.3?"),
+    (["method=tdlrt", "method.target_cr=90", "method.ramp_end=75"],
+     "method.ramp_end=75 is a fraction [0-1]: did you mean method.ramp_end=0.75?"),
+    (["method=tucker", "method.target_cr=null", "method.rank_frac=25"],
+     "method.rank_frac=25 is a fraction (0-1]: did you mean method.rank_frac=0.25?"),
+    (["method=snip", "tau=null", "method.sparsity=90"],
+     "method.sparsity=90 is a fraction (0-1): did you mean method.sparsity=0.9?"),
+    (["scheduler=onecycle", "scheduler.pct_start=30"],
+     "scheduler.pct_start=30 is a fraction (0-1): did you mean scheduler.pct_start=0.3?"),
+    (["data.val_split=12.5"], "12.5% is data.val_split=0.125"),  # (a whole 10 is ten examples: not refused)
+    (["method=tdlrt", "method.r_max_frac=150"], "method.r_max_frac=150.0 must be in (0, 1]"),  # no percentage
+    (["method=snip", "tau=null", "method.sparsity=100"], "method.sparsity=100.0 must be in (0, 1)"),  # 1.0 neither
+], ids=lambda v: v[-1] if isinstance(v, list) else None)
+def test_percentage_where_a_fraction_belongs(tmp_path, args, needle):
+    one_error_line(tmp_path, args, needle)
 
 
 def test_tau_with_a_method_that_has_none(tmp_path):
@@ -177,7 +249,7 @@ def test_tolerance_warmup_out_of_range(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0 must be >= 1"),
-    (["scheduler=onecycle", "scheduler.pct_start=2"], "scheduler.pct_start=2.0 must be in (0, 1)"),
+    (["scheduler=onecycle", "scheduler.pct_start=2"], "scheduler.pct_start=2 is a fraction (0-1)"),
     (["scheduler=plateau", "scheduler.factor=2"], "scheduler.factor=2.0 must be in (0, 1)"),
     (["optimizer=adam", "optimizer.eps=-1"], "optimizer.eps=-1.0 must be > 0"),
     (["seed=100000000000000000000"], "seed="),

@@ -190,7 +190,7 @@ def test_report_lists_empty_and_damaged_runs_and_never_marks_them(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("tdlrt: warning: skipping") and "broken" in lines[0]
     assert "2 runs in 2 rows" in proc.stdout and "3 unfinished" in proc.stdout
     md = (out / "table.md").read_text()
-    assert "**40.00 ± 0.00**" in md and "99.00" not in md.split("Unfinished")[0]
+    assert "| 1 | 40.00 † |" in md and "**40" not in md and "99.00" not in md.split("Unfinished")[0]
     states = {os.path.basename(r.split(",")[0]): r for r in (out / "unfinished.csv").read_text().splitlines()[1:]}
     assert set(states) == {"zero", "zero-acc", "broken"}
     assert "empty (0 epochs)" in states["zero"] and "damaged summary.json" in states["broken"]
@@ -231,7 +231,7 @@ def test_report_lists_runs_with_absurd_metrics_as_damaged_and_never_marks_them(t
         assert line.startswith("tdlrt: warning: skipping") and words in line and "listed as damaged" in line, line
     assert "2 runs in 2 rows" in proc.stdout
     md = (out / "table.md").read_text()
-    assert "**40.00 ± 0.00**" in md and "50.00" not in md.split("Unfinished")[0]
+    assert "| 1 | 40.00 † |" in md and "**40" not in md and "50.00" not in md.split("Unfinished")[0]
     states = {os.path.basename(r.split(",")[0]): r for r in (out / "unfinished.csv").read_text().splitlines()[1:]}
     assert set(states) == {name for name, _, _ in ABSURD_METRICS}
     assert all("damaged summary.json" in state for state in states.values())
@@ -271,13 +271,13 @@ def test_rank_plot_styles_are_distinct_for_many_layers():
     assert len({tuple(layer_style(j)[0]) for j in range(20)}) == 20  # no colour repeats within 20 layers
 
 
-def test_rank_plot_legends_name_vgg_layers_by_their_place(tmp_path):
+def test_rank_plot_legends_name_vgg_layers_by_path_and_place(tmp_path):
     from tdlrt_cli.report.plots import layer_labels
 
     (tmp_path / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n"
                                         "1,features.3,8,8,3,3,16,16,3,3\n1,features.7,16,8,3,3,32,16,3,3\n")
-    assert layer_labels(tmp_path, {"model": {"name": "vgg16"}}) == {"features.3": "conv1_2 (16->16)",
-                                                                    "features.7": "conv2_1 (16->32)"}
+    assert layer_labels(tmp_path, {"model": {"name": "vgg16"}}) == {"features.3": "features.3 (conv1_2, 16->16)",
+                                                                    "features.7": "features.7 (conv2_1, 16->32)"}
     assert layer_labels(tmp_path, {"model": {"name": "resnet18"}})["features.7"] == "features.7 (16->32)"
 
 

@@ -46,11 +46,13 @@ def test_train_writes_every_run_file(tmp_path, method):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):
         assert float(rows[-1][key]) == float(rows[-1][key])  # present and numeric
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("test_acc", "best_test_acc", "params", "wall_time_s", "config", "compression_rate",
+    for key in ("test_acc", "checkpoint", "test_acc_final", "test_acc_max_epoch", "params", "wall_time_s", "config",
+                "compression_rate",
                 "compression_rate_total", "ranks", "flops_forward", "flops_train"):
         assert key in summary, key
     assert summary["config"]["model"]["name"] == "vgg16" and summary["config"]["method"]["name"] == method
-    assert summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert summary["test_acc"] == summary["test_acc_final"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert summary["checkpoint"] == "last.pt"  # no validation split: the network after the last epoch
     if method == "tdlrt":
         assert 0 < summary["compression_rate"] < 100
         assert len(summary["ranks"]) == 12  # 13 convs, the first stays dense
@@ -94,8 +96,9 @@ def test_validation_split_selects_best_checkpoint(tmp_path):
     assert sel["test_acc"] == pytest.approx(float(best_row["test_acc"]))
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == sel["epoch"]
     assert summary["steps"] == 3 * ((256 - 64) // 64)  # the held-out images are not trained on
-    assert summary["test_acc_val_selected"] == pytest.approx(float(best_row["test_acc"]))
-    assert summary["test_acc_last"] == summary["test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert summary["test_acc"] == pytest.approx(float(best_row["test_acc"])) and summary["checkpoint"] == "best.pt"
+    assert summary["test_acc_final"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert summary["test_acc_max_epoch"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
 
 
 def test_summary_is_strict_json_and_an_untrained_run_reports_its_start(tmp_path):

@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_final_result_bitwise(tmp_path, straight,
         assert torch.equal(value, b["model"][key]), key
     sa = json.loads((straight / "summary.json").read_text())
     sb = json.loads((run / "summary.json").read_text())
-    assert (sa["test_acc"], sa["test_loss"], sa["steps"]) == (sb["test_acc"], sb["test_loss"], sb["steps"])
+    assert (sa["test_acc"], sa["test_loss_final"], sa["steps"]) == (sb["test_acc"], sb["test_loss_final"], sb["steps"])
     assert (straight / "metrics.csv").read_text().count("\n") == 4
     rows_a = [line.split(",")[:4] for line in (straight / "metrics.csv").read_text().splitlines()]
     rows_b = [line.split(",")[:4] for line in (run / "metrics.csv").read_text().splitlines()]
@@ -95,7 +95,7 @@ def test_nan_loss_skipped_when_configured(tmp_path):
     proc = run_tdlrt(["train", *TINY, "method=dense", "nan_policy=skip"], tmp_path, env={"TDLRT_FAULT_NAN_AT_STEP": "2"})
     assert "skipped 1 step(s) with a non-finite loss" in proc.stderr
     (run,) = run_dirs(tmp_path / "outputs")
-    assert json.loads((run / "summary.json").read_text())["test_loss"] < 1e3
+    assert json.loads((run / "summary.json").read_text())["test_loss_final"] < 1e3
 
 
 def test_two_runs_never_share_a_folder(tmp_path):

@@ -5,6 +5,7 @@ import csv
 import json
 import re
 
+import pytest
 from conftest import TINY, run_dirs, run_tdlrt
 
 from tdlrt_cli.report import main as report
@@ -82,26 +83,32 @@ def test_lr_sweep_gives_one_row_per_lr_with_an_lr_column(tmp_path):
 
 def test_validation_selected_accuracy_ranks_rows_and_the_test_selected_maximum_never_does(tmp_path):
     runs = tmp_path / "runs"
-    write_run(runs / "a", 80.0, best=88.0, cr=91.0, selected=85.0, tau=0.1)  # val-selected checkpoint: 85
-    write_run(runs / "b", 86.0, best=89.5, cr=92.0, tau=0.2)  # no validation split: final 86, not its max 89.5
-    write_run(runs / "c", 60.0, cr=93.0, tau=0.3)             # nothing but the final accuracy
+    for seed, d in ((0, 0.0), (1, 0.2)):  # two seeds each, so that the marks have a spread to beat
+        write_run(runs / f"a{seed}", 80.0, best=88.0, cr=91.0, selected=85.0 + d, tau=0.1, seed=seed)  # val-selected
+        write_run(runs / f"b{seed}", 86.0 + d, best=89.5, cr=92.0, tau=0.2, seed=seed)  # no validation split: final
+        write_run(runs / f"c{seed}", 60.0 + d, cr=93.0, tau=0.3, seed=seed)  # nothing but the final accuracy
     out = tmp_path / "rep"
     report([str(runs), f"out={out}"])
     rows = {r["tau"]: r for r in table(out)}
     a, b, c = rows["0.1"], rows["0.2"], rows["0.3"]
-    assert (float(a["test_acc_mean"]), float(a["test_acc_final_mean"]), float(a["test_acc_max_epoch_mean"])) == (85.0, 80.0, 88.0)
-    assert a["acc_source"] == "val_ckpt" and b["acc_source"] == "final" and float(b["test_acc_mean"]) == 86.0
-    assert b["mark"] == "best" and a["mark"] == "second"  # 86 > 85 although b's test-selected max is higher
+    assert (float(a["test_acc_mean"]), float(a["test_acc_final_mean"]), float(a["test_acc_max_epoch_mean"])) == (85.1, 80.0, 88.0)
+    assert a["acc_source"] == "val_ckpt" and b["acc_source"] == "final" and float(b["test_acc_mean"]) == 86.1
+    assert b["mark"] == "best" and a["mark"] == "second"  # 86.1 > 85.1 although b's test-selected max is higher
     assert a["compression_band"] == "90-95"
-    assert c["acc_source"] == "final" and float(c["test_acc_mean"]) == float(c["test_acc_max_epoch_mean"]) == 60.0
+    assert c["acc_source"] == "final" and float(c["test_acc_mean"]) == float(c["test_acc_max_epoch_mean"]) == 60.1
     md = (out / "table.md").read_text()
     assert "| test acc. (%) | final (%) | max over epochs (%) | c.r. (%) |" in md
-    assert "| _85.00 ± 0.00_ | 80.00 ± 0.00 | 88.00 ± 0.00 |" in md and "60.00 ± 0.00 †" in md
+    assert "| _85.10 ± 0.14_ | 80.00 ± 0.00 | 88.00 ± 0.00 |" in md and "60.10 ± 0.14 †" in md
     tex = (out / "table.tex").read_text()
     assert "Max over epochs" in tex
+    assert_tex_columns(tex)
+
+
+def assert_tex_columns(tex):
+    """Every row of table.tex has as many cells as ``\\begin{tabular}{...}`` declares columns."""
     spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", tex).group(1)
     body = [line for line in tex.splitlines() if line.endswith("\\\\") and "&" in line]
-    assert body and all(line.count("&") + 1 == len(spec) for line in body)  # every row has the declared columns
+    assert body and all(line.count("&") + 1 == len(spec) for line in body), (spec, body)
 
 
 def test_unfinished_runs_are_listed(tmp_path):
@@ -153,3 +160,189 @@ def test_a_key_added_later_compares_as_what_older_runs_did(tmp_path):
     report([str(runs), f"out={tmp_path / 'rep'}"])
     rows = {r["method.tau_warmup_epochs"]: r for r in table(tmp_path / "rep")}
     assert set(rows) == {"0", "1"} and rows["0"]["runs"] == "2" and "data.val_size" not in rows["0"]
+
+
+# --------------------------------------------------------------------------- figures a paper can use
+
+def write_ranks(folder, steps, layers=(("features.3", 16, 16), ("features.7", 16, 32))):
+    """ranks_steps.csv (``steps``: (step, rank) rows, every layer at rank, r_out one higher for the 2nd layer)
+    and a ranks.csv with the layers' sizes."""
+    (folder / "ranks_steps.csv").write_text("step,epoch,layer,r_out,r_in,r_kh,r_kw\n" + "".join(
+        f"{s},0,{name},{r + j},{r},3,3\n" for s, r in steps for j, (name, _, _) in enumerate(layers)))
+    (folder / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n" + "".join(
+        f"1,{name},4,4,3,3,{n_out},{n_in},3,3\n" for name, n_in, n_out in layers))
+
+
+def figures_of(monkeypatch):
+    """What each figure the report saves shows, by file name, taken just before it is written."""
+    from tdlrt_cli.report import plots
+
+    seen, save = {}, plots._save
+
+    def spy(fig, path):
+        fig.canvas.draw()  # the ticks and offsets as written
+        seen[path.name] = [{
+            "xlim": ax.get_xlim(), "ylim": ax.get_ylim(),
+            "yticks": [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]],
+            "offsets": (ax.xaxis.get_major_formatter().get_offset(), ax.yaxis.get_major_formatter().get_offset()),
+            "lines": [(line.get_label(), line.get_linewidth(), list(line.get_xdata()), list(line.get_ydata()))
+                      for line in ax.get_lines()],
+            "errorbars": [len(c.lines[0].get_xdata()) if c.lines[0] is not None else len(c.lines[2][0].get_segments())
+                          for c in ax.containers if type(c).__name__ == "ErrorbarContainer"],
+            "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
+        } for ax in fig.axes]
+        seen[path.name + ":title"] = fig.texts[0].get_text() if fig.texts else ""
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return seen
+
+
+def test_every_plot_is_also_written_as_svg_that_parses_and_is_byte_stable(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from tdlrt_cli.report.plots import REPORT_TEMPORARY
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs / f"t{seed}", 80.0 + seed, seed=seed)
+        write_ranks(runs / f"t{seed}", [(0, 8), (10, 6 - seed)])
+    ill = runs / "ill"  # an ill-conditioned start: the loss plot too
+    write_run(ill, 70.0, cr=95.0, **{"method.init_decay": 1.0})
+    (ill / "metrics.csv").write_text("epoch,train_loss,test_acc\n1,2.0,50\n2,1.0,70\n")
+    first, second = tmp_path / "rep", tmp_path / "rep2"
+    run_tdlrt(["report", str(runs), f"out={first}"], tmp_path)
+    stale = first / ".ranks_x.svg.999999999.tmp"  # a killed report's SVG temporary (no such process)
+    stale.write_text("<svg")
+    assert REPORT_TEMPORARY.match(stale.name) and REPORT_TEMPORARY.match(".a.png.12.tmp")
+    run_tdlrt(["report", str(runs), f"out={first}"], tmp_path)
+    assert not stale.exists()
+    run_tdlrt(["report", str(runs), f"out={second}"], tmp_path)
+    pngs = sorted(p.name for p in first.glob("*.png"))
+    assert len(pngs) == 3 and "ill_conditioned_loss.png" in pngs  # acc vs c.r., the seeds' rank plot, the loss
+    assert sorted(p.name for p in first.glob("*.svg")) == [n[:-4] + ".svg" for n in pngs]
+    for name in pngs:
+        svg = first / (name[:-4] + ".svg")
+        root = ET.parse(svg).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert [e for e in root.iter("{http://www.w3.org/2000/svg}text") if e.text]  # text kept as text
+        assert svg.read_bytes() == (second / svg.name).read_bytes(), svg.name  # no date, a fixed hash salt
+    assert not [p.name for p in first.iterdir() if p.name.startswith(".")]
+
+
+def test_rank_plots_show_every_seed_and_their_mean_on_an_integer_axis(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    grids = {0: [(0, 8), (10, 6), (20, 5)], 1: [(0, 8), (15, 7), (30, 4)], 2: [(0, 8), (10, 7), (25, 5)]}
+    for seed, steps in grids.items():
+        write_run(runs / f"s{seed}", 80.0 + seed, seed=seed)
+        write_ranks(runs / f"s{seed}", steps)
+    seen = figures_of(monkeypatch)
+    report([str(runs), f"out={tmp_path / 'rep'}"])
+    (name,) = [n for n in seen if n.startswith("ranks_") and not n.endswith(":title")]
+    assert "seeds 0, 1, 2" in seen[name + ":title"]
+    out_axis, in_axis = seen[name]
+    for ax in (out_axis, in_axis):
+        assert ax["yticks"] and all(float(t).is_integer() for t in ax["yticks"]), ax["yticks"]
+    thick = {label: (xs, ys) for label, width, xs, ys in out_axis["lines"] if width > 2 and xs}
+    thin = [xs for label, width, xs, ys in out_axis["lines"] if width < 1 and xs]
+    assert len(thin) == 2 * 3  # every seed of both layers
+    assert set(thick) == {"features.3 (conv1_2, 16->16)", "features.7 (conv2_1, 16->32)"}
+    xs, ys = thick["features.3 (conv1_2, 16->16)"]
+    # the mean of the step functions on the steps all seeds reach (0-20): at 10 (6+8+7)/3, at 15 (6+7+7)/3,
+    # at 20 (5+7+7)/3; seed 1's step 30 and seed 2's 25 are beyond seed 0's last step
+    assert [int(x) for x in xs] == [0, 10, 15, 20] and [float(y) for y in ys] == pytest.approx([8, 7, 20 / 3, 19 / 3])
+    assert "mean only on the steps every seed reached" in in_axis["legend"]
+    assert {"each seed (3)", "mean over seeds", "features.3 (conv1_2, 16->16)"} <= set(in_axis["legend"])
+
+
+def test_layers_are_named_by_module_path_with_the_models_aliases(tmp_path):
+    import torch.nn as nn
+
+    from tdlrt_cli.models import build_model
+    from tdlrt_cli.report.plots import LAYER_ALIASES, layer_labels, layer_name
+
+    for model, (channels, side) in {"vgg16": (3, 32), "alexnet": (3, 32), "lenet5": (1, 28), "resnet18": (3, 32)}.items():
+        modules = dict(build_model(model, channels, 10, side, width_mult=0.125).named_modules())
+        layers = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        aliases = LAYER_ALIASES.get(model, {})
+        assert set(aliases) <= set(layers), model  # an alias names a real conv or linear layer's path
+        if model != "resnet18":  # its paths name the block already
+            assert set(aliases) == set(layers), model
+    (tmp_path / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n"
+                                        "1,features.3,8,8,3,3,16,16,3,3\n1,features.7,16,8,3,3,32,16,3,3\n")
+    assert layer_labels(tmp_path, {"model": {"name": "vgg16"}}) == {"features.3": "features.3 (conv1_2, 16->16)",
+                                                                    "features.7": "features.7 (conv2_1, 16->32)"}
+    assert layer_labels(tmp_path, {"model": {"name": "resnet18"}})["features.7"] == "features.7 (16->32)"
+    assert layer_name("alexnet", "features.8") == "features.8 (conv3)" and layer_name("x", "a.b") == "a.b"
+    # the layers of the committed runs' ranks.csv are module paths the aliases know
+    import pathlib
+
+    results = pathlib.Path(__file__).resolve().parent.parent / "results"
+    for ranks in sorted(results.glob("*/runs/*/ranks.csv"))[:20]:
+        model = json.loads((ranks.parent / "summary.json").read_text())["config"]["model"]["name"]
+        with open(ranks, newline="") as fh:
+            names = {r["layer"] for r in csv.DictReader(fh)}
+        assert names and names <= set(LAYER_ALIASES.get(model, names)), (ranks, names)
+
+
+def test_accuracy_axes_keep_a_minimum_span_and_bars_only_for_several_seeds(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs / "a0", 80.0, cr=90.0, seed=0, tau=0.1)
+    write_run(runs / "a1", 80.1, cr=90.1, seed=1, tau=0.1)   # two seeds: error bars
+    write_run(runs / "b0", 80.05, cr=90.175, seed=0, tau=0.2)  # one seed: none
+    seen = figures_of(monkeypatch)
+    report([str(runs), f"out={tmp_path / 'rep'}"])
+    (ax,) = seen["acc_vs_cr_cifar10_vgg16.png"]
+    (x0, x1), (y0, y1) = ax["xlim"], ax["ylim"]
+    assert x1 - x0 >= 4.0 and 89.95 < (x0 + x1) / 2 < 90.2, ax["xlim"]  # centred on the data (and its error bars)
+    assert y1 - y0 >= 2.0 and y0 < 80.0 < 80.1 < y1, ax["ylim"]
+    assert ax["offsets"] == ("", "")  # tick labels are the values, no "+9e1" offset
+    assert ax["errorbars"] == [1]  # one bar: the row with two seeds
+
+
+def test_marks_only_where_a_row_beats_the_next_by_more_than_the_spread(tmp_path):
+    runs = tmp_path / "runs"
+
+    def row(name, accs, cr, **changes):
+        for seed, acc in enumerate(accs):
+            write_run(runs / f"{name}{seed}", acc, cr=cr, seed=seed, **changes)
+
+    # 90-95: 91 ± 1.41 against 90.2 ± 0.28: a difference inside the spread, no mark
+    row("a", [90.0, 92.0], 91.0, tau=0.1)
+    row("b", [90.0, 90.4], 92.0, tau=0.2)
+    # 95-100: 80.1 beats 78.1 by far more than 0.14 (best); 78.1 against 78.0 ± 0.14 is inside it (no second)
+    row("c", [80.0, 80.2], 96.0, tau=0.3)
+    row("d", [78.0, 78.2], 97.0, tau=0.4)
+    row("e", [77.9, 78.1], 98.0, tau=0.5)
+    # 85-90: well apart: best and second
+    row("f", [70.0, 70.2], 86.0, tau=0.6)
+    row("g", [65.0, 65.2], 87.0, tau=0.7)
+    row("h", [60.0, 60.2], 88.0, tau=0.8)
+    # 80-85: one seed each, 10 points apart: no spread, no mark
+    row("i", [70.0], 81.0, tau=0.9)
+    row("j", [60.0], 82.0, tau=1.0)
+    # 70-75: a single compressed row; the dense row is never marked
+    row("k", [50.0, 50.2], 71.0, tau=1.1)
+    row("dense", [95.0, 95.5], 0.0, tau=None, method={"name": "dense"})
+    out = tmp_path / "rep"
+    report([str(runs), f"out={out}"])
+    marks = {r["setting"]: r["mark"] for r in table(out)}
+    assert marks == {"tau=0.1": "", "tau=0.2": "", "tau=0.3": "best", "tau=0.4": "", "tau=0.5": "",
+                     "tau=0.6": "best", "tau=0.7": "second", "tau=0.8": "", "tau=0.9": "", "tau=1": "",
+                     "tau=1.1": "", "": ""}
+    one = {r["setting"]: r for r in table(out) if r["runs"] == "1"}
+    assert set(one) == {"tau=0.9", "tau=1"}
+    assert all(r[k] == "" for r in one.values() for k in ("test_acc_std", "test_acc_final_std",
+                                                          "test_acc_max_epoch_std", "compression_rate_std"))
+    assert float(one["tau=0.9"]["test_acc_mean"]) == 70.0  # the numbers stay
+    md = (out / "table.md").read_text()
+    lines = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| TDLRT |")}
+    assert "| 1 | 70.00 † | 70.00 | 70.00 | 81.00 |" in lines["tau=0.9"] and "±" not in lines["tau=0.9"]
+    assert "**80.10 ± 0.14**" in lines["tau=0.3"] and "_65.10 ± 0.14_" in lines["tau=0.7"]
+    assert "**" not in lines["tau=0.1"] + lines["tau=0.2"] and "_78" not in lines["tau=0.4"]
+    assert "exceeds the runner-up's by more than the larger of the two rows' std over seeds" in md
+    assert "± 0.00 †" not in md  # no one-seed accuracy printed with a zero spread
+    tex = (out / "table.tex").read_text()
+    assert "\\textbf{80.10 $\\pm$ 0.14}" in tex and "\\underline{65.10 $\\pm$ 0.14}" in tex
+    assert "& 70.00$^\\dagger$ & 70.00 & 70.00 & 81.00 \\\\" in tex
+    assert_tex_columns(tex)

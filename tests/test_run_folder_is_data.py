@@ -250,10 +250,11 @@ def onnx_export(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("edit, says", [
-    ({"data_shape": [3, 10, 1e30]}, "data_shape [3, 10, 1e+30] is not (channels, classes, image size)"),
-    ({"data_shape": 5}, "data_shape 5 is not"),
-    ({"data_shape": [3, 10, 10 ** 20]}, "is not (channels, classes, image size)"),
-    ({"data_shape": None}, "data_shape None is not"),
+    ({"classes": 1e30}, "input shape and classes [3, 1e+30, 32] are not (channels, classes, image size)"),
+    ({"input": {"shape": ["N", 3, 32, 10 ** 20]}}, "input shape and classes [3, 10, None] are not"),
+    ({"input": {"shape": ["N", 3, 10 ** 20, 10 ** 20]}}, "are not (channels, classes, image size)"),
+    ({"input": 5}, "input shape and classes None are not"),  # no input spec, and no data_shape either
+    ({"input": None, "data_shape": [3, 10, 1e30]}, "[3, 10, 1e+30] are not"),  # an older export's sidecar
     ({"config": None}, "holds no run configuration"),
 ])
 def test_an_edited_onnx_sidecar_is_one_line(onnx_export, tmp_path, edit, says):
@@ -262,6 +263,19 @@ def test_an_edited_onnx_sidecar_is_one_line(onnx_export, tmp_path, edit, says):
     shutil.copy(str(onnx_export) + ".json", sidecar)
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **edit}))
     one_line(run_tdlrt(["eval", str(out), "latency=false"], tmp_path, check=False), "m.onnx.json", says)
+
+
+def test_an_older_onnx_sidecar_with_data_shape_still_evaluates(onnx_export, tmp_path):
+    """Exports before the input spec recorded (channels, classes, image size) as data_shape."""
+    out, sidecar = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    shutil.copy(onnx_export, out)
+    meta = json.loads(open(str(onnx_export) + ".json").read())
+    c, k, size = meta["input"]["shape"][1], meta["classes"], meta["input"]["shape"][2]
+    for key in ("input", "output", "classes", "class_names", "checkpoint"):
+        meta.pop(key)
+    sidecar.write_text(json.dumps({**meta, "data_shape": [c, k, size]}))
+    proc = run_tdlrt(["eval", str(out), "latency=false"], tmp_path)
+    assert "test accuracy" in proc.stdout and "network: exported\n" in proc.stdout + "\n", proc.stdout
 
 
 def test_running_out_of_memory_is_one_line_and_leaves_no_folder(tmp_path):

@@ -133,5 +133,6 @@ def test_tensorboard_has_per_step_accuracy_and_hparams(tmp_path):
 def test_start_block_says_where_a_limited_training_set_went(tmp_path):
     proc = run_tdlrt(["train", *TINY, "method=dense", "epochs=1", "data.limit_train=192", "data.val_split=64",
                       "cost_report=false"], tmp_path)
-    assert "128 train, 64 validation (of the first 192: data.limit_train)" in proc.stderr
+    assert ("the first 192 training images (data.limit_train): 128 train + 64 validation (data.val_split); "
+            "128 test") in proc.stderr  # 2 whole batches of 64: nothing left over
     assert "1 epoch of 2 steps" in proc.stderr

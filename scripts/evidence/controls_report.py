@@ -5,7 +5,7 @@
 Writes, under --out: controls.md (the accuracy table, the split of TDLRT's margin over uniform Tucker into rank
 allocation, gradual pruning and the integrator, the targets, the lr check), headline.md (one sentence for the
 README's opening) and controls.png / controls.svg (every seed and the mean per method, at each c.r.).
-Accuracies are test accuracies at the validation-selected checkpoint (summary.json's test_acc_val_selected),
+Accuracies are test accuracies at the validation-selected checkpoint (summary.json's test_acc; test_acc_val_selected in older summaries),
 as in `tdlrt report`. A run folder is named <family>_cr<C>_s<seed> (or dense_s<seed>, <family>_..._lr<lr>_s0).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from tdlrt_cli.files import atomic_write_text
+from tdlrt_cli.summary import accuracies
 
 FAMILIES = [  # (folder prefix, label, what it is)
     ("dense", "Dense", "the uncompressed network"),
@@ -39,8 +40,7 @@ def load(runs: Path) -> list:
         if not m:
             continue
         s = json.loads(f.read_text())
-        acc = s.get("test_acc_val_selected")
-        acc = s["test_acc"] if acc is None else acc
+        acc = accuracies(s)["test_acc"]
         base = {"name": f.parent.name, "family": m["family"], "cr": int(m["cr"]) if m["cr"] else None,
                 "lr": float(m["lr"]) if m["lr"] else 0.05, "seed": int(m["seed"]), "acc": float(acc),
                 "c.r.": float(s["compression_rate"]), "wall": float(s.get("wall_time_s") or 0.0),
@@ -214,13 +214,15 @@ def figure(out: Path, rows, table) -> None:
 
 
 def save_figure(fig, out: Path, stem: str) -> None:
-    """``fig`` as out/STEM.png and out/STEM.svg, each written to a temporary file and renamed over the old one."""
+    """``fig`` as out/STEM.png and out/STEM.svg, each written to a temporary file and renamed over the old one;
+    the SVG without its date and with fixed element ids, so the same runs give the same bytes."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     for ext in ("png", "svg"):
         tmp = out / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, dpi=150)
+        with plt.rc_context({"svg.hashsalt": "tdlrt"}):
+            fig.savefig(tmp, dpi=150, metadata={"Date": None} if ext == "svg" else None)
         tmp.replace(out / f"{stem}.{ext}")
     plt.close(fig)
 

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from tdlrt_cli.files import atomic_write_text
+from tdlrt_cli.summary import accuracies
 
 
 def accuracy(summary: dict) -> float:
-    chosen = summary.get("test_acc_val_selected")
-    return float(chosen if chosen is not None else summary["test_acc"])
+    return float(accuracies(summary)["test_acc"])
 
 
 def load(runs: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from controls_report import save_figure, stats  # this folder's: the same statistics and figure files
 from tdlrt_cli.files import atomic_write_text
+from tdlrt_cli.summary import accuracies
 
 NAME = re.compile(r"^(?:w(?P<w>[\d.]+)_|(?P<full>full)_)?(?P<family>dense|tdlrt|prune)(?:_cr(?P<cr>\d+))?_s(?P<seed>\d+)$")
 LABEL = {"dense": "Dense", "tdlrt": "TDLRT (recommended defaults)",
@@ -34,10 +35,9 @@ def load(dirs) -> list:
                 continue  # the controls study's other runs (lr check, fixed-rank controls)
             s = json.loads(f.read_text())
             cfg = s.get("config") or {}
-            acc = s.get("test_acc_val_selected")
             rows.append({"name": f.parent.name, "family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
                          "seed": int(m["seed"]), "width": float(cfg["model"]["width_mult"]),
-                         "data": "full" if m["full"] else "P", "acc": float(s["test_acc"] if acc is None else acc),
+                         "data": "full" if m["full"] else "P", "acc": float(accuracies(s)["test_acc"]),
                          "c.r.": float(s["compression_rate"]), "conv_dense": int(s["conv_params_dense"]),
                          "conv": int(s["conv_params"]), "wall": float(s.get("wall_time_s") or 0.0),
                          "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7], "dir": str(f.parent)})

@@ -7,10 +7,14 @@ between rows become columns (a tau sweep gets a ``tau`` column, an lr sweep an `
 folders without a ``summary.json`` (still running, killed, failed) are listed apart as unfinished, with
 the epochs they reached. Within a (data, model) table the best and second-best accuracies are marked
 among the rows of comparable compression: rows whose mean conv compression rate falls in the same
-``band``-point band (e.g. 90-95%). The accuracy of a row is each run's test accuracy at its
-validation-selected checkpoint (``selected`` in summary.json, runs with ``data.val_split > 0``), else after
-the last epoch (``test_acc``); the best test accuracy over epochs (``best_test_acc``, selected on the test
-set itself, so optimistic) is shown apart and never used to rank rows.
+``band``-point band (e.g. 90-95%), and only where a row's mean beats the next one's by more than the
+larger std over seeds (rows of one run are never marked; :data:`.tables.MARK_RULE`).
+The accuracy of a row is each run's ``test_acc`` (summary.json's, the
+network that export and eval take by default): at its validation-selected checkpoint (best.pt, runs with
+``data.val_split > 0``), else after the last epoch; ``test_acc_final`` (after the last epoch) and the best
+test accuracy over epochs (``test_acc_max_epoch``, selected on the test set itself, so optimistic) are shown
+apart and the latter is never used to rank rows. Summaries written before these names are read by theirs
+(:func:`tdlrt_cli.summary.accuracies`).
 
 The package: :mod:`.collect` reads the run folders and groups runs into rows, :mod:`.tables` writes the
 tables, :mod:`.plots` draws the figures; :func:`main` reads everything first and writes after, so a damaged
@@ -48,8 +52,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print("usage: tdlrt report PATH... [out=DIR] [band=5]\n\nReads run folders (single runs or multirun "
-              "sweeps) and writes table.md, table.csv, table.tex, unfinished.csv and PNG plots into DIR (default: "
-              "report/). A row averages the seeds of one config; run folders without summary.json are listed "
+              "sweeps) and writes table.md, table.csv, table.tex, unfinished.csv and plots (PNG, and SVG beside "
+              "each) into DIR (default: report/). A row averages the seeds of one config; run folders without summary.json are listed "
               "as unfinished.")
         sys.exit(0 if args else 2)
     is_option = [("=" in a and not Path(a).exists()) for a in args]  # a folder may be named lr=0.1
@@ -99,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UserError as exc:
         print(f"tdlrt: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex, runs.csv and {len(pngs)} plots"
+    print(f"{len(runs)} runs in {len(rows)} rows -> {out}/table.md, table.csv, table.tex, runs.csv and "
+          f"{len(pngs)} plots (PNG and SVG)"
           + (f"; {len(unfinished)} unfinished run(s) (no summary.json, or empty) listed in table.md and unfinished.csv"
              if unfinished else ""))

@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from ..config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
 from ..errors import UserError
 from ..files import load_json
+from ..summary import accuracies
 
 METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp"]
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
@@ -129,9 +130,9 @@ class Run:
     @property
     def val_selected_acc(self) -> Optional[float]:
         """Test accuracy of the checkpoint chosen on the validation split, if the run had one."""
-        sel = self.summary.get("selected") if isinstance(self.summary, dict) else None
-        if isinstance(sel, dict) and sel.get("by") == "val_acc" and sel.get("test_acc") is not None:
-            return float(sel["test_acc"])
+        found = accuracies(self.summary) if isinstance(self.summary, dict) else {}
+        if found.get("checkpoint") == "best.pt" and found.get("test_acc") is not None:
+            return float(found["test_acc"])
         return None
 
     @property
@@ -376,8 +377,8 @@ def metric(summary: dict, key: str, bounds: Tuple[float, float], where: str = ""
 
 def check_metrics(s: dict) -> None:
     """Refuse a summary.json whose numbers a table or plot would use cannot be a run's (see :func:`metric`)."""
-    for key, bounds in (("test_acc", PERCENT), ("best_test_acc", PERCENT), ("compression_rate", COMPRESSION),
-                        ("wall_time_s", (0.0, math.inf))):
+    for key, bounds in (("test_acc", PERCENT), ("test_acc_final", PERCENT), ("test_acc_max_epoch", PERCENT),
+                        ("best_test_acc", PERCENT), ("compression_rate", COMPRESSION), ("wall_time_s", (0.0, math.inf))):
         metric(s, key, bounds)
     if s.get("compression_rate") is None:
         raise KeyError("compression_rate")
@@ -399,13 +400,14 @@ def collect(paths: List[Path]) -> Tuple[List[Run], List[Unfinished]]:
             try:
                 s = load_json(f.read_text())
                 c = s["config"]
-                if s.get("test_acc") is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
+                found = accuracies(s)  # summary.json's names, old and new
+                if found["test_acc_final"] is None or s.get("epochs") == 0:  # trained nothing: listed, in no row
                     unfinished.append(empty_run(f.parent, s))
                     continue
                 check_metrics(s)
-                best = s.get("best_test_acc")
+                best = found["test_acc_max_epoch"]
                 runs.append(Run(f.parent, c["data"]["name"], c["model"]["name"], c["method"]["name"], knob_of(c),
-                                int(c.get("seed", 0)), float(s["test_acc"]), float(s["compression_rate"]),
+                                int(c.get("seed", 0)), float(found["test_acc_final"]), float(s["compression_rate"]),
                                 float(c["method"].get("init_decay", 0.0) or 0.0),
                                 None if best is None else float(best),
                                 grouping_config(c, s.get("sources") if isinstance(s.get("sources"), dict) else None), s))
