@@ -5,7 +5,7 @@
 # project's 2-core CPU a VGG16 epoch on CIFAR-10 takes about 20 minutes, so use a GPU for these.
 set -euo pipefail
 
-# The evidence of README "Evidence" (CPU-sized, each resumable or short): scripts/evidence/*.sh.
+# The evidence of docs/evidence.md (CPU-sized, each resumable or short): scripts/evidence/*.sh.
 # Its VGG16 comparison at the paper's full width, on a GPU:
 WIDTH=1 DEVICE=cuda bash scripts/evidence/vgg16_cifar10.sh
 

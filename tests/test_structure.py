@@ -74,12 +74,12 @@ def test_every_relative_import_names_a_module_that_exists():
                     f"{path.relative_to(PACKAGE)}: from {'.' * node.level}{node.module} import ... names no module"
 
 
-def test_the_readme_code_map_lists_every_module_in_dependency_order():
-    """The README's "Code map" table: every module once, each after all the modules it imports."""
+def test_the_code_map_in_docs_development_lists_every_module_in_dependency_order():
+    """The "Code map" table of docs/development.md: every module once, each after all the modules it imports."""
     import re
 
-    readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    page = (PACKAGE.parent / "docs" / "development.md").read_text()
+    table = page.split("## Code map", 1)[1].split("\n## ", 1)[0]
     listed = []
     for line in table.splitlines():
         if line.startswith("| `"):
@@ -92,3 +92,27 @@ def test_the_readme_code_map_lists_every_module_in_dependency_order():
     for module in listed:
         for dep in graph[module]:
             assert listed.index(dep) < listed.index(module), f"{module} imports {dep}, listed below it"
+
+
+def test_the_readme_is_short_and_every_relative_link_of_the_readme_and_docs_resolves():
+    """README.md has at most 200 lines; every relative link and image path in README.md and docs/*.md (outside
+    code) names an existing file or folder, relative to the page that holds it (http(s) links and #anchors
+    aside)."""
+    import re
+
+    root = PACKAGE.parent
+    readme = root / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200, "README.md is longer than 200 lines: move detail to docs/"
+    pages = [readme, *sorted((root / "docs").glob("*.md"))]
+    assert len(pages) > 1, "no docs/*.md"
+    broken = []
+    for page in pages:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # fenced code
+        text = re.sub(r"`[^`\n]*`", "", text)                                   # inline code
+        for target in re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text):
+            if re.match(r"(https?|mailto):", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken, broken

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate every table and figure of the rank-rule study from the committed run files, then the README's
-# copies of the tables:   bash scripts/evidence/rank_rules_report.sh
+# Regenerate every table and figure of the rank-rule study from the committed run files, then their copies
+# in docs/evidence.md:   bash scripts/evidence/rank_rules_report.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tdlrt report results/frontier_p/runs out=results/frontier_p
