@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from .config import MODELS, PRECISIONS, ModelConfig
 from .errors import ConfigError, UserError
-from .lowrank import TDLRT, ConversionRules, RankPolicy, convert_to_lowrank
-from .lowrank.integrator import SPECTRA
+from .lowrank import TDLRT, ConversionRules, RankPolicy, ToleranceRule, convert_to_lowrank
+from .lowrank.spectra import SPECTRA
 from .metrics import parameter_report
 from .models import MIN_IMAGE_SIZE, build_model
 
@@ -220,7 +220,7 @@ def run_one(cfg: BenchConfig, device, method: str, rank_frac=None, augment_every
     model = _build(cfg, device, rank_frac)
     x, y = _random_batch(cfg, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    integrator = (TDLRT(model, opt, tau=cfg.tau, augment_every=augment_every, spectra=cfg.spectra)
+    integrator = (TDLRT(model, opt, ToleranceRule(cfg.tau, spectra=cfg.spectra), augment_every=augment_every)
                   if method == "tdlrt" else None)
     stepper = integrator or opt
     forward = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default") if graph else model

@@ -224,10 +224,7 @@ def adaptation_scalars(model, integrator, logger, global_step: int, epoch: int) 
     ranks_steps.csv), the bases' orthonormality error and the last truncation's error and smallest kept
     singular values."""
     values = {"compression/rate": parameter_report(model)["compression_rate"]}
-    if integrator.budget is not None:  # target rule: the compression scheduled for this step
-        values["compression/target"] = 100.0 * integrator.budget.compression(integrator.steps)
-    else:
-        values["compression/tau"] = integrator.last_tau  # the tolerance that decided these ranks
+    values.update(integrator.scalars())  # the target scheduled for this step, or the tolerance that decided
     values.update(log_ranks(logger, model, global_step, epoch))
     for layer_name, layer in lowrank_named(model):
         values[f"diag/ortho_error/{layer_name}"] = orthonormality_error(layer)

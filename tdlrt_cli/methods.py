@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import ConfigError
-from .lowrank import TDLRT, BudgetSchedule, ConversionRules, RankPolicy, convert_to_lowrank, lowrank_layers
+from .lowrank import TDLRT, BudgetRule, BudgetSchedule, ConversionRules, ToleranceRule, RankPolicy, convert_to_lowrank, lowrank_layers
 from .lowrank.allocation import lower_bound_params, upper_bound_params
 from .metrics import parameter_report
 from .lowrank.baselines import (DECOMPOSABLE, FIXED, FixedTuckerConv2d, allocate_tucker_ranks, apply_masks,
@@ -278,15 +278,14 @@ class Integrated(Method):
 
     def stepper(self, model, optimizer, steps_per_epoch, dist) -> None:
         m = self.cfg.method
-        budget = None
         if m.target_cr is not None:  # the target rule
-            budget = target_budget(model, m.target_cr, m.ramp_start, m.ramp_end,
-                                   (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch, m.augment_every)
-        self.integrator = TDLRT(model, optimizer, self.cfg.tau, m.augment_every,
+            rule = BudgetRule(target_budget(model, m.target_cr, m.ramp_start, m.ramp_end,
+                                            (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch, m.augment_every))
+        else:  # the paper's rule
+            rule = ToleranceRule(self.cfg.tau, round(m.tau_warmup_epochs * steps_per_epoch), m.tau_warmup_shape)
+        self.integrator = TDLRT(model, optimizer, rule, m.augment_every,
                                 average=dist.mean_ if dist.enabled else None,
-                                broadcast=dist.broadcast_ if dist.enabled else None,
-                                tau_warmup_steps=round(m.tau_warmup_epochs * steps_per_epoch),
-                                tau_warmup_shape=m.tau_warmup_shape, budget=budget)
+                                broadcast=dist.broadcast_ if dist.enabled else None)
 
     def before_epoch(self, epoch, model) -> bool:
         if epoch >= self.cfg.epochs - self.cfg.method.finetune_epochs:

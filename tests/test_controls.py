@@ -171,14 +171,14 @@ def test_target_rule_resumes_bitwise_with_caps_at_the_full_channel_count(tmp_pat
     triangular solve (column-major storage); a resumed run loads it row-major. The factor is stored row-major
     at every truncation, so both give the same floating-point results."""
     from test_target_rule import Pair, assert_resume_is_bitwise, pair_budget, two_layer_regression
-    from tdlrt_cli.lowrank import TDLRT
+    from tdlrt_cli.lowrank import TDLRT, BudgetRule
 
     x, ys = two_layer_regression([(10, 9), (2, 2)])
 
     def fresh():
         model = Pair(ranks=(8, 6), bounds=((1, 16), (1, 12)))
         opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-        return model, TDLRT(model, opt, tau=None, augment_every=3, budget=pair_budget((10, 9), (2, 2), 60))
+        return model, TDLRT(model, opt, BudgetRule(pair_budget((10, 9), (2, 2), 60)), augment_every=3)
 
     assert_resume_is_bitwise(fresh, x, ys, 13, 30, tmp_path / "ck.pt")
 

@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reference import two_pass_step
-from tdlrt_cli.lowrank import (TDLRT, ConversionRules, LowRankLinear, RankPolicy, TuckerConv2d, augment,
+from tdlrt_cli.lowrank import (TDLRT, ConversionRules, LowRankLinear, RankPolicy, ToleranceRule, TuckerConv2d, augment,
                                basis_gradients, convert_to_lowrank, galerkin_gradient, reconstruct, truncate, truncation_rank, unfold)
-from tdlrt_cli.lowrank.integrator import mode_spectrum, truncate_layers
+from tdlrt_cli.lowrank.integrator import truncate_layers
+from tdlrt_cli.lowrank.spectra import mode_spectrum
 from tdlrt_cli.lowrank.tucker import multi_mode_product
 from tdlrt_cli.models import build_model
 
@@ -282,7 +283,7 @@ def test_one_pass_step_equals_literal_two_pass_step(modes):
     start = [m.ranks for m in model.modules() if isinstance(m, (TuckerConv2d, LowRankLinear))]
     lr, tau = 0.3, 0.3
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    integrator = TDLRT(model, opt, tau=tau)
+    integrator = TDLRT(model, opt, tau)
     for _ in range(3):
         integrator.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -330,7 +331,7 @@ def test_factors_stay_orthonormal_and_ranks_in_bounds_over_2000_steps(dtype, tol
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[7, 5, None, None], rank_bounds=bounds, dtype=dtype,
                          generator=torch.Generator().manual_seed(2))
     opt = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
-    integrator = TDLRT(layer, opt, tau=0.3)
+    integrator = TDLRT(layer, opt, 0.3)
     seen = set()
     for _ in range(2000):
         integrator.zero_grad()
@@ -427,7 +428,7 @@ def dense_run(w0, x, y, steps, make_opt, forward):
 
 def tdlrt_run(layer, x, y, steps, make_opt, tau, **kw):
     opt = make_opt(layer.parameters())
-    integrator = TDLRT(layer, opt, tau=tau, **kw)
+    integrator = TDLRT(layer, opt, ToleranceRule(tau, **kw))
     losses = []
     for _ in range(steps):
         integrator.zero_grad()
@@ -505,7 +506,7 @@ def test_state_outside_the_bases_decays_over_fixed_basis_steps_like_the_optimize
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[5, 4, None, None], rank_bounds=[(2, 6), (2, 6), (3, 3), (3, 3)],
                          dtype=f64, generator=torch.Generator().manual_seed(8))
     opt = torch.optim.SGD(layer.parameters(), lr=0.02, momentum=0.9)
-    integrator = TDLRT(layer, opt, tau=0.05, augment_every=3)
+    integrator = TDLRT(layer, opt, 0.05, augment_every=3)
     for step in range(7):  # adapting steps 0, 3, 6
         integrator.zero_grad()
         F.mse_loss(layer(x), y).backward()
@@ -543,7 +544,7 @@ def test_carried_second_moments_stay_positive_and_bounded_through_rank_changes(n
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None],
                          rank_bounds=[(2, 8), (2, 6), (3, 3), (3, 3)], generator=torch.Generator().manual_seed(3))
     opt = make(layer.parameters(), lr)
-    integrator = TDLRT(layer, opt, tau=0.2)
+    integrator = TDLRT(layer, opt, 0.2)
     changes, worst = 0, 0.0
     for step in range(300):
         integrator.zero_grad()
@@ -576,10 +577,10 @@ def test_tolerance_warmup_decides_ranks_late_and_the_plain_rule_is_one_option_aw
     _, integrator = train_layer(plain, x, y, 1, lr=0.1, tau=0.4)
     assert plain.ranks[:2] != (8, 6)  # the plain rule cut the random start at step 0
     opt = torch.optim.SGD(warm.parameters(), lr=0.1)
-    integrator = TDLRT(warm, opt, tau=0.4, tau_warmup_steps=10, tau_warmup_shape=shape)
+    integrator = TDLRT(warm, opt, ToleranceRule(0.4, warmup_steps=10, warmup_shape=shape))
     taus = []
     for _ in range(12):
-        taus.append(integrator.current_tau())
+        taus.append(integrator.rule.tolerance(integrator.steps))
         integrator.zero_grad()
         F.mse_loss(warm(x), y).backward()
         integrator.step()
@@ -598,7 +599,7 @@ def test_checkpoint_mid_training_resumes_with_identical_ranks_and_factors(tmp_pa
                                            rank_bounds=[(1, 8), (1, 6), (3, 3), (3, 3)],
                                            generator=torch.Generator().manual_seed(4)))
         opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
-        return layer, opt, TDLRT(layer, opt, tau=0.2)
+        return layer, opt, TDLRT(layer, opt, 0.2)
 
     def run(layer, integrator, steps):
         for _ in range(steps):
@@ -637,7 +638,7 @@ def test_convert_real_networks_and_take_a_step(name, channels, size):
     classifier = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(classifier) == 1  # only the classifier stays a dense linear layer
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    integrator = TDLRT(model, opt, tau=0.1)
+    integrator = TDLRT(model, opt, 0.1)
     x, y = torch.randn(4, channels, size, size), torch.randint(0, 10, (4,))
     for _ in range(2):
         integrator.zero_grad()
@@ -650,7 +651,7 @@ def test_bf16_autocast_keeps_lowrank_algebra_in_fp32():
     x, y = regression_problem(torch.float32)
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None], generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(layer.parameters(), lr=0.01)
-    integrator = TDLRT(layer, opt, tau=0.05)
+    integrator = TDLRT(layer, opt, 0.05)
     for _ in range(5):
         integrator.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -692,7 +693,7 @@ def test_frozen_bases_and_augment_every_keep_ranks_between_adaptations():
     layer = TuckerConv2d(12, 16, 3, padding=1, ranks=[8, 6, None, None], rank_bounds=[(1, 8), (1, 6), (3, 3), (3, 3)],
                          dtype=f64, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
-    integrator = TDLRT(layer, opt, tau=0.05, augment_every=3)
+    integrator = TDLRT(layer, opt, 0.05, augment_every=3)
     for step in range(240):
         factors = [u.clone() for u in (layer.U0, layer.U1)]
         integrator.zero_grad()

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY, run_dirs, run_tdlrt
-from tdlrt_cli.lowrank import TDLRT, BudgetSchedule, TuckerConv2d, allocate_ranks, augment, truncate_to_budget
+from tdlrt_cli.lowrank import TDLRT, BudgetRule, BudgetSchedule, TuckerConv2d, allocate_ranks, augment, truncate_to_budget
 from tdlrt_cli.lowrank.allocation import layer_params
 from tdlrt_cli.lowrank.integrator import basis_gradients
 from tdlrt_cli.lowrank.tucker import hosvd, reconstruct
@@ -280,7 +280,7 @@ def test_target_rule_finds_each_layers_ranks_within_one_budget():
     x, ys = two_layer_regression([(6, 5), (2, 2)])
     model = Pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    integrator = TDLRT(model, opt, tau=None, budget=pair_budget((6, 5), (2, 2), 60))
+    integrator = TDLRT(model, opt, BudgetRule(pair_budget((6, 5), (2, 2), 60)))
     start = float(model.loss(x, ys).detach())
     end = fit(model, integrator, x, ys, 400)
     assert model.a.ranks[:2] == (6, 5) and model.b.ranks[:2] == (2, 2)
@@ -293,7 +293,7 @@ def test_ranks_grow_back_when_a_layer_needs_more_later():
     x, first = two_layer_regression([(2, 2), (6, 5)], seed=3)
     model = Pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    integrator = TDLRT(model, opt, tau=None, budget=pair_budget((6, 5), (2, 2), 50))
+    integrator = TDLRT(model, opt, BudgetRule(pair_budget((6, 5), (2, 2), 50)))
     fit(model, integrator, x, first, 300)
     assert model.a.ranks[:2] == (2, 2) and model.b.ranks[:2] == (6, 5)
     swapped = [first[1], first[0]]
@@ -326,7 +326,7 @@ def test_resume_in_the_middle_of_the_ramp_is_bitwise(tmp_path):
     def fresh():
         model = Pair()
         opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-        return model, TDLRT(model, opt, tau=None, augment_every=3, budget=pair_budget((6, 5), (2, 2), 60))
+        return model, TDLRT(model, opt, BudgetRule(pair_budget((6, 5), (2, 2), 60)), augment_every=3)
 
     assert_resume_is_bitwise(fresh, x, ys, 25, 40, tmp_path / "ck.pt")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tdlrt_cli.lowrank import TDLRT, LowRankLinear, TuckerConv2d, spectra, truncate_layers, unfold
+from tdlrt_cli.lowrank import TDLRT, LowRankLinear, ToleranceRule, TuckerConv2d, spectra, truncate_layers, unfold
 from tdlrt_cli.lowrank import integrator
 
 f64 = torch.float64
@@ -74,8 +74,8 @@ def both_paths(layers, tau):
     """Truncate deep copies of ``layers`` with each path; returns (before, exact, fast) kernels and infos."""
     before = [layer.weight_full().detach().to(f64) for layer in layers]
     exact, fast = copy.deepcopy(layers), copy.deepcopy(layers)
-    info_exact = truncate_layers(exact, tau, spectra="exact")
-    info_fast = truncate_layers(fast, tau, spectra="fast")
+    info_exact = truncate_layers(exact, ToleranceRule(tau, spectra="exact"))
+    info_fast = truncate_layers(fast, ToleranceRule(tau, spectra="fast"))
     return before, (exact, info_exact), (fast, info_fast)
 
 
@@ -171,20 +171,20 @@ def test_decisions_at_the_threshold_are_redone_exactly(monkeypatch):
     lam = torch.linalg.svdvals(unfold(c, 0)).pow(2)
     tails = lam.flip(0).cumsum(0).flip(0)
     redone = []
-    exact_decisions = integrator._exact_decisions
+    exact_decisions = spectra.exact_tolerance_decisions
 
     def spy(layers, cores, jobs, tau):
         redone.extend(jobs)
         return exact_decisions(layers, cores, jobs, tau)
 
-    monkeypatch.setattr(integrator, "_exact_decisions", spy)
+    monkeypatch.setattr(spectra, "exact_tolerance_decisions", spy)
     for k in (6, 12, 18):
         for side in (1 - 1e-9, 1 + 1e-9):  # tau^2 ||C||^2 = t_k (1 -+ 1e-9): t_k above / below the threshold
             tau = math.sqrt(float(tails[k] / c.pow(2).sum()) * side)
             redone.clear()
             fast, exact = copy.deepcopy(layer), copy.deepcopy(layer)
-            truncate_layers([fast], tau, spectra="fast")
-            truncate_layers([exact], tau, spectra="exact")
+            truncate_layers([fast], ToleranceRule(tau, spectra="fast"))
+            truncate_layers([exact], ToleranceRule(tau, spectra="exact"))
             assert fast.ranks == exact.ranks
             assert fast.ranks[0] == (k + 1 if side < 1 else k)
             assert (0, 0) in redone
@@ -220,7 +220,7 @@ def train(spectra_path, steps, dtype=torch.float32, tau=0.3):
     torch.manual_seed(0)
     model = Net().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    integrator_ = TDLRT(model, opt, tau=tau, spectra=spectra_path)
+    integrator_ = TDLRT(model, opt, ToleranceRule(tau, spectra=spectra_path))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(16, 3, 8, 8, generator=g, dtype=dtype)
     y = torch.randint(0, 10, (16,), generator=g)
@@ -282,9 +282,9 @@ def test_factors_stay_orthonormal_over_many_float32_steps():
 def test_unknown_spectra_is_refused():
     model = Net()
     with pytest.raises(ValueError, match="spectra"):
-        TDLRT(model, torch.optim.SGD(model.parameters(), lr=0.1), tau=0.1, spectra="approximate")
+        TDLRT(model, torch.optim.SGD(model.parameters(), lr=0.1), ToleranceRule(0.1, spectra="approximate"))
     with pytest.raises(ValueError, match="spectra"):
-        truncate_layers([model.a], 0.1, spectra="approximate")
+        truncate_layers([model.a], ToleranceRule(0.1, spectra="approximate"))
 
 
 @pytest.mark.parametrize("path", ["exact", "fast"])
@@ -297,7 +297,7 @@ def test_a_non_finite_core_is_refused_before_any_decomposition(path):
         layers[1].core[0, 0, 0, 0] = float("inf")
     before = [[t.clone() for t in (layer.core, *[u for u in layer.factors if u is not None])] for layer in layers]
     with pytest.raises(NonFiniteCore, match="1 of 2"):
-        truncate_layers(layers, 0.1, spectra=path)
+        truncate_layers(layers, ToleranceRule(0.1, spectra=path))
     for layer, saved in zip(layers, before):  # nothing was changed
         now = [layer.core, *[u for u in layer.factors if u is not None]]
         assert all(torch.equal(a, b) for a, b in zip(now, saved))

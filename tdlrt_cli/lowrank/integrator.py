@@ -1,4 +1,4 @@
-"""The TDLRT step: rank-adaptive basis-update & Galerkin integrator on Tucker layers (README: "TDLRT in one page"; the paper's Algorithm 1).
+"""The TDLRT step: rank-adaptive basis-update & Galerkin integrator on Tucker layers (docs/method.md: "TDLRT in one page"; the paper's Algorithm 1).
 
 One optimisation step on one mini-batch, from one forward/backward pass. ``Z = dL/dW`` is the gradient of
 the loss with respect to a layer's represented weight at the current point; every quantity below is a
@@ -9,8 +9,9 @@ projection of Z that :meth:`LowRankLayer.projected_grad` forms from the captured
    :func:`other_basis_gradients` with the augmented output basis, whose result also gives step 3).
 2. :func:`augment`: ``U_hat_i = [U_i, orth((I - U_i U_i^T) dL/dK_i)]``; the core is zero-padded, W unchanged.
 3. :func:`galerkin_gradient`: ``dL/dC_tilde = Z x_i U_hat_i^T``; the optimizer then steps the core.
-4. :func:`truncate`: keep the smallest rank whose discarded tail of Mat_i(C_hat)'s spectrum is at most
-   ``tau * ||C_hat||_F``, rotate bases and core, re-orthonormalise.
+4. :func:`truncate_layers`: keep the leading k_i singular vectors of Mat_i(C_hat), k_i chosen by a rank rule
+   (:mod:`.rules`; the paper's: the smallest rank whose discarded tail is at most ``tau * ||C_hat||_F``),
+   rotate bases and core, re-orthonormalise.
 5. :func:`project_optimizer_state` / :func:`carry_optimizer_state`: the optimizer state of the core stays in the
    augmented coordinates of the step that made it and is carried to the next augmented bases by
    ``s <- s x_i (U_hat_new_i^T U_hat_old_i)`` (vector transport), so momentum and Adam moments keep moving
@@ -23,14 +24,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from . import spectra as spectral
-from .allocation import BudgetSchedule, allocate_ranks
 from .layers import LowRankLayer, replace_data
+from .rules import RankRule, as_rule, budget_decisions
 from .tucker import mode_product, multi_mode_product, orthonormalize, unfold
 
 # Second moments (Adam, AMSGrad, RMSprop, Adagrad, Adadelta): variances, mapped with squared maps
@@ -179,113 +179,6 @@ def check_finite_cores(cores: Sequence[torch.Tensor]) -> None:
         raise NonFiniteCore(f"{int((~finite).sum())} of {len(cores)} stepped cores hold NaN/Inf")
 
 
-def truncation_rank(sigma_sq: torch.Tensor, threshold_sq: float, lo: int, hi: int) -> int:
-    """Smallest ``k`` in ``[lo, hi]`` with ``sum_{j>=k} sigma_j^2 <= threshold_sq`` (sigma descending).
-
-    The scalar form of the rule :func:`truncate_layers` applies on the device to all modes at once.
-    """
-    n = sigma_sq.numel()
-    tails = torch.flip(torch.cumsum(torch.flip(sigma_sq, [0]), 0), [0])  # tails[k] = sum_{j>=k}
-    k = int((tails > threshold_sq).sum())
-    return max(min(k, hi, n), min(lo, n), 1)
-
-
-def mode_spectra(grams: List[torch.Tensor]):
-    """Eigen-decompositions of many small symmetric PSD matrices in one batched float64 ``eigh``.
-
-    Each Gram matrix is embedded in the top-left block of a common size; the padding block is
-    ``-(1 + trace) I``, whose eigenvalues sort below every true one (all >= 0) and whose eigenvectors stay
-    in the padding coordinates, so the true eigenpairs come out first and untouched. Returns, per matrix,
-    its eigenvalues in descending order (clamped at 0) and the matching eigenvectors as columns.
-    """
-    size = max(g.shape[0] for g in grams)
-    batch = grams[0].new_zeros(len(grams), size, size, dtype=torch.float64)
-    for b, g in enumerate(grams):
-        n = g.shape[0]
-        batch[b, :n, :n] = g
-        if n < size:
-            pad = -(1.0 + torch.trace(g.to(torch.float64)))
-            batch[b, n:, n:] = torch.eye(size - n, dtype=torch.float64, device=g.device) * pad
-    evals, evecs = torch.linalg.eigh(batch)
-    evals, evecs = evals.flip(-1), evecs.flip(-1)
-    return [(evals[b, :g.shape[0]].clamp_min(0), evecs[b, :g.shape[0], :g.shape[0]]) for b, g in enumerate(grams)]
-
-
-def mode_spectrum(core: torch.Tensor, mode: int):
-    """Squared singular values (descending) and left singular vectors of Mat_mode(core), via its Gram matrix."""
-    m = unfold(core, mode).to(torch.float64)
-    return mode_spectra([m @ m.transpose(0, 1)])[0]
-
-
-SPECTRA = ("exact", "fast")
-
-
-def _clipped_bounds(layer: LowRankLayer, mode: int, n: int) -> tuple:
-    """The layer's rank bounds for ``mode``, clipped to ``[1, n]`` (n: the augmented size)."""
-    lo, hi = layer.rank_bounds[mode]
-    return max(min(lo, n), 1), max(min(hi, n), 1)
-
-
-def _exact_decisions(layers, cores, jobs, tau: float):
-    """Per job (layer index, mode): all eigenvectors of Mat_i(C_hat)'s Gram matrix (one batched float64
-    ``eigh``, :func:`mode_spectra`) and the row ``(k, tail_k, sigma_{k-1}, ||C_hat||^2, near=0)``."""
-    grams = []
-    for li, i in jobs:
-        m = unfold(cores[li], i).to(torch.float64)
-        grams.append(m @ m.transpose(0, 1))
-    pairs = mode_spectra(grams)
-    norm_sq = {li: torch.trace(grams[j]) for j, (li, _) in reversed(list(enumerate(jobs)))}
-    rows, vectors = [], []
-    for (li, i), (lam, vecs) in zip(jobs, pairs):
-        lo, hi = _clipped_bounds(layers[li], i, lam.numel())
-        tails = torch.flip(torch.cumsum(torch.flip(lam, [0]), 0), [0])
-        k = (tails > tau * tau * norm_sq[li]).sum().clamp(lo, hi)
-        tails = torch.cat([tails, tails.new_zeros(1)])
-        rows.append(torch.stack([k.to(torch.float64), tails[k], lam[k - 1].sqrt(), norm_sq[li],
-                                 norm_sq[li].new_zeros(())]))
-        vectors.append(vecs)
-    return vectors, rows
-
-
-def _fast_decisions(layers, cores, jobs, tau: float):
-    """As :func:`_exact_decisions`, from :func:`.spectra.fast_decisions` in the core's precision: only the
-    ``min(r_max, n)`` leading (Ritz) vectors, tails ``t_k = ||C_hat||^2 - sum_{j<k} theta_j``, and
-    ``near = 1`` where round-off could flip the rank or where the cap binds on a Ritz subspace with a tail
-    above ``tau^2 ||C_hat||^2`` (those jobs are redone by the exact path)."""
-    grams = [spectral.gram(unfold(cores[li], i)) for li, i in jobs]
-    bounds = [_clipped_bounds(layers[li], i, g.shape[0]) for (li, i), g in zip(jobs, grams)]
-    vectors, rows = spectral.fast_decisions(grams, bounds, tau)
-    return vectors, list(rows)
-
-
-def _decide(layers, cores, jobs, tau: float, spectra: str, broadcast):
-    """Vectors per job and the decisions ``(k, tail_k, smallest kept sigma, ||C_hat||^2)`` on the host.
-
-    The fast path's decisions within round-off of the threshold, and those where the rank cap binds on a
-    Ritz subspace that may miss the dominant one, are redone by the exact path, so that both paths keep the
-    same ranks wherever the float64 spectrum decides them clearly, and the same vectors where the cap
-    binds. One host synchronisation (two when some decision is redone); ``broadcast`` replaces the
-    decisions by the first process's, so every process also redoes the same ones.
-    """
-    if spectra not in SPECTRA:
-        raise ValueError(f"spectra must be one of {', '.join(SPECTRA)}, got {spectra!r}")
-    decide = _exact_decisions if spectra == "exact" else _fast_decisions
-    vectors, rows = decide(layers, cores, jobs, tau)
-    decided = torch.stack(rows)
-    if broadcast is not None:
-        broadcast(decided)
-    host = decided.tolist()  # the one host synchronisation
-    redo = [j for j, row in enumerate(host) if row[4]]
-    if redo:
-        exact_vectors, exact_rows = _exact_decisions(layers, cores, [jobs[j] for j in redo], tau)
-        redone = torch.stack(exact_rows)
-        if broadcast is not None:
-            broadcast(redone)
-        for j, vecs, row in zip(redo, exact_vectors, redone.tolist()):
-            vectors[j], host[j] = vecs, row
-    return vectors, [row[:4] for row in host]
-
-
 def cholesky_qr(u: torch.Tensor):
     """``u = Q R`` for ``u`` with nearly orthonormal columns: ``R^T R = u^T u`` (Cholesky), ``Q = u R^{-1}``.
 
@@ -319,103 +212,52 @@ def _truncate_one(layer: LowRankLayer, core: torch.Tensor, keep: List[Optional[t
     replace_data(layer.core, multi_mode_product(core, maps).contiguous())
 
 
-def truncate_layers(layers: Sequence[LowRankLayer], tau: float,
+def truncate_layers(layers: Sequence[LowRankLayer], rule: Union[RankRule, float],
                     optimizer: Optional[torch.optim.Optimizer] = None,
                     broadcast: Optional[Callable[[torch.Tensor], None]] = None,
-                    spectra: str = "exact") -> List[TruncationInfo]:
-    """Step 4 on many layers at once: truncate every adapted mode of each stepped core by ``tau``.
+                    step: int = 0, held: float = 0.0) -> List[TruncationInfo]:
+    """Step 4 on many layers at once: truncate every adapted mode of each stepped core to the ranks ``rule``
+    decides (:mod:`.rules`; a number ``tau`` is the paper's rule with the exact spectra).
 
-    For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors, the smallest k_i with
-    ``sqrt(sum_{j>k_i} sigma_j^2) <= tau ||C_hat||_F`` clamped to the layer's rank bounds; then
-    ``U_i <- U_hat_i P_i`` and ``C <- C_hat x_i P_i^T`` for all i (a truncated HOSVD of C_hat), so that
-    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``. A mode that keeps every vector is not rotated
+    For mode i with Mat_i(C_hat) = P_i Sigma_i V_i^T, keep the leading k_i vectors: ``U_i <- U_hat_i P_i``
+    and ``C <- C_hat x_i P_i^T`` for all i (a truncated HOSVD of C_hat), so that
+    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)``; the paper's rule takes the smallest k_i with
+    ``sqrt(sum_{j>k_i} sigma_j^2) <= tau ||C_hat||_F``. A mode that keeps every vector is not rotated
     (``P_i = I``): nothing is discarded, and the coordinates of the core and of its optimizer state stay
     put (Adam is not invariant under rotations of its coordinates). Finally ``U_i = Q_i R_i`` (QR, by
     :func:`cholesky_qr`) and ``C <- C x_i R_i``, which leaves W unchanged and removes round-off drift from
-    orthonormality.
-
-    ``spectra``: ``"exact"`` takes the spectra from the small Gram matrices
-    ``Mat_i(C_hat) Mat_i(C_hat)^T`` (r_hat x r_hat) in one batched float64 eigen-decomposition (the
-    reference); ``"fast"`` works in the core's precision and, where the rank cap is below the augmented
-    size, takes only the leading Ritz pairs (:mod:`.spectra`); its tails are the exact discarded energies of
-    the projections it applies, so the same error bound holds, and a mode whose rank reaches its cap with a
-    tail above ``tau^2 ||C_hat||^2`` is decided by the exact path (a Ritz subspace can miss the dominant
-    one there). Ranks are decided on the device and read back in one host synchronisation for all layers.
-    ``broadcast`` (data parallel) replaces the decisions, in place, by those of the first process, so that
-    every replica keeps the same ranks.
+    orthonormality. Ranks are decided on the device and read back in one host synchronisation for all
+    layers; ``broadcast`` (data parallel) makes every replica keep the first process's ranks. ``step`` and
+    ``held`` (parameters of adapted layers not truncated now) are passed to the rule.
 
     A stepped core holding NaN or Inf raises :class:`NonFiniteCore` before anything is decomposed or
     changed (one more host synchronisation).
     """
-    if not layers:
-        return []
-    cores = [layer.core.detach() for layer in layers]
-    check_finite_cores(cores)
-    jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
-    vectors, host = _decide(layers, cores, jobs, tau, spectra, broadcast)
-
-    return _apply_decisions(layers, cores, jobs, vectors, host, optimizer)
+    rule = as_rule(rule, spectra="exact")
+    return _truncate_with(layers, lambda cores, jobs: rule.decide(layers, cores, jobs, step, held, broadcast),
+                          optimizer)
 
 
 def truncate_to_budget(layers: Sequence[LowRankLayer], budget: float,
                        optimizer: Optional[torch.optim.Optimizer] = None,
                        broadcast: Optional[Callable[[torch.Tensor], None]] = None) -> List[TruncationInfo]:
-    """Step 4 under the target rule: the ranks of every adapted mode of every layer chosen together so that
-    the layers hold at most ``budget`` parameters (:func:`.allocation.allocate_ranks`: greedily, the singular
-    directions with the largest share of their layer's energy per parameter they cost).
+    """Step 4 with the ranks of all layers chosen together so that they hold at most ``budget`` parameters
+    (:func:`.rules.budget_decisions`, the target rule's decision at one step); otherwise as
+    :func:`truncate_layers`."""
+    return _truncate_with(layers, lambda cores, jobs: budget_decisions(layers, cores, jobs, budget, broadcast),
+                          optimizer)
 
-    With ``Mat_i(C_hat) = P_i Sigma_i V_i^T`` (all eigenpairs of the Gram matrices, one batched float64
-    ``eigh``), each mode keeps its leading k_i vectors as in :func:`truncate_layers`, so the same bound
-    ``||W_new - W_hat||^2 <= sum_i (discarded tail_i)`` holds; only the choice of k_i differs. A mode may
-    keep up to its augmented size (clipped to its cap), so a layer can take rank back. ``broadcast`` (data
-    parallel) gives every process the first process's ranks.
-    """
+
+def _truncate_with(layers, decide, optimizer) -> List[TruncationInfo]:
+    """The stepped cores, the jobs ``(layer index, mode)`` of their adapted modes, ``decide(cores, jobs)``,
+    then :func:`_apply_decisions`."""
     if not layers:
         return []
     cores = [layer.core.detach() for layer in layers]
     check_finite_cores(cores)
     jobs = [(li, i) for li, layer in enumerate(layers) for i, u in enumerate(layer.factors) if u is not None]
-    grams = []
-    for li, i in jobs:
-        m = unfold(cores[li], i).to(torch.float64)
-        grams.append(m @ m.transpose(0, 1))
-    pairs = mode_spectra(grams)
-    spectra = [lam.tolist() for lam, _ in pairs]  # one host synchronisation
-    bounds = [_clipped_bounds(layers[li], i, len(lam)) for (li, i), lam in zip(jobs, spectra)]
-    units, unit_of = _rank_units(layers, jobs, bounds)
-    unit_ranks = allocate_ranks([spectra[first] for first, _, _ in units],
-                                [(jobs[first][0], modes) for first, modes, _ in units],
-                                [tuple(c.shape) for c in cores], [layer.full_shape for layer in layers],
-                                [b for _, _, b in units], budget)
-    ks = [unit_ranks[unit_of[j]] for j in range(len(jobs))]
-    rows = []
-    for k, lam in zip(ks, spectra):
-        rows.append([float(k), float(sum(lam[k:])), math.sqrt(max(lam[k - 1], 0.0)), float(sum(lam))])
-    if broadcast is not None:
-        decided = torch.tensor(rows, dtype=torch.float64, device=cores[0].device)
-        broadcast(decided)
-        rows = decided.tolist()
-    return _apply_decisions(layers, cores, jobs, [vecs for _, vecs in pairs], rows, optimizer)
-
-
-def _rank_units(layers, jobs, bounds):
-    """What :func:`.allocation.allocate_ranks` decides: one rank per adapted mode of a Tucker layer, one rank
-    for both modes of a matrix (order 2: its unfoldings share their spectrum, and a direction kept by one
-    mode only is a dead parameter). Returns the units ``(first job, modes, (lo, hi))`` and each job's unit."""
-    units, unit_of = [], {}
-    for li, layer in enumerate(layers):
-        mine = [j for j, (l2, _) in enumerate(jobs) if l2 == li]
-        if layer.order == 2 and len(mine) == 2:
-            lo = max(bounds[j][0] for j in mine)
-            hi = max(min(bounds[j][1] for j in mine), lo)
-            groups = [(mine, (lo, hi))]
-        else:
-            groups = [([j], bounds[j]) for j in mine]
-        for members, bound in groups:
-            for j in members:
-                unit_of[j] = len(units)
-            units.append((members[0], tuple(jobs[j][1] for j in members), bound))
-    return units, unit_of
+    vectors, rows = decide(cores, jobs)
+    return _apply_decisions(layers, cores, jobs, vectors, rows, optimizer)
 
 
 def _apply_decisions(layers, cores, jobs, vectors, host, optimizer) -> List[TruncationInfo]:
@@ -445,10 +287,10 @@ def _apply_decisions(layers, cores, jobs, vectors, host, optimizer) -> List[Trun
     return infos
 
 
-def truncate(layer: LowRankLayer, tau: float, optimizer: Optional[torch.optim.Optimizer] = None,
-             spectra: str = "exact") -> TruncationInfo:
+def truncate(layer: LowRankLayer, rule: Union[RankRule, float],
+             optimizer: Optional[torch.optim.Optimizer] = None) -> TruncationInfo:
     """Step 4 on one layer (see :func:`truncate_layers`)."""
-    return truncate_layers([layer], tau, optimizer, spectra=spectra)[0]
+    return truncate_layers([layer], rule, optimizer)[0]
 
 
 def orthonormality_error(layer: LowRankLayer) -> float:
@@ -588,51 +430,34 @@ class TDLRT:
     Usage, in any training loop::
 
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)   # cores + dense parameters
-        integrator = TDLRT(model, opt, tau=0.1)
+        integrator = TDLRT(model, opt, ToleranceRule(tau=0.1))              # or TDLRT(model, opt, 0.1)
         for x, y in loader:
             integrator.zero_grad()
             loss_fn(model(x), y).backward()
             integrator.step()
 
     ``step()`` runs K-step, augmentation and the Galerkin gradient on every low-rank layer, then
-    ``optimizer.step()`` (cores and all other parameters), then truncation. Every ``augment_every``-th step
-    adapts the ranks; the steps in between, and all steps after :meth:`freeze_bases`, train the cores on
-    fixed bases. Factors are buffers: the optimizer never sees them, and weight decay on a core equals
-    weight decay on W because the factors are orthonormal. Gradient clipping must be applied by the
-    caller to the gradients set by :meth:`prepare_step` (or not at all): ``step()`` replaces core gradients.
+    ``optimizer.step()`` (cores and all other parameters), then truncation to the ranks ``rule`` decides
+    (:mod:`.rules`: the paper's :class:`~.rules.ToleranceRule`, the target rule's
+    :class:`~.rules.BudgetRule`; a number is the tolerance rule with that ``tau``). Every
+    ``augment_every``-th step adapts the ranks; the steps in between, and all steps after
+    :meth:`freeze_bases`, train the cores on fixed bases. Factors are buffers: the optimizer never sees
+    them, and weight decay on a core equals weight decay on W because the factors are orthonormal.
+    Gradient clipping must be applied by the caller to the gradients set by :meth:`prepare_step` (or not
+    at all): ``step()`` replaces core gradients.
 
     Data parallel: ``average(tensors)`` averages a list of tensors over the processes in place (it is
     called on the basis gradients before augmentation, then on all gradients before the optimizer step);
     ``broadcast(tensor)`` gives every process the first one's truncation decisions.
-
-    ``spectra`` picks how truncation finds the spectra (:func:`truncate_layers`): ``"fast"`` (default) or
-    the float64 reference ``"exact"``.
-
-    ``budget`` switches from the paper's rule (each mode truncated by ``tau`` on its own) to the target rule:
-    at every adapting step the ranks of all layers are chosen together under the parameter budget the
-    :class:`~.allocation.BudgetSchedule` gives for that step (:func:`truncate_to_budget`); ``tau`` and its
-    warm-up are then unused.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, tau: float, augment_every: int = 1,
-                 average: Optional[Callable[[List[torch.Tensor]], None]] = None,
-                 broadcast: Optional[Callable[[torch.Tensor], None]] = None,
-                 tau_warmup_steps: int = 0, tau_warmup_shape: str = "linear", spectra: str = "fast",
-                 budget: Optional[BudgetSchedule] = None):
-        if budget is None and not 0 < tau < 1:
-            raise ValueError(f"tau must be in (0, 1), got {tau}")
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rule: Union[RankRule, float],
+                 augment_every: int = 1, average: Optional[Callable[[List[torch.Tensor]], None]] = None,
+                 broadcast: Optional[Callable[[torch.Tensor], None]] = None):
         if augment_every < 1:
             raise ValueError(f"augment_every must be >= 1, got {augment_every}")
-        if tau_warmup_steps < 0 or tau_warmup_shape not in ("linear", "hold"):
-            raise ValueError(f"tau warm-up must be >= 0 steps, linear or hold; got {tau_warmup_steps}, "
-                             f"{tau_warmup_shape!r}")
-        if spectra not in SPECTRA:
-            raise ValueError(f"spectra must be one of {', '.join(SPECTRA)}, got {spectra!r}")
-        self.spectra = spectra
-        self.budget = budget
-        self.last_budget = None         # the parameter budget of the last truncation (target rule)
-        self.model, self.optimizer, self.tau, self.augment_every = model, optimizer, tau, augment_every
-        self.tau_warmup_steps, self.tau_warmup_shape = int(tau_warmup_steps), tau_warmup_shape
+        self.rule = as_rule(rule)
+        self.model, self.optimizer, self.augment_every = model, optimizer, augment_every
         self.average, self.broadcast = average, broadcast
         self.layers = lowrank_layers(model)
         self._index = {id(layer): i for i, layer in enumerate(self.layers)}  # layer -> its index (stashes)
@@ -642,20 +467,12 @@ class TDLRT:
         self.truncation_seconds = 0.0
         self.last_info: Dict[str, TruncationInfo] = {}
         self.stashes: Dict[int, StateStash] = {}  # layer index -> its core's optimizer state in augmented bases
-        self.last_tau = 0.0             # the tolerance of the last truncation
         self._names = {id(m): n for n, m in model.named_modules()}
         self._arm()
 
-    def current_tau(self) -> float:
-        """The tolerance of the next truncation. The plain rule (no warm-up) is ``tau`` from the first step.
-        With a warm-up of T steps the ranks are decided from learned structure rather than from the random
-        start's flat spectrum: ``linear`` ramps the tolerance as ``tau * t / T``; ``hold`` truncates only to
-        the rank caps (tolerance 0) until step T. Either way every step still augments and truncates."""
-        if self.steps >= self.tau_warmup_steps:
-            return self.tau
-        if self.tau_warmup_shape == "hold":
-            return 0.0
-        return self.tau * self.steps / self.tau_warmup_steps
+    def scalars(self) -> Dict[str, float]:
+        """What the rule logs for the current ranks (the tolerance that decided them, or the scheduled target)."""
+        return self.rule.scalars(self.steps)
 
     @property
     def param_groups(self):
@@ -727,13 +544,10 @@ class TDLRT:
         """Step 4 on the layers :meth:`prepare_step` returned (after the optimizer stepped their cores), and
         the bookkeeping of step 5: their optimizer states are stashed in the augmented bases."""
         t0 = self._clock() if self.timing else 0.0
-        if ready and self.budget is None:
-            self.last_tau = self.current_tau()
         with torch.no_grad():
-            if self.budget is not None and ready:
-                infos = truncate_to_budget(ready, self._budget_of(ready), self.optimizer, self.broadcast)
-            else:
-                infos = truncate_layers(ready, self.last_tau, self.optimizer, self.broadcast, self.spectra)
+            stepped = {id(layer) for layer in ready}
+            held = sum(layer.num_params() for layer in self.layers if id(layer) not in stepped) if ready else 0
+            infos = truncate_layers(ready, self.rule, self.optimizer, self.broadcast, self.steps, held)
         if self.timing:
             self.truncation_seconds += self._clock() - t0
         index = self._index
@@ -747,13 +561,6 @@ class TDLRT:
         self.last_info = {self._names.get(id(layer), str(i)): info for i, (layer, info) in enumerate(zip(ready, infos))}
         self.steps += 1
         self._arm()
-
-    def _budget_of(self, ready: List[LowRankLayer]) -> float:
-        """The target rule's budget at this step for the layers being truncated: the schedule's budget of
-        all adapted layers less what the others (no capture this step) hold."""
-        self.last_budget = self.budget.params(self.steps)
-        stepped = {id(layer) for layer in ready}
-        return self.last_budget - sum(layer.num_params() for layer in self.layers if id(layer) not in stepped)
 
     def _clock(self) -> float:
         if self.layers and self.layers[0].core.is_cuda:

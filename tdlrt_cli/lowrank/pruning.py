@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from .allocation import BudgetSchedule, allocate_ranks
-from .integrator import VARIANCE_STATES, TruncationInfo, check_finite_cores, mode_spectra
+from .integrator import VARIANCE_STATES, TruncationInfo, check_finite_cores
+from .spectra import mode_spectra
 from .layers import LowRankLayer, TuckerConv2d, replace_data
 from .tucker import mode_product, orthonormalize, unfold
 
@@ -164,9 +165,6 @@ class GradualPruning:
     :func:`cut_to_budget` with ``budget.params(t)``. The same optimizer-like surface as
     :class:`~.integrator.TDLRT` (``zero_grad``, ``step``, ``state_dict``), so any loop can drive it."""
 
-    tau = None
-    last_tau = None
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, budget: BudgetSchedule, every: int = 10):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -181,6 +179,10 @@ class GradualPruning:
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+    def scalars(self) -> Dict[str, float]:
+        """The compression the schedule asks for at the current step (logged beside the reached one)."""
+        return {"compression/target": 100.0 * self.budget.compression(self.steps)}
 
     def cuts_at(self, step: int) -> bool:
         return not self.frozen and (step == self.budget.end or (step < self.budget.end and step % self.augment_every == 0))

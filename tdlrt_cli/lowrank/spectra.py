@@ -1,9 +1,13 @@
-"""Leading spectra of the mode Gram matrices for truncation (the truncation step of the TDLRT integrator): the fast path.
+"""Spectra of the mode unfoldings of a stepped core, for truncation (step 4 of the TDLRT integrator): the exact
+path (:func:`mode_spectra`, one batched float64 ``eigh``) and the fast one, and the tolerance rule's decisions from
+either (:func:`tolerance_decisions`).
+
+The fast path:
 
 Truncating mode i of a stepped core needs, for ``M = Mat_i(C_hat)`` and ``G = M M^T`` (n x n), orthonormal
 vectors ``P`` (n x m) and the tails ``t_k = ||(I - P_k P_k^T) M||_F^2 = tr(G) - sum_{j<k} theta_j``, where
-``P_k`` holds the first k columns of P and ``theta_j = p_j^T G p_j``. The exact path (``mode_spectra`` in
-``integrator.py``) takes all eigenpairs of G from one float64 ``eigh``. This path works in the core's
+``P_k`` holds the first k columns of P and ``theta_j = p_j^T G p_j``. The exact path (:func:`mode_spectra`)
+takes all eigenpairs of G from one float64 ``eigh``. This path works in the core's
 precision (at least float32) and does less of that work:
 
 * ``m = n`` (the rank may keep every vector, or float64 work): one ``eigh`` of G per group of equal sizes.
@@ -27,9 +31,57 @@ path, so the fast path saves work where the tolerance decides the rank, not wher
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .tucker import unfold
+
+SPECTRA = ("exact", "fast")
+
+
+# --------------------------------------------------------------------------- the exact path
+
+def mode_spectra(grams: List[torch.Tensor]):
+    """Eigen-decompositions of many small symmetric PSD matrices in one batched float64 ``eigh``.
+
+    Each Gram matrix is embedded in the top-left block of a common size; the padding block is
+    ``-(1 + trace) I``, whose eigenvalues sort below every true one (all >= 0) and whose eigenvectors stay
+    in the padding coordinates, so the true eigenpairs come out first and untouched. Returns, per matrix,
+    its eigenvalues in descending order (clamped at 0) and the matching eigenvectors as columns.
+    """
+    size = max(g.shape[0] for g in grams)
+    batch = grams[0].new_zeros(len(grams), size, size, dtype=torch.float64)
+    for b, g in enumerate(grams):
+        n = g.shape[0]
+        batch[b, :n, :n] = g
+        if n < size:
+            pad = -(1.0 + torch.trace(g.to(torch.float64)))
+            batch[b, n:, n:] = torch.eye(size - n, dtype=torch.float64, device=g.device) * pad
+    evals, evecs = torch.linalg.eigh(batch)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    return [(evals[b, :g.shape[0]].clamp_min(0), evecs[b, :g.shape[0], :g.shape[0]]) for b, g in enumerate(grams)]
+
+
+def mode_spectrum(core: torch.Tensor, mode: int):
+    """Squared singular values (descending) and left singular vectors of Mat_mode(core), via its Gram matrix."""
+    m = unfold(core, mode).to(torch.float64)
+    return mode_spectra([m @ m.transpose(0, 1)])[0]
+
+
+def exact_grams(cores, jobs) -> List[torch.Tensor]:
+    """``Mat_i(C) Mat_i(C)^T`` in float64 for every job ``(layer index, mode i)``."""
+    grams = []
+    for li, i in jobs:
+        m = unfold(cores[li], i).to(torch.float64)
+        grams.append(m @ m.transpose(0, 1))
+    return grams
+
+
+def clipped_bounds(layer, mode: int, n: int) -> tuple:
+    """The layer's rank bounds for ``mode``, clipped to ``[1, n]`` (n: the augmented size)."""
+    lo, hi = layer.rank_bounds[mode]
+    return max(min(lo, n), 1), max(min(hi, n), 1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,3 +213,64 @@ def fast_decisions(grams: Sequence[torch.Tensor], bounds: Sequence[Tuple[int, in
             vectors[j] = vecs[b]
             rows[j] = group_rows[b]
     return vectors, torch.stack(rows).to(torch.float64)
+
+
+# --------------------------------------------------------------------------- the tolerance rule's decisions
+
+def exact_tolerance_decisions(layers, cores, jobs, tau: float):
+    """Per job (layer index, mode): all eigenvectors of Mat_i(C_hat)'s Gram matrix (one batched float64
+    ``eigh``, :func:`mode_spectra`) and the row ``(k, tail_k, sigma_{k-1}, ||C_hat||^2, near=0)``."""
+    grams = exact_grams(cores, jobs)
+    pairs = mode_spectra(grams)
+    norm_sq = {li: torch.trace(grams[j]) for j, (li, _) in reversed(list(enumerate(jobs)))}
+    rows, vectors = [], []
+    for (li, i), (lam, vecs) in zip(jobs, pairs):
+        lo, hi = clipped_bounds(layers[li], i, lam.numel())
+        tails = torch.flip(torch.cumsum(torch.flip(lam, [0]), 0), [0])
+        k = (tails > tau * tau * norm_sq[li]).sum().clamp(lo, hi)
+        tails = torch.cat([tails, tails.new_zeros(1)])
+        rows.append(torch.stack([k.to(torch.float64), tails[k], lam[k - 1].sqrt(), norm_sq[li],
+                                 norm_sq[li].new_zeros(())]))
+        vectors.append(vecs)
+    return vectors, rows
+
+
+def fast_tolerance_decisions(layers, cores, jobs, tau: float):
+    """As :func:`exact_tolerance_decisions`, from :func:`fast_decisions` in the core's precision: only the
+    ``min(r_max, n)`` leading (Ritz) vectors, tails ``t_k = ||C_hat||^2 - sum_{j<k} theta_j``, and
+    ``near = 1`` where round-off could flip the rank or where the cap binds on a Ritz subspace with a tail
+    above ``tau^2 ||C_hat||^2`` (those jobs are redone by the exact path)."""
+    grams = [gram(unfold(cores[li], i)) for li, i in jobs]
+    bounds = [clipped_bounds(layers[li], i, g.shape[0]) for (li, i), g in zip(jobs, grams)]
+    vectors, rows = fast_decisions(grams, bounds, tau)
+    return vectors, list(rows)
+
+
+def tolerance_decisions(layers, cores, jobs, tau: float, spectra: str,
+                        broadcast: Optional[Callable[[torch.Tensor], None]]):
+    """Vectors per job and the decisions ``(k, tail_k, smallest kept sigma, ||C_hat||^2)`` on the host, k
+    the smallest rank in the layer's bounds whose discarded tail is at most ``tau^2 ||C_hat||^2``.
+
+    The fast path's decisions within round-off of the threshold, and those where the rank cap binds on a
+    Ritz subspace that may miss the dominant one, are redone by the exact path, so that both paths keep the
+    same ranks wherever the float64 spectrum decides them clearly, and the same vectors where the cap
+    binds. One host synchronisation (two when some decision is redone); ``broadcast`` replaces the
+    decisions by the first process's, so every process also redoes the same ones.
+    """
+    if spectra not in SPECTRA:
+        raise ValueError(f"spectra must be one of {', '.join(SPECTRA)}, got {spectra!r}")
+    decide_all = exact_tolerance_decisions if spectra == "exact" else fast_tolerance_decisions
+    vectors, rows = decide_all(layers, cores, jobs, tau)
+    decided = torch.stack(rows)
+    if broadcast is not None:
+        broadcast(decided)
+    host = decided.tolist()  # the one host synchronisation
+    redo = [j for j, row in enumerate(host) if row[4]]
+    if redo:
+        exact_vectors, exact_rows = exact_tolerance_decisions(layers, cores, [jobs[j] for j in redo], tau)
+        redone = torch.stack(exact_rows)
+        if broadcast is not None:
+            broadcast(redone)
+        for j, vecs, row in zip(redo, exact_vectors, redone.tolist()):
+            vectors[j], host[j] = vecs, row
+    return vectors, [row[:4] for row in host]
