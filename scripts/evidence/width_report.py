@@ -20,10 +20,27 @@ from controls_report import save_figure, stats  # this folder's: the same statis
 from tdlrt_cli.files import atomic_write_text
 from tdlrt_cli.summary import accuracies
 
-NAME = re.compile(r"^(?:w(?P<w>[\d.]+)_|(?P<full>full)_)?(?P<family>dense|tdlrt|prune)(?:_cr(?P<cr>\d+))?_s(?P<seed>\d+)$")
+NAME = re.compile(r"^(?:w(?P<w>[\d.]+)_|(?P<full>full)_)?(?P<family>dense|tdlrt|prune)(?:_cr(?P<cr>\d+))?"
+                  r"(?:_lr(?P<lr>[\d.]+))?_s(?P<seed>\d+)$")
 LABEL = {"dense": "Dense", "tdlrt": "TDLRT (recommended defaults)",
          "prune": "Gradual pruning, no integrator (strongest control)"}
 CRS = (90, 97)
+
+
+def width_name(w: float) -> str:
+    return f"{w:.1f}" if w == int(w) else f"{w:g}"
+
+
+def final_train_acc(run: Path) -> float:
+    """The training accuracy of the last epoch in metrics.csv (under-training shows there)."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return float(rows[-1]["train_acc"])
+
+
+checks: list = []  # the lr check's runs (load fills it)
 
 
 def load(dirs) -> list:
@@ -35,12 +52,21 @@ def load(dirs) -> list:
                 continue  # the controls study's other runs (lr check, fixed-rank controls)
             s = json.loads(f.read_text())
             cfg = s.get("config") or {}
+            if m["lr"]:  # an lr check: width 1.0's has its own table (the controls study's are not this study's)
+                if float(cfg["model"]["width_mult"]) == 1.0:
+                    checks.append({"family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
+                                   "width": float(cfg["model"]["width_mult"]), "lr": float(cfg["lr"]),
+                                   "acc": float(accuracies(s)["test_acc"]), "train_acc": final_train_acc(f.parent),
+                                   "wall": float(s.get("wall_time_s") or 0.0),
+                                   "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7]})
+                continue
             rows.append({"name": f.parent.name, "family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
                          "seed": int(m["seed"]), "width": float(cfg["model"]["width_mult"]),
                          "data": "full" if m["full"] else "P", "acc": float(accuracies(s)["test_acc"]),
                          "c.r.": float(s["compression_rate"]), "conv_dense": int(s["conv_params_dense"]),
                          "conv": int(s["conv_params"]), "wall": float(s.get("wall_time_s") or 0.0),
-                         "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7], "dir": str(f.parent)})
+                         "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7], "dir": str(f.parent),
+                         "lr": float(cfg.get("lr", 0.0)), "train_acc": final_train_acc(f.parent)})
     return rows
 
 
@@ -90,7 +116,7 @@ def main() -> None:
         for c in CRS:
             for f in ("tdlrt", "prune"):
                 cells += [fmt(stats([r["acc"] for r in runs(rows, f, w, c).values()])), fmt(gap(rows, f, w, c), True)]
-        md.append(f"| {w:g} | {conv:,} | " + " | ".join(cells) + " |")
+        md.append(f"| {width_name(w)} | {conv:,} | " + " | ".join(cells) + " |")
     md += ["", "Training wall time relative to dense at the same width and seed (one thread per run, two runs side "
            "by side on a 2-core CPU, so the share of the machine varies by a few tens of percent):", "",
            "| width | " + " | ".join(f"{LABEL[f].split(' (')[0]} {c}%" for c in CRS for f in ("tdlrt", "prune"))
@@ -98,7 +124,7 @@ def main() -> None:
     for w in widths:
         cells = [fmt(wall_ratio(rows, f, w, c)) for c in CRS for f in ("tdlrt", "prune")]
         dw = stats([r["wall"] / 60 for r in runs(rows, "dense", w).values()])
-        md.append(f"| {w:g} | " + " | ".join(cells) + f" | {'n/a' if dw is None else f'{dw[0]:.0f} min'} |")
+        md.append(f"| {width_name(w)} | " + " | ".join(cells) + f" | {'n/a' if dw is None else f'{dw[0]:.0f} min'} |")
     full = [r for r in rows if r["data"] == "full"]
     if full:
         md += ["", "Full CIFAR-10 (45,000 training images, 5,000 for validation, the test set), width 0.25, 20 epochs, "
@@ -107,13 +133,34 @@ def main() -> None:
             g = gap(rows, r["family"], 0.25, r["cr"], "full") if r["family"] != "dense" else None
             md.append(f"| {LABEL[r['family']]} | {r['c.r.']:.2f}% | {r['acc']:.2f} | "
                       f"{'' if g is None else fmt(g, True)} |")
+    md += lr_check(rows)
     md += ["", "**Targets**:", ""] + targets(rows, widths)
-    commits = sorted({r["commit"] for r in rows})
-    md += ["", f"Runs: {len(rows)} folders, commits {', '.join(commits)}; 2-core CPU, torch 2.14.1, fp32."]
+    commits = sorted({r["commit"] for r in rows + checks})
+    md += ["", f"Runs: {len(rows) + len(checks)} folders, commits {', '.join(commits)}; 2-core CPU, torch 2.14.1, fp32."]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "width.md", "\n".join(md) + "\n")
     atomic_write_text(out / "headline.md", headline(rows, widths) + "\n")
     figure(out, rows, widths)
+
+
+def lr_check(rows) -> list:
+    """Dense and TDLRT 90% at width 1.0 with the study's lr and with the lr check's, seed 0: test accuracy,
+    the last epoch's training accuracy (under-training shows there) and the gap."""
+    if not checks:
+        return []
+    lines = ["", "lr check at width 1.0 (seed 0; under the standard parametrisation a wider network's best lr is "
+             "smaller): test accuracy, and the last epoch's training accuracy in brackets.", "",
+             "| lr | dense | TDLRT 90% | gap |", "|---|---|---|---|"]
+    base = [r for r in rows if r["width"] == 1.0 and r["data"] == "P" and r["seed"] == 0
+            and (r["family"], r["cr"]) in (("dense", 0), ("tdlrt", 90))]
+    for lr in sorted({r["lr"] for r in checks + base}, reverse=True):
+        have = [r for r in base if r["lr"] == lr] + [c for c in checks if c["lr"] == lr and c["width"] == 1.0]
+        d = next((r for r in have if r["family"] == "dense"), None)
+        a = next((r for r in have if r["family"] == "tdlrt" and r["cr"] == 90), None)
+        cell = (lambda r: "not run yet" if r is None else f"{r['acc']:.2f} ({r['train_acc']:.1f})")
+        g = "" if d is None or a is None else f"{a['acc'] - d['acc']:+.2f}"
+        lines.append(f"| {lr:g} | {cell(d)} | {cell(a)} | {g} |")
+    return lines
 
 
 def targets(rows, widths) -> list:
@@ -123,7 +170,7 @@ def targets(rows, widths) -> list:
     if len(g90) > 1:
         shrinks = all(g90[i + 1][1][0] >= g90[i][1][0] for i in range(len(g90) - 1))
         lines.append("- The gap to dense at 90% shrinks with width: " + ("yes" if shrinks else "no") + " ("
-                     + ", ".join(f"width {w:g}: {g[0]:+.2f}" for w, g in g90) + ").")
+                     + ", ".join(f"width {width_name(w)}: {g[0]:+.2f}" for w, g in g90) + ").")
     for c, within in ((90, 0.5), (97, 2.0)):
         g = gap(rows, "tdlrt", 1.0, c)
         if g is None:
@@ -151,7 +198,7 @@ def headline(rows, widths) -> str:
         parts.append(f"{abs(g[0]):.2f} points {'under' if g[0] <= 0 else 'above'} dense at {c}% "
                      f"({n} seed{'s' if n > 1 else ''})")
     conv = next(iter({r["conv_dense"] for r in rows if r["width"] == w}))
-    return (f"**What you lose**: on VGG16 at width {w:g} ({conv:,} conv parameters dense) trained on 9,000 CIFAR-10 "
+    return (f"**What you lose**: on VGG16 at width {width_name(w)} ({conv:,} conv parameters dense) trained on 9,000 CIFAR-10 "
             "images for 20 epochs, TDLRT with the recommended defaults ends " + " and ".join(parts) + ".")
 
 
