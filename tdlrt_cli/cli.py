@@ -13,7 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from typing import List, Optional
 
-from .launch import RunLock, remove_if_fresh
+from .launch import remove_if_fresh
+from .lock import RunLock
 
 SUBCOMMANDS = {
     "train": "train a network (Hydra overrides: model=vgg16 tau=0.1 ...; -m to sweep; --help for config groups)",

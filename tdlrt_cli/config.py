@@ -20,60 +20,9 @@ SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
-# Keys that never change what a run trains: where its files go, how it logs, when it checkpoints, what it
-# measures after training, which device runs it. An entry covers the keys below it ("checkpoint": .every_n_steps
-# and .auto_resume). `tdlrt report` averages runs that differ only in these (and the seed); a resume may change
-# them (and a few more, launch.RESUME_FREE).
-NOT_TRAINING_KEYS = (
-    "task_name",                          # the run folder (outputs/<task_name>/...)
-    "ckpt_path",                          # the checkpoint a resumed run continued from
-    "checkpoint",                         # when last.pt is written, whether a requeued job continues
-    "progress", "log_every_n_steps",      # progress bar, TensorBoard step scalars
-    "eval_batch_size",                    # batches of the test-set evaluation (eval mode: same accuracy)
-    "cost_report", "cost_latency", "cost_repeat",  # the cost report measured after training
-    "device", "threads",                  # auto, cpu, cuda:N; CPU threads
-    "data.download", "data.num_workers",  # fetching the files, loader processes
-    "nan_max_skips",                      # when nan_policy=skip gives up (a finished run skipped fewer)
-)
-
-# Keys added after runs were already being made, with the value that reproduces what a run did before the key
-# existed: a saved config without the key is compared (resume, report) as if it had that value. Not the
-# current defaults: tau_warmup_epochs defaults to 1 and val_split to 0.1, but older runs did neither.
-LEGACY_VALUES = {
-    "data.val_split": 0.0,
-    "method.tau_warmup_epochs": 0.0,
-    "method.tau_warmup_shape": "linear",
-    "nan_max_skips": 10,
-    "method.ranks_from": None,
-}
-
-# Keys whose default changed after runs were made with the old one (the controls study: an lr warm-up for every
-# method, and the target rule's rank caps at the full channel count, a start at half, the target reached at 3/4
-# of training). A resume keeps a run's saved value of these unless the command sets them, so that older runs
-# continue (and report) as they were started.
-CHANGED_DEFAULTS = ("scheduler.warmup_epochs", "method.r_max_frac", "method.init_rank_frac", "method.ramp_end")
-
-
-def changed_defaults_of(saved: Dict[str, Any], given, present) -> Dict[str, Any]:
-    """The saved values (flattened ``saved`` config) a resume keeps of the keys whose default changed: those the
-    command does not set itself (``given``: the keys it names) and the new config has (``present(key)``: e.g.
-    not after a switch to a method without the key)."""
-    flat = flatten(saved)
-    return {k: flat[k] for k in CHANGED_DEFAULTS if k in flat and k not in given and present(k)}
-
-
-def has_key(cfg, key: str) -> bool:
-    """``key`` (dotted) is in the composed (OmegaConf) config ``cfg``."""
-    from omegaconf import OmegaConf
-
-    missing = object()
-    return OmegaConf.select(cfg, key, default=missing) is not missing
-
-
-TAU_RULE_RAMP = ((0.0, 0.75), (0.0, 0.5))  # (ramp_start, ramp_end) of the presets, now and before: the tau rule's
-
-
 from .errors import ConfigError
+from .identity import (RANK_ADAPTIVE, TARGET_AUGMENT_EVERY, TAU_RULE_RAMP, flatten, resolve_rank_defaults,
+                       upgrade_config)
 
 # The largest value of each numeric key that tdlrt takes, and why: beyond it a run cannot be built, cannot
 # be held in memory, or only diverges. Every number must also be finite (TrainConfig.validate).
@@ -350,7 +299,7 @@ class TrainConfig:
         b = self.optimizer.betas
         need(len(b) == 2 and all(0 <= x < 1 for x in b), f"optimizer.betas={list(b)} must be two numbers in [0, 1)")
         m = self.method
-        tau_methods = ("tdlrt", "dlrt")
+        tau_methods = RANK_ADAPTIVE
         for key in PERCENTAGES:  # method.target_cr=0.9: a fraction where a percentage belongs (0 < v < 1)
             group, _, leaf = key.rpartition(".")
             hint = fraction_given(key, getattr(getattr(self, group) if group else self, leaf))
@@ -431,17 +380,6 @@ class TrainConfig:
         else:
             need(self.tau is None, f"tau={self.tau} applies to method=tdlrt or dlrt only, not method={m.name}")
         return self
-
-
-def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
-    flat: Dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def settings() -> set:
@@ -549,61 +487,6 @@ def unsafe_in(value: Any, where: str = "") -> Optional[str]:
     elif isinstance(value, str) and "${" in value:
         return f"an interpolation at {where or 'top level'} ({value[:60]!r})"
     return None
-
-
-RANK_ADAPTIVE = ("tdlrt", "dlrt")
-TARGET_AUGMENT_EVERY = 10  # the target rule's default clock (method.augment_every=null)
-
-
-def resolve_rank_defaults(m) -> None:
-    """The rank defaults that depend on the rule (a MethodConfig, or a method dict): ``r_max_frac=null`` is 0.5
-    under the tau rule (room to augment to 2r) and 1 under the target rule and for tucker_prune;
-    with the default caps (``r_max_frac=null``) the target rule starts at half the mode size
-    (``init_rank_frac=null`` and no ``init_rank``); otherwise ``init_rank_frac=null`` starts at the cap, as it
-    always did. :func:`upgrade_config` resolves the same for comparisons, so that older runs compare and
-    report as they were."""
-    get = (lambda k: m.get(k)) if isinstance(m, dict) else (lambda k: getattr(m, k, None))
-
-    def put(k, v):
-        if isinstance(m, dict):
-            m[k] = v
-        else:
-            setattr(m, k, v)
-
-    target = get("target_cr") is not None or get("name") == "tucker_prune"
-    if get("r_max_frac") is None:  # the rule's default caps (an explicit r_max_frac keeps init at its cap)
-        put("r_max_frac", 1.0 if target else 0.5)
-        if target and get("init_rank") is None and get("init_rank_frac") is None:
-            put("init_rank_frac", 0.5)
-
-
-def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A config in this version's keys, with defaults that depend on other keys resolved: ``data.val_size``
-    (a number of examples) became ``data.val_split`` (a fraction or a number of examples); tdlrt/dlrt's
-    ``method.augment_every=null`` is 1 under the tau rule and 10 under the target rule (``method.target_cr``),
-    which does not use ``tau`` (None)."""
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
-    data = config.get("data")
-    if isinstance(data, dict) and "val_size" in data:
-        size = data.pop("val_size")
-        data.setdefault("val_split", float(size or 0))
-    method = config.get("method")
-    if isinstance(method, dict) and method.get("name") == "tucker_prune" and method.get("augment_every", 1) is None:
-        method["augment_every"] = TARGET_AUGMENT_EVERY
-    if isinstance(method, dict) and method.get("name") == "tucker" and method.get("ranks_from") is not None:
-        method["target_cr"] = None  # the ranks (and so the c.r.) come from that run
-    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE + ("tucker_prune",) \
-            and "r_max_frac" in method:
-        resolve_rank_defaults(method)  # the rule's default caps and start (r_max_frac=null: this version's)
-    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:
-        target = method.get("target_cr") is not None
-        if not target and (method.get("ramp_start", 0.0), method.get("ramp_end", 0.5)) in TAU_RULE_RAMP:
-            method["ramp_start"], method["ramp_end"] = TAU_RULE_RAMP[1]  # unused by the tau rule: as before
-        if method.get("augment_every", 1) is None:  # null: the rule's own clock
-            method["augment_every"] = TARGET_AUGMENT_EVERY if target else 1
-        if target:  # the target rule does not use tau: a run is not told apart by the preset's tau
-            config["tau"] = None
-    return config
 
 
 def method_keys(name: str) -> Optional[set]:

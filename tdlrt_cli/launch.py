@@ -7,7 +7,7 @@
 2. turns a resume (``resume=<run folder or checkpoint>``, ``ckpt_path=<run>/checkpoints/last.pt``, or a
    ``hydra.run.dir`` that already holds a checkpoint) into the run's own configuration: the overrides the
    run was started with, the settings it was last resumed with, and of this command only the keys that do
-   not change what is trained (:data:`RESUME_FREE`); any other difference is refused with the keys and
+   not change what is trained (:data:`.identity.RESUME_FREE`); any other difference is refused with the keys and
    both values;
 3. refuses a run folder that another live process is writing (:class:`RunLock`), a non-empty folder that
    is not a run, and an empty ``hydra.run.dir=``;
@@ -17,195 +17,28 @@ and returns the command line to hand to Hydra. A resumed session's Hydra files g
 """
 from __future__ import annotations
 
-import errno
-import json
 import os
-import re
 import shutil
-import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .config import (CONFIG_DIR, LEGACY_VALUES, NOT_TRAINING_KEYS, changed_defaults_of, config_groups, flatten,
-                     from_dictconfig, has_key, settings, unsafe_in, upgrade_config)
+from .config import CONFIG_DIR, config_groups, from_dictconfig, settings, unsafe_in
 from .errors import CheckpointError, ConfigError
-from .faults import faults
+from .files import RUN_FILES, RUN_FOLDERS, hydra_quoted
+from .identity import (MACHINE_KEYS, changed_defaults_of, check_resume, config_drift, describe_drift, flatten, has_key,
+                       is_free)
+from .lock import LOCK_NAME, DamagedLock, RunLock, stale_lock_temporary
 from .logs import read_csv
-from .files import (RUN_FILES, RUN_FOLDERS, hydra_quoted, is_disk_full, load_json, pid_alive,
-                    remove_stale_temporaries)
+from .paths import check_names, check_writable, first_missing, remove_empty
 
-# Keys a resume may change: the ones that never change what is trained, and how long (epochs), from where
-# (data.root), how repeatably (deterministic) and with what NaN policy it goes on; init_from acts only at the start.
-RESUME_FREE = NOT_TRAINING_KEYS + ("epochs", "data.root", "deterministic", "nan_policy", "init_from")
-# ... and of those, the ones a resume takes from this machine's command rather than from the run.
-MACHINE_KEYS = ("device", "progress", "data.root", "data.download", "data.num_workers", "checkpoint.auto_resume",
-                "ckpt_path", "init_from")
 # Overrides that place a run rather than configure it.
 PLACEMENT_KEYS = ("hydra.run.dir", "hydra.output_subdir", "ckpt_path", "resume", "checkpoint.auto_resume")
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                "--version", "--run", "-r", "--package", "-p", "--resolve", "--config-path", "-cp",
                "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
-LOCK_NAME = ".lock"
-LOCK_TEMPORARY = re.compile(r"^\.lock\.(?P<pid>\d+)\.tmp$")  # a lock being written (by that process)
-
-
-def stale_lock_temporary(path: Path) -> bool:
-    """A lock temporary whose process is gone (killed, or stopped by a full disk before it could remove it)."""
-    match = LOCK_TEMPORARY.match(path.name)
-    return bool(match) and not pid_alive(int(match.group("pid")))
-
-
-def is_free(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_FREE)
-
-
-# --------------------------------------------------------------------------- one writer per run folder
-
-MAX_PID = 2 ** 31 - 1  # the largest a pid_t holds (Linux allows up to 2**22)
-
-
-class DamagedLock(ConfigError):
-    """A ``.lock`` that no tdlrt process wrote as it is: which process holds the folder cannot be told."""
-
-    def __init__(self, lock: "RunLock", why: str):
-        super().__init__(f"{lock.path} is a damaged lock ({why}); if no tdlrt command is writing {lock.run_dir}, "
-                         f"remove {lock.path} and run the command again")
-
-
-@dataclass
-class RunLock:
-    """``<run>/.lock`` names the process writing the run (PID, host, start time). A second writer is
-    refused; a lock left by a process that is gone (same host, PID not running) is taken over with a note.
-    The process holding it may take it again (a sweep job, or the check before Hydra and the run itself)."""
-    run_dir: Path
-    note: List[str] = field(default_factory=list)
-
-    @property
-    def path(self) -> Path:
-        return Path(self.run_dir) / LOCK_NAME
-
-    def holder(self) -> Optional[dict]:
-        """The lock's record, None without a lock; a lock that is not one tdlrt writes (a folder, unreadable,
-        not JSON, a PID that is not a positive number a process can have) raises :class:`DamagedLock`."""
-        try:
-            data = load_json(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except IsADirectoryError:
-            raise DamagedLock(self, "it is a folder") from None
-        except OSError as exc:
-            raise DamagedLock(self, f"unreadable: {exc.strerror or exc}") from None
-        except ValueError:
-            raise DamagedLock(self, "not the JSON record tdlrt writes") from None
-        if not isinstance(data, dict):
-            raise DamagedLock(self, "not the JSON record tdlrt writes")
-        pid = data.get("pid")
-        if type(pid) is not int or not 0 < pid <= MAX_PID:
-            raise DamagedLock(self, f"its pid {json.dumps(pid)} is not a process id")
-        if not isinstance(data.get("host", ""), str):
-            raise DamagedLock(self, f"its host {json.dumps(data['host'])} is not a host name")
-        return data
-
-    def check(self) -> None:
-        """Raise if a live process other than this one holds the folder (or the lock is damaged)."""
-        held = self.holder()
-        if held is None or self._mine(held):
-            return
-        if held.get("host") == socket.gethostname() and not pid_alive(held["pid"]):
-            return
-        where = "" if held.get("host") == socket.gethostname() else (
-            f" (another host: if that process is gone, delete {self.path})")
-        raise ConfigError(f"{self.run_dir} is in use by tdlrt PID {held['pid']} on {held.get('host')} since "
-                          f"{held.get('started', '?')}{where}; wait for it to finish or choose another hydra.run.dir")
-
-    def acquire(self) -> "RunLock":
-        """Take the folder: the lock file appears complete or not at all (a hard link of a written file)."""
-        self.check()
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-        try:
-            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.run_dir, LOCK_TEMPORARY)
-            with open(tmp, "w") as fh:
-                if faults.disk_full_in_lock:  # fault injection: the disk is full when the run starts
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                fh.write(json.dumps(record))
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if is_disk_full(exc, Path(self.run_dir)):
-                raise ConfigError(f"no space left on the device of {self.run_dir}: cannot start the run there; "
-                                  f"free space and run the command again") from None
-            raise ConfigError(f"cannot write the run folder {self.run_dir} ({exc.strerror or exc}); choose a "
-                              f"writable hydra.run.dir") from None
-        try:
-            os.link(tmp, self.path)  # fails if the lock exists
-        except FileExistsError:
-            self.check()  # a live holder that appeared since the first check is refused here
-            held = self.holder()
-            if not self._mine(held):
-                print(f"tdlrt: note: {self.run_dir}: taking over the lock of PID {(held or {}).get('pid', '?')}, "
-                      f"which is no longer running", file=sys.stderr)
-                os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return self
-
-    @staticmethod
-    def _mine(held: Optional[dict]) -> bool:
-        return bool(held) and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname()
-
-    def release(self) -> None:
-        try:
-            mine = self._mine(self.holder())
-        except DamagedLock:
-            return  # not this process's record: leave it to the user
-        if mine:
-            self.path.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- a run's identity
-
-def _same(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
-        return a is b or a == b and type(a) is type(b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def config_drift(saved: dict, new: dict) -> List[Tuple[str, object, object]]:
-    """The keys that would change what is trained, as ``(key, saved value, new value)``.
-
-    Keys the saved config predates count as the value that reproduces what the run did
-    (:data:`~tdlrt_cli.config.LEGACY_VALUES`); renamed keys are read under their new names.
-    """
-    old, cur = flatten(upgrade_config(saved)), flatten(upgrade_config(new))
-    missing = object()
-    drift = []
-    for key in sorted(set(old) | set(cur)):
-        if is_free(key):
-            continue
-        a, b = old.get(key, missing), cur.get(key, missing)
-        if a is missing:
-            a = LEGACY_VALUES.get(key, missing)
-        if a is missing or b is missing or not _same(a, b):
-            drift.append((key, None if a is missing else a, None if b is missing else b))
-    return drift
-
-
-def describe_drift(drift, limit: int = 6) -> str:
-    """The changed keys, the names of what is trained first (``method.name "tdlrt" -> "dense"`` is the news;
-    the keys that differ because another preset was picked follow)."""
-    drift = sorted(drift, key=lambda d: not str(d[0]).endswith(".name"))
-    shown = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in drift[:limit])
-    return shown + (f" (and {len(drift) - limit} more)" if len(drift) > limit else "")
-
-
 def saved_config(ckpt: Path, keep: bool = False) -> Tuple[dict, int]:
     """The resolved config a checkpoint was written under and its completed epochs. ``keep=True``: the run
     about to start resumes from this checkpoint and takes what was read here (one read); else its tensors
@@ -360,7 +193,7 @@ def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tu
             raise ConfigError(*exc.args) from None
     if jobs:  # every job checked: the sweep folder may be made now (Hydra would make it next)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
-        fresh = _first_missing(sweep_dir)
+        fresh = first_missing(sweep_dir)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -457,7 +290,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
                    if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
                    and not any(k.startswith(g + ".") for g in given)]
-        # ... and the keys whose default changed since the run was made (config.CHANGED_DEFAULTS), as it had them
+        # ... and the keys whose default changed since the run was made (identity.CHANGED_DEFAULTS), as it had them
         carried += [f"{k}={_quote(v)}" for k, v in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items()]
         mine = _merge(_merge(base, carried), mine)
         mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={_quote(str(ckpt))}"]
@@ -466,14 +299,8 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         except Exception as exc:
             raise ConfigError(f"cannot rebuild the configuration of {run_dir or ckpt}: {_message(exc)}") from None
         resumed = train_config(cfg)
-        drift = config_drift(saved, resumed)
-        if drift:
-            raise ConfigError(f"resuming {run_dir or ckpt} would change what is trained: {describe_drift(drift)} "
-                              f"(a resume may change epochs, device, data.root, logging and checkpoint settings; "
-                              f"train other settings in a new folder)")
-        if resumed["epochs"] < done and resumed["method"]["name"] != "imp":
-            raise ConfigError(f"epochs={resumed['epochs']} but the run in {run_dir or ckpt} has completed {done} "
-                              f"epochs (a resume may extend epochs, not shorten them)")
+        epochs = resumed["epochs"] if resumed["method"]["name"] != "imp" else done  # imp: epochs count per round
+        check_resume(saved, resumed, done, epochs, run_dir or ckpt)
         if run_dir is not None and done >= resumed["epochs"] and resumed["method"]["name"] != "imp" \
                 and (run_dir / "summary.json").is_file():
             return Prepared(mine, finished=(f"{run_dir} is finished ({done} of {resumed['epochs']} epochs, summary.json "
@@ -498,28 +325,13 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     check_writable(folder, "hydra.run.dir")
     if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
         mine += [f"hydra.run.dir={_quote(str(folder))}"]
-    fresh = _first_missing(folder)
+    fresh = first_missing(folder)
     try:
         RunLock(folder).acquire()
     except ConfigError:
-        _remove_empty(folder, fresh)  # the folders made for it (a full disk); never one another process uses
+        remove_empty(folder, fresh)  # the folders made for it (a full disk); never one another process uses
         raise
     return Prepared(mine, folder, fresh)
-
-
-def _remove_empty(folder: Path, top: Optional[Path]) -> None:
-    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
-    if top is None:
-        return
-    path = Path(folder).absolute()
-    while True:
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        if path == top or path == path.parent:
-            return
-        path = path.parent
 
 
 def overrides_of(saved: dict, given: List[str]) -> List[str]:
@@ -608,54 +420,6 @@ def _not_a_setting(line: str, known: set, groups: dict) -> Optional[str]:
     if key not in known:
         return "which is not a tdlrt setting"
     return unsafe_in(value, key) and "which is not a plain value"
-
-
-def check_names(folder: Path, key: str) -> None:
-    """Refuse a folder the file system cannot hold, by its name alone (before any file call, which would fail
-    with "File name too long"): a part of the path longer than a name may be there (NAME_MAX bytes, 255 on
-    most), or a path so long that the files written inside it would pass PATH_MAX."""
-    path = Path(folder).expanduser().absolute()
-    existing, name_max = Path(path.anchor), 255
-    for part in path.parts[1:]:
-        if existing is not None:
-            name_max = _pathconf(existing, "PC_NAME_MAX", name_max)
-        size = len(os.fsencode(part))
-        if size > name_max:
-            shown = part if len(part) <= 40 else part[:20] + "..." + part[-8:]
-            raise ConfigError(f"{key}: the folder name {shown!r} is {size} bytes long, more than the {name_max} a "
-                              f"name may have on this file system; choose a shorter {key}")
-        if existing is not None:
-            existing = existing / part if (existing / part).is_dir() else None  # the rest is yet to be made
-    path_max = _pathconf(Path(path.anchor), "PC_PATH_MAX", 4096)
-    size = len(os.fsencode(str(path)))
-    if size + 256 > path_max:  # room for the longest name written inside
-        raise ConfigError(f"{key}: the folder's path is {size} bytes long; the files in it would pass the "
-                          f"{path_max} bytes a path may have on this file system; choose a shorter {key}")
-
-
-def _pathconf(path: Path, name: str, default: int) -> int:
-    try:
-        return int(os.pathconf(path, name))
-    except (OSError, ValueError):
-        return default
-
-
-def check_writable(folder: Path, key: str) -> None:
-    """Refuse a folder that cannot be created or written: its nearest existing parent must be a writable folder."""
-    path = Path(folder).absolute()
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={folder} cannot be created: {path} is not a writable folder; choose another "
-                          f"{key}")
-
-
-def _first_missing(folder: Path) -> Optional[Path]:
-    """The highest folder of ``folder``'s path that does not exist yet (what a failed start should remove)."""
-    path, top = Path(folder).absolute(), None
-    while not path.exists():
-        top, path = path, path.parent
-    return top
 
 
 def remove_if_fresh(prepared: Optional[Prepared]) -> None:

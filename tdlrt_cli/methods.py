@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig
+from .identity import RANK_ADAPTIVE
 from .errors import ConfigError
 from .lowrank import TDLRT, BudgetRule, BudgetSchedule, ConversionRules, ToleranceRule, RankPolicy, convert_to_lowrank, lowrank_layers
 from .lowrank.allocation import lower_bound_params, upper_bound_params
@@ -34,7 +35,7 @@ from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
 from .files import load_json
 
-INTEGRATED = ("tdlrt", "dlrt")
+INTEGRATED = RANK_ADAPTIVE
 PRUNED = ("tucker_prune",)  # ranks cut on the target rule's schedule, without the integrator
 PRUNING = ("snip", "grasp", "imp")
 

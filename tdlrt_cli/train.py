@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from . import identity
 from .checkpoint import (CHECKPOINT_TEMPORARY, checkpoint_state, finished_summary, load_checkpoint,
                          load_dense_weights, restore, save_checkpoint)
 from .config import CONFIG_DIR, TrainConfig, error_line
@@ -34,7 +35,7 @@ from .distributed import Distributed, init_distributed
 from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
 from .faults import faults
 from .files import atomic_write_text, load_json, remove_stale_temporaries, resume_command
-from .launch import RunLock, config_drift, describe_drift
+from .lock import RunLock
 from .logs import Console, RunLogger, hparams_of
 from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
 from .messages import pace_note, pinned_modes, start_block, warn_pinned
@@ -52,11 +53,10 @@ from .selection import drop_top, no_best, remove_unlisted_top, repair_best, save
 
 def keep_changed_defaults(cfg, run_dir: Path, given) -> None:
     """A sweep job started again in a folder holding its run (``checkpoint.auto_resume``): the keys whose default
-    changed since that run was made (config.CHANGED_DEFAULTS) keep the run's saved values unless the job sets
+    changed since that run was made (identity.CHANGED_DEFAULTS) keep the run's saved values unless the job sets
     them, as ``tdlrt train resume=`` does (launch)."""
     from omegaconf import OmegaConf, open_dict
 
-    from .config import changed_defaults_of, has_key
     from .launch import saved_config
 
     last = run_dir / "checkpoints" / "last.pt"
@@ -67,7 +67,7 @@ def keep_changed_defaults(cfg, run_dir: Path, given) -> None:
     except UserError:
         return  # the checkpoint is checked (and refused, with its line) where it is loaded
     with open_dict(cfg):
-        for key, value in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items():
+        for key, value in identity.changed_defaults_of(saved, given, lambda k: identity.has_key(cfg, k)).items():
             OmegaConf.update(cfg, key, value)
 
 
@@ -237,13 +237,9 @@ def check_resume(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], m
     if not method.resumable:
         raise ConfigError(f"method={cfg.method.name} runs cannot be resumed (masks and rewind point are not "
                           f"checkpointed); start it again in a new folder")
-    if config_dict is not None and isinstance(resume.get("config"), dict):
-        drift = config_drift(resume["config"], config_dict)
-        if drift:
-            raise ConfigError(f"resuming {cfg.ckpt_path} would change what is trained: {describe_drift(drift)}")
-    if int(resume.get("epoch", 0)) > method.epochs():
-        raise ConfigError(f"epochs={cfg.epochs} but the run in {run_dir} has completed {resume['epoch']} epochs "
-                          f"(a resume may extend epochs, not shorten them)")
+    saved = resume.get("config") if config_dict is not None else None
+    identity.check_resume(saved if isinstance(saved, dict) else None, config_dict, int(resume.get("epoch", 0)),
+                          method.epochs(), run_dir)
 
 
 def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Distributed, device: torch.device,

@@ -1,7 +1,7 @@
 """`tdlrt report PATH... [out=DIR] [band=5]`: run folders -> the paper's tables and plots.
 
 Every ``summary.json`` under the given paths (single runs or multirun sweeps) is one finished run. Runs
-are grouped by their whole resolved config except the seed and the keys in :data:`IGNORED_KEYS`: each
+are grouped by their whole resolved config except the seed and the keys in :data:`tdlrt_cli.identity.IGNORED_KEYS`: each
 group is one row with mean and standard deviation over its seeds, and the config keys that differ
 between rows become columns (a tau sweep gets a ``tau`` column, an lr sweep an ``lr`` column). Run
 folders without a ``summary.json`` (still running, killed, failed) are listed apart as unfinished, with

@@ -13,46 +13,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from ..config import LEGACY_VALUES, NOT_TRAINING_KEYS, flatten, upgrade_config
+from .. import identity
+from ..config import METHODS
 from ..errors import UserError
 from ..files import load_json
+from ..identity import MISSING, RANK_ADAPTIVE, canon
 from ..summary import accuracies
 
-METHOD_ORDER = ["dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp"]
+METHOD_ORDER = list(METHODS)
 METHOD_LABEL = {"dense": "Dense", "tdlrt": "TDLRT", "dlrt": "Matrix DLRT", "tucker": "Tucker (fixed rank)",
                 "tucker_prune": "Tucker (gradual pruning)",
                 "cp": "CP (fixed rank)", "tt": "TT (fixed rank)", "matrix": "Matrix (fixed rank)",
                 "snip": "SNIP", "grasp": "GraSP", "imp": "IMP (rewinding)"}
 
-# Runs whose resolved configs differ only in these and in ``seed`` (over which a row averages) share a row;
-# any other difference makes another row.
-IGNORED_KEYS = ("hydra",) + NOT_TRAINING_KEYS
-SEED_KEY = "seed"
-# data.root is only where the files of these datasets live (it differs between machines); for
-# data=imagefolder it is the dataset itself and stays a grouping key.
-ROOT_IS_LOCATION = ("cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
 SHOWN_KEYS = ("data.name", "model.name", "method.name")  # have columns of their own
 OWNED_BY = {"tau": "method"}  # top-level keys that belong to a config group (tau: tdlrt and dlrt only)
 KNOB_KEYS = ("tau", "method.rank_frac", "method.target_cr", "method.sparsity")  # what knob_of shows
-MISSING = object()  # a key absent from a run's config (an older tdlrt, a hand-written summary)
-
-
-def is_ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
-
-
-# Keys added after runs were already being made: a run without the key is compared as if it had the value that
-# reproduces what it did (config.LEGACY_VALUES; not the current defaults: tau_warmup_epochs defaults to 1, but
-# older runs used the plain rule), if the key belongs to its method (None: every run).
-ADDED_KEYS = {
-    "data.val_split": (LEGACY_VALUES["data.val_split"], None),
-    "method.tau_warmup_epochs": (LEGACY_VALUES["method.tau_warmup_epochs"], ("tdlrt", "dlrt")),
-    "method.tau_warmup_shape": (LEGACY_VALUES["method.tau_warmup_shape"], ("tdlrt", "dlrt")),
-    "method.ranks_from": (LEGACY_VALUES["method.ranks_from"], ("tucker",)),
-}
-
-
 SOURCE_KEYS = ("method.ranks_from", "init_from")  # paths of other runs: compared by those runs' settings
+
+
+def grouping_config(config: dict, sources: Optional[dict] = None) -> Dict[str, object]:
+    """The flattened config that decides a run's row (:func:`.identity.grouping_config`); a path to another run
+    (``SOURCE_KEYS``) stands for that run's setting where summary.json records it."""
+    labels = {key: source_label(source) for key, source in (sources or {}).items()
+              if key in SOURCE_KEYS and isinstance(source, dict) and isinstance(source.get("config"), dict)}
+    return identity.grouping_config(config, labels)
 
 
 def source_label(source: dict) -> str:
@@ -63,39 +48,6 @@ def source_label(source: dict) -> str:
     method = (config.get("method") or {}).get("name", "?")
     knob = knob_of(config)
     return f"run of {method}{' ' + knob if knob else ''} (epochs {config.get('epochs')}) #{hashlib.sha1(ident.encode()).hexdigest()[:6]}"
-
-
-def grouping_config(config: dict, sources: Optional[dict] = None) -> Dict[str, object]:
-    """The flattened config that decides a run's row: everything but the seed and the ignored keys; a path
-    to another run (``SOURCE_KEYS``) stands for that run's setting where summary.json records it."""
-    flat = flatten(upgrade_config(config))
-    for key, source in (sources or {}).items():
-        if key in SOURCE_KEYS and key in flat and isinstance(source, dict) and isinstance(source.get("config"), dict):
-            flat[key] = source_label(source)
-    for key, (before, methods) in ADDED_KEYS.items():
-        if key not in flat and (methods is None or flat.get("method.name") in methods):
-            flat[key] = before
-    kept = {k: v for k, v in flat.items() if k != SEED_KEY and not is_ignored(k)}
-    if flat.get("data.name") in ROOT_IS_LOCATION:
-        kept.pop("data.root", None)
-    return kept
-
-
-def _norm(v):
-    if isinstance(v, bool) or v is None or isinstance(v, str):
-        return v
-    if isinstance(v, (int, float)):
-        return float(v)  # 1 and 1.0 are the same setting
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _norm(x) for k, x in v.items()}
-    return str(v)
-
-
-def canon(v) -> str:
-    """A value as a comparable string (MISSING apart from every value, None included)."""
-    return "<missing>" if v is MISSING else json.dumps(_norm(v), sort_keys=True)
 
 
 def fmt(v) -> str:
@@ -220,7 +172,7 @@ def knob_of(config: dict) -> str:
     def num(v):
         return f"{float(v):g}"
 
-    if name in ("tdlrt", "dlrt"):
+    if name in RANK_ADAPTIVE:
         if m.get("target_cr") is not None:  # the target rule (tau unused)
             return f"target c.r.={num(m['target_cr'])}%"
         return f"tau={num(config.get('tau'))}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import UserError
+from ..identity import RANK_ADAPTIVE
 from .collect import (KNOB_KEYS, METHOD_LABEL, METHOD_ORDER, MISSING, Row, Run, canon, csv_rows, fmt, tables,
                       varying_keys)
 
@@ -84,7 +85,7 @@ def _label_extra(row: Row, keys: List[str]) -> str:
 
 def rule_of(row: "Row") -> str:
     """TDLRT/DLRT's rank rule: the target rule (method.target_cr) or the paper's tau rule; "" for others."""
-    if row.method not in ("tdlrt", "dlrt"):
+    if row.method not in RANK_ADAPTIVE:
         return ""
     target = row.value("method.target_cr")
     return "target rule" if target not in (None, MISSING) else "paper's tau rule"
@@ -249,7 +250,7 @@ def layer_labels(run_dir: Path, config: dict) -> Dict[str, str]:
 
 def rank_runs(rows: List[Row]) -> List[Tuple[Row, Run]]:
     """The runs whose ranks are plotted: every seed of each TDLRT/DLRT row, by seed."""
-    return [(row, run) for row in rows if row.method in ("tdlrt", "dlrt")
+    return [(row, run) for row in rows if row.method in RANK_ADAPTIVE
             for run in sorted(row.runs, key=lambda r: (r.seed, str(r.path)))]
 
 

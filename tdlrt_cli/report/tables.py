@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..files import atomic_text, atomic_write_text
-from .collect import IGNORED_KEYS, METHOD_LABEL, ROOT_IS_LOCATION, Row, Run, Unfinished, fmt, tables, varying_keys
+from ..identity import IGNORED_KEYS, ROOT_IS_LOCATION
+from .collect import METHOD_LABEL, Row, Run, Unfinished, fmt, tables, varying_keys
 
 def beats(row: Row, other: Row) -> bool:
     """``row``'s mean accuracy exceeds ``other``'s by more than their spread (the larger of the two stds over
