@@ -1,11 +1,13 @@
-"""One epoch of training (:func:`train_one_epoch`): the steps, the NaN policy, progress, step-level logging,
-mid-epoch checkpoints and stop signals. What the optimisation step is (``optimizer.step()`` or the TDLRT
+"""One epoch of training (:func:`train_one_epoch`): each step (:func:`take_step`, with the NaN policy), what is
+shown (:class:`Progress`), what is logged (:func:`log_step`), what is saved (a mid-epoch checkpoint or one on a
+stop signal, :meth:`Running.position`). What the optimisation step is (``optimizer.step()`` or the TDLRT
 integrator's) is decided by the caller."""
 from __future__ import annotations
 
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,144 +80,208 @@ class StopRequested(Exception):
         self.signum, self.step = signum, step
 
 
-def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress, epoch, global_step,
-                    log_every, nan_policy="stop", start: Optional[dict] = None, save_every: int = 0,
-                    save: Optional[Callable[[dict], None]] = None, dist: Distributed = Distributed(),
-                    stop: Optional[StopSignals] = None, skip_budget: Optional[list] = None,
-                    say: Callable[[str], None] = Console(), on_pace: Optional[Callable[[float], None]] = None,
-                    plain_every_s: float = 30.0) -> dict:
-    """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
+@dataclass
+class EpochOptions:
+    """How an epoch runs besides its network, data and step. ``log_every``: step scalars every that many steps;
+    ``nan_policy``: stop or skip a step with a non-finite loss, ``skip_budget`` (``[left]``) the steps the run
+    may still skip; ``save(position)`` every ``save_every`` steps (0: never) and on a stop signal (``stop``);
+    ``on_pace(seconds per step)`` once after 5 steps; ``plain_every_s``: the plain progress lines' period."""
 
-    ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums; every
-    ``save_every`` steps ``save(position)`` writes a checkpoint that can resume here. ``skip_budget``
-    (``[left]``, nan_policy=skip): the steps the run may still skip; at none left it stops like nan_policy=stop.
-    ``progress``: a tqdm bar on a terminal (its postfix read from the running sums about once a second), plain
-    lines every ``plain_every_s`` otherwise (a file, SLURM's output); ``on_pace(seconds per step)`` once after 5 steps.
-    """
-    from tqdm import tqdm
+    log_every: int = 50
+    nan_policy: str = "stop"
+    save_every: int = 0
+    save: Optional[Callable[[dict], None]] = None
+    dist: Distributed = field(default_factory=Distributed)
+    stop: Optional[StopSignals] = None
+    skip_budget: Optional[list] = None
+    say: Callable[[str], None] = field(default_factory=Console)
+    on_pace: Optional[Callable[[float], None]] = None
+    plain_every_s: float = 30.0
 
-    model.train()
-    start = start or {}
-    first = int(start.get("batch", 0))
-    loader.set_epoch(epoch, first)
-    device = loader_device(loader)
-    loss_sum = start["loss_sum"].to(device) if "loss_sum" in start else torch.zeros((), device=device)
-    correct = start["correct"].to(device) if "correct" in start else torch.zeros((), device=device, dtype=torch.long)
-    seen, skipped, t0 = int(start.get("seen", 0)), int(start.get("skipped", 0)), time.perf_counter()
-    seen_here = 0
-    per_step_sched = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    stepper = integrator if integrator is not None else optimizer
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, no sync
 
-    def check_finite():
-        first_bad = int(dist.max_(bad_step.clone()))  # any process's, so all of them stop together
+class Running:
+    """The epoch's running sums on the device (read only when shown or logged), its step count and the first
+    step with a non-finite loss (no host synchronisation until :meth:`check_finite`)."""
+
+    def __init__(self, start: dict, device: torch.device, global_step: int):
+        self.loss_sum = start["loss_sum"].to(device) if "loss_sum" in start else torch.zeros((), device=device)
+        self.correct = (start["correct"].to(device) if "correct" in start
+                        else torch.zeros((), device=device, dtype=torch.long))
+        self.seen, self.skipped, self.t0 = int(start.get("seen", 0)), int(start.get("skipped", 0)), time.perf_counter()
+        self.seen_here, self.global_step, self.device = 0, global_step, device
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float() * len(y)
+        self.correct += (out.detach().argmax(1) == y).sum()
+        self.seen += len(y)
+        self.seen_here += len(y)
+        self.global_step += 1
+
+    def check_finite(self, dist: Distributed, epoch: int) -> None:
+        first_bad = int(dist.max_(self.bad_step.clone()))  # any process's, so all of them stop together
         if first_bad >= 0:
             raise Diverged(first_bad, epoch)
 
-    plain = progress and not sys.stderr.isatty()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress or plain, dynamic_ncols=True,
-               initial=first, total=len(loader))
-    shown = time.perf_counter()  # when the running figures were last shown (bar postfix or plain line)
-    extra = {}  # figures known only at logging steps (the compression rate)
+    def position(self, epoch: int, batch: int) -> dict:
+        """What a checkpoint written after batch ``batch`` needs to resume the epoch there."""
+        return {"epoch": epoch, "batch": batch, "global_step": self.global_step, "loss_sum": self.loss_sum.detach().cpu(),
+                "correct": self.correct.detach().cpu(), "seen": self.seen, "skipped": self.skipped}
 
-    def running() -> dict:  # one host sync: read only when shown
-        return {"loss": f"{float(loss_sum) / max(seen, 1):.3f}", "acc": f"{100 * float(correct) / max(seen, 1):.1f}",
-                "img/s": f"{seen_here * dist.world / max(time.perf_counter() - t0, 1e-9):.0f}", **extra}
+    def figures(self, world: int, extra: dict) -> dict:  # one host sync: read only when shown
+        return {"loss": f"{float(self.loss_sum) / max(self.seen, 1):.3f}",
+                "acc": f"{100 * float(self.correct) / max(self.seen, 1):.1f}",
+                "img/s": f"{self.seen_here * world / max(time.perf_counter() - self.t0, 1e-9):.0f}", **extra}
 
-    for i, (x, y) in enumerate(bar, start=first):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        stepper.zero_grad(set_to_none=True)
-        with amp():
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-        faults.oom_now(global_step + 1, device)
-        if faults.nan_now(global_step + 1):
-            loss = loss * float("nan")
-        finite = torch.isfinite(loss.detach())
-        if nan_policy == "skip" and bool(dist.max_((~finite).long())):  # one host sync per step
-            if skip_budget is not None:
-                skip_budget[0] -= 1
-                if skip_budget[0] < 0:
-                    raise Diverged(global_step + 1, epoch, skipped_all=True)
-            skipped += 1
-            global_step += 1
+
+class Progress:
+    """What an epoch shows: a tqdm bar on a terminal (its postfix about once a second), plain lines every
+    ``plain_every_s`` otherwise (a file, SLURM's output); nothing without ``on``."""
+
+    def __init__(self, loader, epoch: int, first: int, on: bool, say: Callable[[str], None], plain_every_s: float):
+        from tqdm import tqdm
+
+        self.on, self.epoch, self.total, self.say, self.every = on, epoch, len(loader), say, plain_every_s
+        self.plain = on and not sys.stderr.isatty()
+        self.bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not on or self.plain,
+                        dynamic_ncols=True, initial=first, total=len(loader))
+        self.shown = time.perf_counter()  # when the running figures were last shown (bar postfix or plain line)
+        self.extra: dict = {}  # figures known only at logging steps (the compression rate)
+
+    def tick(self, i: int, figures: Callable[[dict], dict]) -> None:
+        if not self.on or time.perf_counter() - self.shown < (self.every if self.plain else 1.0):
+            return
+        self.shown, shown = time.perf_counter(), figures(self.extra)
+        if self.plain:
+            self.say(f"epoch {self.epoch + 1}: step {i + 1}/{self.total} | loss {shown['loss']} acc {shown['acc']}% "
+                     f"| {shown['img/s']} img/s" + (f" | c.r. {self.extra['c.r.']}" if self.extra else ""))
+        else:
+            self.bar.set_postfix(shown, refresh=False)
+
+
+def train_one_epoch(model, loader, optimizer, integrator, scheduler, amp, logger, progress: bool, epoch: int,
+                    global_step: int, options: EpochOptions = EpochOptions(), start: Optional[dict] = None) -> dict:
+    """One pass over the training data; each step is ``optimizer.step()`` or, for TDLRT, ``integrator.step()``.
+    ``start`` (from a mid-epoch checkpoint) resumes at its batch with its running sums. Returns the epoch's
+    training loss and accuracy over every process, its time and speed, and the step count reached."""
+    o, start = options, start or {}
+    model.train()
+    first = int(start.get("batch", 0))
+    loader.set_epoch(epoch, first)
+    s = Running(start, loader_device(loader), global_step)
+    show = Progress(loader, epoch, first, progress, o.say, o.plain_every_s)
+    per_step_sched = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    for i, (x, y) in enumerate(show.bar, start=first):
+        x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        taken = take_step(model, optimizer, integrator, amp, x, y, s, o, epoch)
+        if taken is None:  # skipped (nan_policy=skip)
             continue
-        bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, global_step + 1))
-        loss.backward()
-        if integrator is None:
-            dist.mean_([p.grad for p in model.parameters() if p.grad is not None])
-        elif faults.kill_now(global_step + 1, "rank_change"):
-            integrator.prepare_step()  # bases augmented to 2r, then killed before the update and truncation
-            faults.die()
-        if faults.inf_lr_now(global_step + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = float("inf")
-        try:
-            stepper.step()
-        except (NonFiniteCore, RuntimeError) as exc:
-            # NaN/Inf cores (found before truncation) or a decomposition that failed on them: report the
-            # non-finite loss that caused it if there was one, else the weights; never the linear algebra
-            if int(bad_step) >= 0:
-                raise Diverged(int(bad_step), epoch) from None
-            if isinstance(exc, (NonFiniteCore, torch.linalg.LinAlgError)):  # cores too large to decompose
-                raise Diverged(global_step + 1, epoch, weights=True) from None
-            raise
+        loss, out = taken
         if per_step_sched:
             scheduler.step()
-        loss_sum += loss.detach().float() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
-        seen += len(y)
-        seen_here += len(y)
-        global_step += 1
-        if faults.kill_now(global_step, "after"):
+        s.add(loss, out, y)
+        if faults.kill_now(s.global_step, "after"):
             faults.die()  # fault injection: like kill -9, no clean-up
-        if on_pace is not None and i + 1 - first == 5:
-            on_pace((time.perf_counter() - t0) / 5)
-        if progress and time.perf_counter() - shown >= (plain_every_s if plain else 1.0):
-            shown, figures = time.perf_counter(), running()
-            if plain:
-                say(f"epoch {epoch + 1}: step {i + 1}/{len(loader)} | loss {figures['loss']} acc {figures['acc']}% "
-                    f"| {figures['img/s']} img/s" + (f" | c.r. {extra['c.r.']}" if extra else ""))
-            else:
-                bar.set_postfix(figures, refresh=False)
-        faults.signal_now(global_step)
-        if (stop is not None and i + 1 < len(loader) and (not dist.enabled or global_step % log_every == 0)
-                and stop.requested(dist)):
-            check_finite()  # a checkpoint is only written from finite weights
-            if save is not None:
-                save({"epoch": epoch, "batch": i + 1, "global_step": global_step, "loss_sum": loss_sum.detach().cpu(),
-                      "correct": correct.detach().cpu(), "seen": seen, "skipped": skipped})
-            bar.close()
-            raise StopRequested(stop.requested(dist), global_step)
-        logging_step = global_step % log_every == 0 or i == len(loader) - 1
+        if o.on_pace is not None and i + 1 - first == 5:
+            o.on_pace((time.perf_counter() - s.t0) / 5)
+        show.tick(i, lambda extra: s.figures(o.dist.world, extra))
+        faults.signal_now(s.global_step)
+        last = i == len(loader) - 1
+        if o.stop is not None and not last and (not o.dist.enabled or s.global_step % o.log_every == 0) \
+                and o.stop.requested(o.dist):
+            save_position(s, o, epoch, i + 1)
+            show.bar.close()
+            raise StopRequested(o.stop.requested(o.dist), s.global_step)
+        logging_step = s.global_step % o.log_every == 0 or last
         if integrator is not None and integrator.last_info and not logging_step:
-            log_rank_change(logger, model, global_step, epoch + 1)  # rank curves exact at any run length
+            log_rank_change(logger, model, s.global_step, epoch + 1)  # rank curves exact at any run length
         if logging_step:
-            check_finite()
-            rate = seen_here / (time.perf_counter() - t0)
-            values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"],
-                      "train/acc_step": 100.0 * float((out.detach().argmax(1) == y).float().mean()),
-                      "train/acc": 100.0 * float(correct) / max(seen, 1)}
-            postfix = {"loss": f"{float(loss_sum) / seen:.3f}", "acc": f"{100 * float(correct) / seen:.1f}",
-                       "img/s": f"{rate * dist.world:.0f}"}
-            if integrator is not None:
-                values.update(adaptation_scalars(model, integrator, logger, global_step, epoch + 1))
-                postfix["c.r."] = extra["c.r."] = f"{values['compression/rate']:.1f}%"
-            logger.scalars(global_step, values)
-            bar.set_postfix(postfix)
-        if save is not None and save_every and global_step % save_every == 0 and i + 1 < len(loader):
-            check_finite()  # a checkpoint is only written from finite weights
-            save({"epoch": epoch, "batch": i + 1, "global_step": global_step, "loss_sum": loss_sum.detach().cpu(),
-                  "correct": correct.detach().cpu(), "seen": seen, "skipped": skipped})
-    bar.close()
-    dt = time.perf_counter() - t0
-    if skipped:
-        say(f"tdlrt: warning: skipped {skipped} step(s) with a non-finite loss in epoch {epoch + 1}")
-    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
-                                                                            dtype=torch.float64)])
-    loss_total, correct_total, seen_total = dist.sum_(totals).tolist()
+            s.check_finite(o.dist, epoch)
+            log_step(logger, model, optimizer, integrator, s, loss, out, y, epoch, o.dist, show)
+        if o.save is not None and o.save_every and s.global_step % o.save_every == 0 and not last:
+            save_position(s, o, epoch, i + 1)
+    show.bar.close()
+    return epoch_totals(s, o, epoch)
+
+
+def take_step(model, optimizer, integrator, amp, x, y, s: Running, o: EpochOptions, epoch: int):
+    """Forward, loss, backward and the optimisation step; ``(loss, logits)``, or None for a step skipped with a
+    non-finite loss (nan_policy=skip: one host synchronisation per step). Fault injection hooks sit where a
+    crash test needs them (out of memory, NaN loss, a kill mid-integrator step, an infinite lr)."""
+    stepper = integrator if integrator is not None else optimizer
+    stepper.zero_grad(set_to_none=True)
+    with amp():
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+    faults.oom_now(s.global_step + 1, s.device)
+    if faults.nan_now(s.global_step + 1):
+        loss = loss * float("nan")
+    finite = torch.isfinite(loss.detach())
+    if o.nan_policy == "skip" and bool(o.dist.max_((~finite).long())):
+        if o.skip_budget is not None:
+            o.skip_budget[0] -= 1
+            if o.skip_budget[0] < 0:
+                raise Diverged(s.global_step + 1, epoch, skipped_all=True)
+        s.skipped += 1
+        s.global_step += 1
+        return None
+    s.bad_step = torch.where(finite | (s.bad_step >= 0), s.bad_step, torch.full_like(s.bad_step, s.global_step + 1))
+    loss.backward()
+    if integrator is None:
+        o.dist.mean_([p.grad for p in model.parameters() if p.grad is not None])
+    elif faults.kill_now(s.global_step + 1, "rank_change"):
+        integrator.prepare_step()  # bases augmented to 2r, then killed before the update and truncation
+        faults.die()
+    if faults.inf_lr_now(s.global_step + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = float("inf")
+    try:
+        stepper.step()
+    except (NonFiniteCore, RuntimeError) as exc:
+        # NaN/Inf cores (found before truncation) or a decomposition that failed on them: report the
+        # non-finite loss that caused it if there was one, else the weights; never the linear algebra
+        if int(s.bad_step) >= 0:
+            raise Diverged(int(s.bad_step), epoch) from None
+        if isinstance(exc, (NonFiniteCore, torch.linalg.LinAlgError)):  # cores too large to decompose
+            raise Diverged(s.global_step + 1, epoch, weights=True) from None
+        raise
+    return loss, out
+
+
+def save_position(s: Running, o: EpochOptions, epoch: int, batch: int) -> None:
+    """A checkpoint that resumes after ``batch`` (only from finite weights)."""
+    s.check_finite(o.dist, epoch)
+    if o.save is not None:
+        o.save(s.position(epoch, batch))
+
+
+def log_step(logger, model, optimizer, integrator, s: Running, loss, out, y, epoch: int, dist: Distributed,
+             show: Progress) -> None:
+    """The step scalars (loss, lr, accuracy; for TDLRT the ranks and diagnostics) and the bar's postfix."""
+    rate = s.seen_here / (time.perf_counter() - s.t0)
+    values = {"train/loss_step": float(loss.detach()), "train/lr": optimizer.param_groups[0]["lr"],
+              "train/acc_step": 100.0 * float((out.detach().argmax(1) == y).float().mean()),
+              "train/acc": 100.0 * float(s.correct) / max(s.seen, 1)}
+    postfix = {"loss": f"{float(s.loss_sum) / s.seen:.3f}", "acc": f"{100 * float(s.correct) / s.seen:.1f}",
+               "img/s": f"{rate * dist.world:.0f}"}
+    if integrator is not None:
+        values.update(adaptation_scalars(model, integrator, logger, s.global_step, epoch + 1))
+        postfix["c.r."] = show.extra["c.r."] = f"{values['compression/rate']:.1f}%"
+    logger.scalars(s.global_step, values)
+    show.bar.set_postfix(postfix)
+
+
+def epoch_totals(s: Running, o: EpochOptions, epoch: int) -> dict:
+    """The epoch's loss and accuracy summed over every process, its time and speed, the step count reached."""
+    dt = time.perf_counter() - s.t0
+    if s.skipped:
+        o.say(f"tdlrt: warning: skipped {s.skipped} step(s) with a non-finite loss in epoch {epoch + 1}")
+    totals = torch.stack([s.loss_sum.double(), s.correct.double(),
+                          torch.tensor(float(s.seen), device=s.device, dtype=torch.float64)])
+    loss_total, correct_total, seen_total = o.dist.sum_(totals).tolist()
     return {"train_loss": loss_total / max(seen_total, 1), "train_acc": 100.0 * correct_total / max(seen_total, 1),
-            "epoch_time_s": dt, "images_per_s": seen_here * dist.world / max(dt, 1e-9), "global_step": global_step}
+            "epoch_time_s": dt, "images_per_s": s.seen_here * o.dist.world / max(dt, 1e-9),
+            "global_step": s.global_step}
 
 
 def adaptation_scalars(model, integrator, logger, global_step: int, epoch: int) -> dict:

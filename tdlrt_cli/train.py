@@ -37,7 +37,7 @@ from .faults import faults
 from .files import atomic_write_text, load_json, remove_stale_temporaries, resume_command
 from .lock import RunLock
 from .logs import Console, RunLogger, hparams_of
-from .loop import Diverged, StopRequested, StopSignals, log_ranks, train_one_epoch
+from .loop import Diverged, EpochOptions, StopRequested, StopSignals, log_ranks, train_one_epoch
 from .messages import pace_note, pinned_modes, start_block, warn_pinned
 from .methods import Method, factorise, method_of, sources_of, tucker_ranks_in
 from .lowrank import lowrank_layers
@@ -360,12 +360,12 @@ def train_epoch(r: Run, epoch: int, stop: StopSignals) -> dict:
     ends the run with its one line."""
     first = epoch == r.start_epoch
     try:
+        options = EpochOptions(r.cfg.log_every_n_steps, r.cfg.nan_policy, r.cfg.checkpoint.every_n_steps,
+                               r.save_position, r.dist, stop, r.skip_budget, r.say,
+                               pace_note(r.device, len(r.data.train), r.say) if first else None)
         stats = train_one_epoch(r.model, r.data.train, r.optimizer, r.integrator, r.scheduler, r.amp, r.logger,
-                                r.cfg.progress and r.dist.main, epoch, r.global_step, r.cfg.log_every_n_steps,
-                                r.cfg.nan_policy, start=r.position if first else None,
-                                save_every=r.cfg.checkpoint.every_n_steps, save=r.save_position, dist=r.dist,
-                                stop=stop, skip_budget=r.skip_budget, say=r.say,
-                                on_pace=pace_note(r.device, len(r.data.train), r.say) if first else None)
+                                r.cfg.progress and r.dist.main, epoch, r.global_step, options,
+                                start=r.position if first else None)
     except StopRequested as exc:
         raise r.stopped(exc.signum, exc.step, epoch) from None
     except Diverged as exc:

@@ -74,7 +74,7 @@ def test_plain_progress_lines_without_a_terminal(capsys):
     """stderr is not a terminal under pytest: no tqdm carriage returns, plain lines with the running figures."""
     from tdlrt_cli.logs import Console, RunLogger
     from tdlrt_cli.models import build_model
-    from tdlrt_cli.loop import train_one_epoch
+    from tdlrt_cli.loop import EpochOptions, train_one_epoch
 
     class Loader(list):
         def set_epoch(self, epoch, start):
@@ -84,8 +84,8 @@ def test_plain_progress_lines_without_a_terminal(capsys):
     model = build_model("lenet5", 1, 10, 28, 0.25)
     loader = Loader([(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))) for _ in range(3)])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_one_epoch(model, loader, opt, None, None, nullcontext, RunLogger(Path("."), write=False), True, 0, 0, 50,
-                    say=Console(), plain_every_s=0.0)
+    train_one_epoch(model, loader, opt, None, None, nullcontext, RunLogger(Path("."), write=False), True, 0, 0,
+                    EpochOptions(log_every=50, say=Console(), plain_every_s=0.0))
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("epoch 1: step ")]

@@ -70,7 +70,8 @@ def _label_extra(row: Row, keys: List[str]) -> str:
     (the schema's; for ``method.augment_every`` the default of the row's rank rule), which the rule names."""
     from dataclasses import fields
 
-    from ..config import MethodConfig, TARGET_AUGMENT_EVERY
+    from ..config import MethodConfig
+    from ..identity import TARGET_AUGMENT_EVERY
 
     defaults = {f"method.{f.name}": f.default for f in fields(MethodConfig)}
     defaults["method.augment_every"] = TARGET_AUGMENT_EVERY if rule_of(row) == "target rule" else 1
