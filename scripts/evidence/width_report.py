@@ -178,6 +178,13 @@ def targets(rows, widths) -> list:
             continue
         lines.append(f"- Width 1.0, {c}%: TDLRT {-g[0]:.2f} under dense (n={g[2]}), target within {within:g}: "
                      + ("met." if -g[0] <= within else f"missed by {-g[0] - within:.2f}."))
+    d = next((c for c in checks if c["family"] == "dense"), None)
+    a = next((c for c in checks if c["family"] == "tdlrt" and c["cr"] == 90), None)
+    if d is not None and a is not None:
+        g = a["acc"] - d["acc"]
+        lines.append(f"- Width 1.0, 90%, both at the lr check's lr {a['lr']:g} (dense {d['acc']:.2f}, TDLRT "
+                     f"{a['acc']:.2f}): TDLRT {-g:.2f} under dense (n=1), target within 0.5: "
+                     + ("met." if -g <= 0.5 else f"missed by {-g - 0.5:.2f}."))
     g = gap(rows, "tdlrt", 0.25, 90, "full")
     lines.append("- Full CIFAR-10, width 0.25, 90%: " + ("not measured yet." if g is None else
                  f"TDLRT {-g[0]:.2f} under dense (n={g[2]}), target within 2: "
