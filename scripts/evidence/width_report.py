@@ -143,6 +143,13 @@ def main() -> None:
     figure(out, rows, widths)
 
 
+def lr_pair(width: float):
+    """The lr check's dense and TDLRT 90% runs at ``width`` (None where not run yet)."""
+    mine = [c for c in checks if c["width"] == width]
+    return (next((c for c in mine if c["family"] == "dense"), None),
+            next((c for c in mine if c["family"] == "tdlrt" and c["cr"] == 90), None))
+
+
 def lr_check(rows) -> list:
     """Dense and TDLRT 90% at width 1.0 with the study's lr and with the lr check's, seed 0: test accuracy,
     the last epoch's training accuracy (under-training shows there) and the gap."""
@@ -178,8 +185,7 @@ def targets(rows, widths) -> list:
             continue
         lines.append(f"- Width 1.0, {c}%: TDLRT {-g[0]:.2f} under dense (n={g[2]}), target within {within:g}: "
                      + ("met." if -g[0] <= within else f"missed by {-g[0] - within:.2f}."))
-    d = next((c for c in checks if c["family"] == "dense"), None)
-    a = next((c for c in checks if c["family"] == "tdlrt" and c["cr"] == 90), None)
+    d, a = lr_pair(1.0)
     if d is not None and a is not None:
         g = a["acc"] - d["acc"]
         lines.append(f"- Width 1.0, 90%, both at the lr check's lr {a['lr']:g} (dense {d['acc']:.2f}, TDLRT "
@@ -205,8 +211,7 @@ def headline(rows, widths) -> str:
         parts.append(f"{abs(g[0]):.2f} points {'under' if g[0] <= 0 else 'above'} dense at {c}% "
                      f"({n} seed{'s' if n > 1 else ''})")
     conv = next(iter({r["conv_dense"] for r in rows if r["width"] == w}))
-    d = next((c for c in checks if c["family"] == "dense" and c["width"] == w), None)
-    a = next((c for c in checks if c["family"] == "tdlrt" and c["cr"] == 90 and c["width"] == w), None)
+    d, a = lr_pair(w)
     lr = "" if d is None or a is None else (
         f" At lr {a['lr']:g}, which trains both networks further at this width, TDLRT ends "
         f"{abs(a['acc'] - d['acc']):.2f} points {'under' if a['acc'] <= d['acc'] else 'above'} dense at 90% "

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .allocation import BudgetSchedule, allocate_ranks
 from .integrator import VARIANCE_STATES, TruncationInfo, check_finite_cores
-from .spectra import mode_spectra
+from .spectra import clipped_bounds, mode_spectra
 from .layers import LowRankLayer, TuckerConv2d, replace_data
 from .tucker import mode_product, orthonormalize, unfold
 
@@ -123,11 +123,7 @@ def cut_to_budget(layers: Sequence[LowRankLayer], budget: float, optimizer=None)
         grams.append(m @ m.transpose(0, 1))
     pairs = mode_spectra(grams)
     spectra = [lam.tolist() for lam, _ in pairs]
-    bounds = []
-    for (li, i), lam in zip(jobs, spectra):
-        lo, hi = layers[li].rank_bounds[i]
-        n = len(lam)
-        bounds.append((max(min(lo, n), 1), max(min(hi, n), 1)))
+    bounds = [clipped_bounds(layers[li], i, len(lam)) for (li, i), lam in zip(jobs, spectra)]
     ks = allocate_ranks(spectra, [(li, (i,)) for li, i in jobs], [layer.ranks for layer in layers],
                         [layer.full_shape for layer in layers], bounds, budget)
     keep: List[Dict[int, torch.Tensor]] = [{} for _ in layers]
