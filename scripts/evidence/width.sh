@@ -8,7 +8,7 @@
 #   prune   the strongest control of the controls study, gradual pruning without the integrator
 #           (method=tucker_prune method.target_cr=C, its preset)
 # at 90% and 97% conv c.r.; and full CIFAR-10 (45,000 training images, 5,000 for validation) at width 0.25, 90%
-# and 95%, dense and recommended TDLRT; and an lr check at width 1.0 (lr 0.02, dense and TDLRT 90%). The jobs
+# and 95%, dense and recommended TDLRT; and an lr check at width 1.0 (lr 0.02: dense, TDLRT and gradual pruning at 90% and 97%). The jobs
 # are listed longest first (width 1.0 is about an hour a run on one CPU thread). Every run has a fixed folder
 # under outputs/width/ and writes checkpoints/last.pt every 100 steps: running the script again resumes
 # unfinished runs and skips finished ones; their small files go to results/width/runs/, and
@@ -39,6 +39,10 @@ jobs_list() {  # NAME OVERRIDES...
       # the standard parametrisation a wider network's best lr is smaller); dense and TDLRT 90% at lr 0.02
       echo "w1.0_dense_lr0.02_s0 $p model.width_mult=1.0 method=dense lr=0.02 seed=0"
       echo "w1.0_tdlrt_cr90_lr0.02_s0 $p model.width_mult=1.0 method=tdlrt_target method.target_cr=90 lr=0.02 seed=0"
+      # ... and the rest of the width-1.0 grid at lr 0.02: TDLRT 97% and the gradual-pruning control
+      echo "w1.0_tdlrt_cr97_lr0.02_s0 $p model.width_mult=1.0 method=tdlrt_target method.target_cr=97 lr=0.02 seed=0"
+      echo "w1.0_prune_cr90_lr0.02_s0 $p model.width_mult=1.0 method=tucker_prune method.target_cr=90 lr=0.02 seed=0"
+      echo "w1.0_prune_cr97_lr0.02_s0 $p model.width_mult=1.0 method=tucker_prune method.target_cr=97 lr=0.02 seed=0"
       # full CIFAR-10 at width 0.25: about half an hour a run
       echo "full_dense_s0 model.width_mult=0.25 method=dense seed=0"
       for c in 90 95; do
