@@ -129,9 +129,10 @@ def _command(command: str, rest: List[str]) -> None:
         return _run_hydra(entry, keys=list(flatten(asdict(BenchConfig()))), listed_by="tdlrt bench --help")
     from .errors import say_stopped, stopped_by
     from .launch import sweep_report
-    from .train import SWEEP_FAILURES, main as entry
+    from .entry import main as entry
 
     multirun = any(a in ("-m", "--multirun") for a in rest)
+    failures: list = []  # (job number, folder) of the sweep jobs that ended with an error
     prepared = _prepare(rest)
     if prepared.finished:
         print(f"tdlrt: {prepared.finished}", file=sys.stderr)
@@ -139,26 +140,26 @@ def _command(command: str, rest: List[str]) -> None:
     sys.argv = [f"tdlrt-{command}"] + prepared.argv + _rank_overrides(rest)
     try:
         with _scheduler_refusal(prepared):
-            _run_hydra(entry)
+            _run_hydra(lambda: entry(failures))
     except SystemExit as exc:
         if exc.code == 2:  # refused after the checks above (data missing, a checkpoint that does not load)
             remove_if_fresh(prepared)
         if multirun and exc.code and not isinstance(exc, SchedulerRefused):  # stopped (Ctrl-C, SIGTERM): the jobs left, and how to run them
-            left = sweep_report(prepared.sweep, SWEEP_FAILURES)
+            left = sweep_report(prepared.sweep, failures)
             if left:
                 print(f"tdlrt: stopped: {left}", file=sys.stderr)
         raise
     except KeyboardInterrupt:  # a signal between two sweep jobs (inside a job, the job says so and exits)
         if not multirun:
             raise
-        left = sweep_report(prepared.sweep, SWEEP_FAILURES)
+        left = sweep_report(prepared.sweep, failures)
         name, status = stopped_by()
         say_stopped(f"{name} between sweep jobs" + (f"; {left}" if left else ""))
         sys.exit(status)
     finally:
         if prepared.run_dir is not None:
             RunLock(prepared.run_dir).release()
-    left = sweep_report(prepared.sweep, SWEEP_FAILURES) if multirun else None
+    left = sweep_report(prepared.sweep, failures) if multirun else None
     if left:  # jobs failed (each said why as it ended); the others ran
         print(f"tdlrt: error: {left}", file=sys.stderr)
         sys.exit(2)

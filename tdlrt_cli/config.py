@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 from .errors import ConfigError
-from .identity import RANK_ADAPTIVE, flatten, upgrade_config
+from .families import RANK_ADAPTIVE
+from .identity import flatten, upgrade_config
 from .validation import (DATASETS, METHODS, MODELS, OPTIMIZERS, PRECISIONS, SCHEDULERS, check_data,  # noqa: F401
                          check_method, check_numbers, check_run, check_schedule)
 

@@ -13,8 +13,8 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import ConfigError
+from .families import PRUNED, RANK_ADAPTIVE
 
-RANK_ADAPTIVE = ("tdlrt", "dlrt")  # the methods the TDLRT integrator trains (tau, the tau and target rules)
 TARGET_AUGMENT_EVERY = 10  # the target rule's default clock (method.augment_every=null)
 TAU_RULE_RAMP = ((0.0, 0.75), (0.0, 0.5))  # (ramp_start, ramp_end) of the presets, now and before (the tau rule ignores it)
 
@@ -131,7 +131,7 @@ def resolve_rank_defaults(m) -> None:
         else:
             setattr(m, k, v)
 
-    target = get("target_cr") is not None or get("name") == "tucker_prune"
+    target = get("target_cr") is not None or get("name") in PRUNED
     if get("r_max_frac") is None:  # the rule's default caps (an explicit r_max_frac keeps init at its cap)
         put("r_max_frac", 1.0 if target else 0.5)
         if target and get("init_rank") is None and get("init_rank_frac") is None:
@@ -149,11 +149,11 @@ def upgrade_config(config: Dict[str, Any]) -> Dict[str, Any]:
         size = data.pop("val_size")
         data.setdefault("val_split", float(size or 0))
     method = config.get("method")
-    if isinstance(method, dict) and method.get("name") == "tucker_prune" and method.get("augment_every", 1) is None:
+    if isinstance(method, dict) and method.get("name") in PRUNED and method.get("augment_every", 1) is None:
         method["augment_every"] = TARGET_AUGMENT_EVERY
     if isinstance(method, dict) and method.get("name") == "tucker" and method.get("ranks_from") is not None:
         method["target_cr"] = None  # the ranks (and so the c.r.) come from that run
-    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE + ("tucker_prune",) \
+    if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE + PRUNED \
             and "r_max_frac" in method:
         resolve_rank_defaults(method)  # the rule's default caps and start (r_max_frac=null: this version's)
     if isinstance(method, dict) and method.get("name") in RANK_ADAPTIVE:

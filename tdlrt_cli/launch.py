@@ -239,34 +239,50 @@ def _message(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, UserError) else error_line(exc)
 
 
-def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Prepared:
+def _resume_target(overrides: List[str]) -> Tuple[Optional[Path], Optional[Path]]:
+    """(checkpoint, its run folder) that ``resume=`` or ``ckpt_path=`` names; (None, None) when neither is given.
+    A checkpoint outside a run folder has no run folder."""
     resume = _value(overrides, "resume")
     ckpt_arg = _value(overrides, "ckpt_path")
-    mine = [o.input_line for o in _parse(overrides) if o.key_or_group != "resume"]
     given = lambda v: v not in (None, "None", "null")  # noqa: E731
     if given(resume) and given(ckpt_arg):
         raise ConfigError(f"resume={resume} and ckpt_path={ckpt_arg} both name where to continue from; give one "
                           f"(resume=<run folder or checkpoint>)")
     target = resume if given(resume) else (ckpt_arg if given(ckpt_arg) else None)
-    ckpt = run_dir = None
+    if target is None:
+        return None, None
+    path = Path(target).expanduser()
+    key = "resume" if resume is not None else "ckpt_path"
+    try:
+        ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
+        found = ckpt.is_file()
+    except OSError as exc:  # a name too long, a folder that cannot be read
+        raise CheckpointError(f"checkpoint not found: {key}={target} ({exc.strerror or exc})") from None
+    if not found:
+        raise CheckpointError(f"checkpoint not found: {key}={target}" + (
+            " (the folder has no checkpoints/last.pt)" if path.is_dir() else " (no such file or run folder)"))
+    ckpt = ckpt.resolve()
+    run_dir = run_folder_of(ckpt)
+    asked = _value(overrides, "hydra.run.dir")
+    if run_dir is not None and asked is not None and Path(asked).expanduser().resolve() != run_dir:
+        raise ConfigError(f"{key}={target} continues the run in {run_dir}; hydra.run.dir={asked} would split it "
+                          f"over two folders (leave hydra.run.dir out)")
+    return ckpt, run_dir
+
+
+def _check_new_folder(folder: Path) -> None:
+    """A new run's folder: not locked by a running run, and empty or a tdlrt run's (never someone's files)."""
+    RunLock(folder).check()
+    if folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME and not stale_lock_temporary(p)
+                                                       for p in folder.iterdir())) \
+            and not (folder / ".hydra").is_dir():
+        raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
+
+
+def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Prepared:
+    mine = [o.input_line for o in _parse(overrides) if o.key_or_group != "resume"]
+    ckpt, run_dir = _resume_target(overrides)
     auto = False  # the same job started again in its folder
-    if target is not None:
-        path = Path(target).expanduser()
-        key = "resume" if resume is not None else "ckpt_path"
-        try:
-            ckpt = path / "checkpoints" / "last.pt" if path.is_dir() else path
-            found = ckpt.is_file()
-        except OSError as exc:  # a name too long, a folder that cannot be read
-            raise CheckpointError(f"checkpoint not found: {key}={target} ({exc.strerror or exc})") from None
-        if not found:
-            raise CheckpointError(f"checkpoint not found: {key}={target}" + (
-                " (the folder has no checkpoints/last.pt)" if path.is_dir() else " (no such file or run folder)"))
-        ckpt = ckpt.resolve()
-        run_dir = run_folder_of(ckpt)
-        asked = _value(overrides, "hydra.run.dir")
-        if run_dir is not None and asked is not None and Path(asked).expanduser().resolve() != run_dir:
-            raise ConfigError(f"{key}={target} continues the run in {run_dir}; hydra.run.dir={asked} would split it "
-                              f"over two folders (leave hydra.run.dir out)")
     cfg = compose(mine)
     folder = Path(str(cfg.hydra.run.dir)).expanduser() if str(cfg.hydra.run.dir).strip() else None
     if folder is None:
@@ -315,11 +331,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
     else:
         train_config(cfg)
         if writer:
-            RunLock(folder).check()
-        if writer and folder.exists() and (not folder.is_dir() or any(p.name != LOCK_NAME and not stale_lock_temporary(p)
-                                                                     for p in folder.iterdir())) \
-                and not (folder / ".hydra").is_dir():
-            raise ConfigError(f"hydra.run.dir={folder} is not empty and holds no tdlrt run; choose a new or empty folder")
+            _check_new_folder(folder)
     if not writer:
         return Prepared(mine)
     check_writable(folder, "hydra.run.dir")

@@ -22,22 +22,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .identity import RANK_ADAPTIVE
+from .families import FIXED_RANK, PRUNED, RANK_ADAPTIVE
 from .errors import ConfigError
 from .lowrank import TDLRT, BudgetRule, BudgetSchedule, ConversionRules, ToleranceRule, RankPolicy, convert_to_lowrank, lowrank_layers
 from .lowrank.allocation import lower_bound_params, upper_bound_params
 from .metrics import parameter_report
-from .lowrank.baselines import (DECOMPOSABLE, FIXED, FixedTuckerConv2d, allocate_tucker_ranks, apply_masks,
+from .lowrank.baselines import (DECOMPOSABLE, FixedTuckerConv2d, allocate_tucker_ranks, apply_masks,
                                 frac_for_compression, global_masks, grasp_scores, magnitude_scores, make_fixed,
                                 prunable_convs, snip_scores)
 from .lowrank.pruning import GradualPruning
 from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
 from .files import load_json
-
-INTEGRATED = RANK_ADAPTIVE
-PRUNED = ("tucker_prune",)  # ranks cut on the target rule's schedule, without the integrator
-PRUNING = ("snip", "grasp", "imp")
 
 
 def _convs_to_factorise(model: nn.Module, convert_first: bool):
@@ -53,7 +49,7 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
     the checkpoint's ranks, whatever chose them (another run's ranks, the one-shot allocation)."""
     m = cfg.method
     init = "hosvd" if cfg.init_from else "random"
-    if m.name in INTEGRATED or m.name in PRUNED:
+    if m.name in RANK_ADAPTIVE or m.name in PRUNED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
         fmt = {"tdlrt": "tucker", "dlrt": "matrix", "tucker_prune": "trained_tucker"}[m.name]
@@ -66,7 +62,7 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
             raise ConfigError(f"method={m.name}: no layer of {cfg.model.name} at model.width_mult="
                               f"{cfg.model.width_mult:g} can be factorised (a conv needs 2 or more channels in and "
                               f"out); raise model.width_mult")
-    elif m.name in FIXED:
+    elif m.name in FIXED_RANK:
         factorise_fixed(cfg, model, generator, saved_ranks)
     if m.init_decay > 0:
         ill_condition(model, m.init_decay, generator)
@@ -370,7 +366,7 @@ class IterativePruning(Method):
 
 def method_of(cfg: TrainConfig) -> Method:
     name = cfg.method.name
-    if name in INTEGRATED:
+    if name in RANK_ADAPTIVE:
         return Integrated(cfg)
     if name in PRUNED:
         return Pruned(cfg)

@@ -1,7 +1,7 @@
 """`tdlrt train`: build data, model and method from the config, train, evaluate, log, checkpoint.
 
-Read top to bottom: :func:`main` (the Hydra entry point) turns the composed config into a
-:class:`~tdlrt_cli.config.TrainConfig` and calls :func:`train`, which takes the run folder and hands the run
+Read top to bottom: :func:`train` (called by the Hydra entry point, :mod:`tdlrt_cli.entry`, with the
+composed config as a :class:`~tdlrt_cli.config.TrainConfig`) takes the run folder and hands the run
 to :func:`run`: the whole run on one screen, as named steps. What a method adds to the plain loop (the TDLRT
 integrator, pruning masks, IMP rounds) stays behind :class:`~tdlrt_cli.methods.Method`; one epoch of steps
 is :func:`~tdlrt_cli.loop.train_one_epoch`.
@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,10 +27,10 @@ import torch.nn as nn
 from . import identity
 from .checkpoint import (CHECKPOINT_TEMPORARY, checkpoint_state, finished_summary, load_checkpoint,
                          load_dense_weights, restore, save_checkpoint)
-from .config import CONFIG_DIR, TrainConfig, error_line
+from .config import TrainConfig
 from .data import DataBundle, build_data
 from .distributed import Distributed, init_distributed
-from .errors import ConfigError, Interrupted, UserError, exit_on_user_error, one_line, say_stopped, stopped_by
+from .errors import ConfigError, Interrupted, UserError
 from .faults import faults
 from .files import atomic_write_text, load_json, remove_stale_temporaries, resume_command
 from .lock import RunLock
@@ -50,26 +48,6 @@ from .selection import drop_top, no_best, remove_unlisted_top, repair_best, save
 
 
 # --------------------------------------------------------------------------- the run
-
-def keep_changed_defaults(cfg, run_dir: Path, given) -> None:
-    """A sweep job started again in a folder holding its run (``checkpoint.auto_resume``): the keys whose default
-    changed since that run was made (identity.CHANGED_DEFAULTS) keep the run's saved values unless the job sets
-    them, as ``tdlrt train resume=`` does (launch)."""
-    from omegaconf import OmegaConf, open_dict
-
-    from .launch import saved_config
-
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file() or not OmegaConf.select(cfg, "checkpoint.auto_resume", default=True):
-        return
-    try:
-        saved = saved_config(last)[0]
-    except UserError:
-        return  # the checkpoint is checked (and refused, with its line) where it is loaded
-    with open_dict(cfg):
-        for key, value in identity.changed_defaults_of(saved, given, lambda k: identity.has_key(cfg, k)).items():
-            OmegaConf.update(cfg, key, value)
-
 
 def train(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict] = None) -> dict:
     """Train ``cfg`` into ``run_dir`` (``config_dict``: the resolved config, saved in every checkpoint);
@@ -505,76 +483,3 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
                             cfg.model.width_mult, device)
     example = next(iter(data.test))[0][:128].to(device)
     return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat, latency_too=cfg.cost_latency)
-
-
-# --------------------------------------------------------------------------- Hydra entry point
-
-SWEEP_FAILURES: list = []  # (job number, folder) of the sweep jobs that ended with an error in this process
-
-
-def main() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .config import from_dictconfig
-
-    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"tdlrt: warning: {message}\n"
-
-    @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-    def _run(cfg) -> Optional[float]:
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        try:
-            with exit_on_user_error(HydraException, OmegaConfBaseException,
-                                    describe=lambda exc: (f"sweep job {hydra_cfg.job.num} ({run_dir}): " if multirun
-                                                          else "") + (str(exc) if isinstance(exc, UserError)
-                                                                      else error_line(exc))):
-                if multirun:  # a job whose folder holds a run keeps its values of keys whose default changed
-                    keep_changed_defaults(cfg, run_dir, [o.split("=", 1)[0].lstrip("+~")
-                                                         for o in hydra_cfg.overrides.task])
-                tc = from_dictconfig(cfg)
-                if multirun:
-                    faults.job = int(hydra_cfg.job.num)
-                    faults.bug_now(faults.job)
-                try:
-                    summary = train(tc, run_dir, OmegaConf.to_container(cfg, resolve=True))
-                except (MemoryError, RuntimeError) as exc:  # torch's CPU allocator raises a RuntimeError
-                    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)):
-                        raise
-                    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", one_line(exc))
-                    said = said if len(said) <= 160 else said[:160].rsplit(" ", 1)[0] + " ..."
-                    raise UserError(f"out of memory ({said}); lower batch_size, eval_batch_size, "
-                                    f"model.width_mult or the data size") from None
-        except SystemExit as exc:
-            if exc.code == 2 and multirun:
-                SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
-                return None  # the job's error is printed; the sweep goes on, and says at the end what did not finish
-            raise
-        except Exception:  # a bug: in a sweep, the other jobs still run (TDLRT_DEBUG=1 stops at the first)
-            if not multirun or os.environ.get("TDLRT_DEBUG") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise  # (under torchrun every process must stop together)
-            traceback.print_exc()
-            print(f"tdlrt: error: sweep job {hydra_cfg.job.num} ({run_dir}) failed with an unexpected error (traceback "
-                  f"above: a bug in tdlrt, please report it); the sweep goes on", file=sys.stderr)
-            SWEEP_FAILURES.append((int(hydra_cfg.job.num), run_dir))
-            return None
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP outside the training loop (data, the summary)
-            name, status = stopped_by()
-            last = run_dir / "checkpoints" / "last.pt"
-            where = f"resume from {last} with: {resume_command(run_dir)}" if last.is_file() else "no checkpoint written"
-            line = f"{name} outside a training step; {where}"
-            say_stopped(line)
-            if run_dir.is_dir():  # (after SIGHUP nobody reads stderr)
-                Console(run_dir / "train.log").record(f"tdlrt: stopped: {line}")
-            sys.exit(status)
-        return summary["test_acc"]
-
-    _run()
-

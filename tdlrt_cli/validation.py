@@ -6,12 +6,12 @@ import math
 from typing import Optional
 
 from .errors import ConfigError
-from .identity import RANK_ADAPTIVE, TARGET_AUGMENT_EVERY, TAU_RULE_RAMP, flatten, resolve_rank_defaults
+from .families import FIXED_RANK, METHODS, PRUNED, PRUNING, RANK_ADAPTIVE
+from .identity import TARGET_AUGMENT_EVERY, TAU_RULE_RAMP, flatten, resolve_rank_defaults
 
 # The presets of each config group (configs/<group>/<name>.yaml) that a run may pick.
 MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-METHODS = ("dense", "tdlrt", "dlrt", "tucker", "tucker_prune", "cp", "tt", "matrix", "snip", "grasp", "imp")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
 PRECISIONS = ("fp32", "bf16")
@@ -201,21 +201,21 @@ def check_method(c) -> None:
         need(bool(str(m.ranks_from).strip()), "method.ranks_from= is empty (a finished run folder, or null)")
         need(m.rank_frac is None, "method.rank_frac cannot be combined with method.ranks_from (the ranks come "
                                   "from that run)")
-    elif m.name in ("tucker", "cp", "tt", "matrix"):
+    elif m.name in FIXED_RANK:
         need((m.rank_frac is None) != (m.target_cr is None),
              f"method={m.name} needs exactly one of method.rank_frac and method.target_cr")
         if m.rank_frac is not None:
             fraction("method.rank_frac", m.rank_frac, lambda x: 0 < x <= 1, "(0-1]",
                      f"method.rank_frac={m.rank_frac} must be in (0, 1]")
         need(m.target_cr is None or 0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100)")
-    if m.name in ("snip", "grasp", "imp"):
+    if m.name in PRUNING:
         fraction("method.sparsity", m.sparsity, lambda x: 0 < x < 1, "(0-1)",
                  f"method.sparsity={m.sparsity} must be in (0, 1)")
     if m.name == "imp":
         need(m.rounds >= 1 and 0 <= m.rewind_epoch < max(c.epochs, 1),
              f"method.rounds={m.rounds} must be >= 1 and method.rewind_epoch={m.rewind_epoch} below epochs")
     need(m.init_decay >= 0, f"method.init_decay={m.init_decay} must be >= 0")
-    if m.name == "tucker_prune":
+    if m.name in PRUNED:
         need(m.target_cr is not None and 0 < m.target_cr < 100,
              f"method.target_cr={m.target_cr} must be in (0, 100) (a conv compression rate in percent)")
         check_ramp(m)

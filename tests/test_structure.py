@@ -116,3 +116,19 @@ def test_the_readme_is_short_and_every_relative_link_of_the_readme_and_docs_reso
             if not (page.parent / path).exists():
                 broken.append(f"{page.relative_to(root)}: {target}")
     assert not broken, broken
+
+
+def test_functions_and_modules_fit_on_a_screen():
+    """No function in tdlrt_cli/ is over 80 lines; no module over 500 (the integrator, steps 1-5 of the paper's
+    algorithm in one file, over 600)."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        limit = 600 if path.name == "integrator.py" else 500
+        if len(text.splitlines()) > limit:
+            too_long.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())} lines (at most {limit})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{path.relative_to(PACKAGE)}: {node.name} is {node.end_lineno - node.lineno + 1} "
+                                f"lines (at most 80)")
+    assert not too_long, "; ".join(too_long)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .. import identity
-from ..config import METHODS
+from ..families import FIXED_RANK, METHODS, PRUNED, PRUNING
 from ..errors import UserError
 from ..files import load_json
-from ..identity import MISSING, RANK_ADAPTIVE, canon
+from ..families import RANK_ADAPTIVE
+from ..identity import MISSING, canon
 from ..summary import accuracies
 
 METHOD_ORDER = list(METHODS)
@@ -178,11 +179,11 @@ def knob_of(config: dict) -> str:
         return f"tau={num(config.get('tau'))}"
     if name == "tucker" and m.get("ranks_from"):
         return "ranks of another run"
-    if name == "tucker_prune":
+    if name in PRUNED:
         return f"target c.r.={num(m['target_cr'])}%"
-    if name in ("tucker", "cp", "tt", "matrix"):
+    if name in FIXED_RANK:
         return f"rank={num(m['rank_frac'])}" if m.get("rank_frac") is not None else f"target c.r.={num(m['target_cr'])}%"
-    if name in ("snip", "grasp", "imp"):
+    if name in PRUNING:
         return f"sparsity={num(m.get('sparsity'))}"
     return ""
 

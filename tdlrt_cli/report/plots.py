@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import UserError
-from ..identity import RANK_ADAPTIVE
+from ..families import RANK_ADAPTIVE
 from .collect import (KNOB_KEYS, METHOD_LABEL, METHOD_ORDER, MISSING, Row, Run, canon, csv_rows, fmt, tables,
                       varying_keys)
 
