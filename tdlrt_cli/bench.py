@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import MODELS, PRECISIONS, ModelConfig
+from .config import PRECISIONS, ModelConfig
 from .errors import ConfigError, UserError
 from .lowrank import TDLRT, ConversionRules, RankPolicy, ToleranceRule, convert_to_lowrank
 from .lowrank.spectra import SPECTRA
@@ -106,7 +106,7 @@ class BenchConfig:
             need(value in allowed, f"{key}={value} is not one of: {', '.join(allowed)}")
 
         self.graph = str(self.graph).lower()  # the command line's graph=true arrives as the bool True
-        one_of("model", self.model.name, MODELS)
+        one_of("model", self.model.name, tuple(MIN_IMAGE_SIZE))  # the built-in networks
         one_of("precision", self.precision, PRECISIONS)
         one_of("graph", self.graph, GRAPH)
         one_of("format", self.format, FORMATS)

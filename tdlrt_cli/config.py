@@ -23,6 +23,8 @@ from .validation import (DATASETS, METHODS, MODELS, OPTIMIZERS, PRECISIONS, SCHE
 class ModelConfig:
     name: str = "vgg16"
     width_mult: float = 1.0
+    arch: Optional[str] = None     # model=torchvision: torchvision's name of the network (resnet50, ...)
+    weights: Optional[str] = None  # model=torchvision: its published weights (DEFAULT, IMAGENET1K_V1, ...)
 
 
 @dataclass
@@ -322,7 +324,11 @@ def from_dictconfig(cfg) -> TrainConfig:
 
 # One line per key: `tdlrt train --help` prints them beside the current values (a test keeps it complete).
 FIELD_HELP = {
-    "model.name": "network: vgg16, resnet18, alexnet (CIFAR variants) or lenet5 (MNIST-sized); pick with model=NAME",
+    "model.name": "network: vgg16, resnet18, alexnet (CIFAR variants), lenet5 (MNIST-sized), or torchvision (any of its "
+                  "classifiers, model.arch=...); pick with model=NAME",
+    "model.arch": "model=torchvision: the network, by torchvision's name (resnet50, mobilenet_v3_small, convnext_tiny, ...)",
+    "model.weights": "model=torchvision: its published weights (DEFAULT or a name such as IMAGENET1K_V2), from "
+                     "$TORCH_HOME/hub/checkpoints; null: random initialisation",
     "model.width_mult": "scales every hidden width (0.25: a quarter-width network, for CPUs and quick runs)",
     "data.name": "dataset: cifar10, cifar100, mnist, fashion_mnist, imagefolder or synthetic; pick with data=NAME",
     "data.root": "folder holding the dataset (default: $TDLRT_DATA, else ./data)",

@@ -302,7 +302,7 @@ def evaluate_source(opts: EvalOptions, data_overrides: List[str]) -> dict:
     faults.signal_at("eval")
     result = {"source": str(path), "network": network, "data": cfg.data.name, "test_acc": test_acc,
               "test_loss": test_loss, "test_examples": data.test.num_examples}
-    dense = dense_reference(cfg.model.name, shape, cfg.model.width_mult, device)
+    dense = dense_reference(cfg.model, shape, device)
     example = next(iter(data.test))[0][:128].to(device)
     if is_export:
         dense = fuse(dense)  # compare like with like: BatchNorm folded on both sides

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from textwrap import wrap
+
 from .config import CONFIG_DIR, FIELD_HELP, flatten
+from .models.torchvision_nets import architectures
 
 GROUPS = ("model", "data", "method", "optimizer", "scheduler", "experiment", "variant")
 
@@ -29,6 +32,8 @@ def train_help(overrides: List[str]) -> str:
     lines = ["usage: tdlrt train [KEY=VALUE ...] [GROUP=OPTION ...] [-m]   (Hydra overrides; -m sweeps a,b,c lists)",
              "", "config groups (GROUP=OPTION; experiment and variant are presets: +experiment=NAME):"]
     lines += [f"  {g:<10} {', '.join(options(g))}" for g in GROUPS]
+    lines += ["", "model=torchvision model.arch=NAME (torchvision's classifiers; model.weights=DEFAULT for its published "
+              "weights):"] + wrap(", ".join(architectures()), 116, initial_indent="  ", subsequent_indent="  ")
     lines += ["", "keys (value with these overrides; what it does):"]
     for key, value in config.items():
         shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
@@ -48,6 +53,10 @@ _tdlrt_complete()
         COMPREPLY=($(compgen -W "SUBCOMMANDS" -- "$word"))
         return
     fi
+    if [[ ${words[1]} == train && $word == model.arch=* ]]; then  # torchvision's networks
+        COMPREPLY=($(compgen -P "model.arch=" -W "ARCHS" -- "${word#model.arch=}"))
+        return
+    fi
     case ${words[1]} in
         train|bench)
             local rest=${COMP_LINE#*${words[1]}}
@@ -65,4 +74,4 @@ complete -o nospace -o default -F _tdlrt_complete tdlrt
 def completion(shell: str, subcommands) -> str:
     if shell != "bash":
         raise ValueError(f"completion for {shell!r} is not available; bash is")
-    return BASH.replace("SUBCOMMANDS", " ".join(subcommands))
+    return BASH.replace("SUBCOMMANDS", " ".join(subcommands)).replace("ARCHS", " ".join(architectures()))

@@ -44,6 +44,8 @@ LEGACY_VALUES = {
     "method.tau_warmup_shape": "linear",
     "nan_max_skips": 10,
     "method.ranks_from": None,
+    "model.arch": None,
+    "model.weights": None,
 }
 
 # Keys whose default changed after runs were made with the old one (the controls study: an lr warm-up for every

@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 from .logs import Console
-from .metrics import lowrank_named
+from .metrics import lowrank_named, parameter_report
 
 
 def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int, device: torch.device,
@@ -26,13 +26,50 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
     return [
         f"tdlrt train: run folder {run_dir}" + (f" (resumed at epoch {resumed_at + 1})" if resumed_at is not None else ""),
         f"  model {cfg.model.name}" + (f" x{cfg.model.width_mult}" if cfg.model.width_mult != 1 else "")
+        + (f" {cfg.model.arch}" + (f" (weights {cfg.model.weights})" if cfg.model.weights else "")
+           if cfg.model.name == "torchvision" else "")
         + f" ({params:,} trainable parameters) | data {cfg.data.name}: {data_counts(cfg, data)}"
         + f" | method {method}",
         f"  optimizer {o.name} lr {cfg.lr} weight_decay {cfg.weight_decay}, scheduler {cfg.scheduler.name} | "
         f"{total_epochs} epoch{'s' if total_epochs != 1 else ''} of {len(data.train)} steps, batch {cfg.batch_size} | "
         f"device {device}{threads_note() if device.type == 'cpu' else ''}, {cfg.precision} "
         f"| seed {cfg.seed}",
-    ]
+    ] + ([conversion_line(model, m.target_cr is not None and m.name != "dense", m.convert_linear)]
+         if m.name != "dense" else [])
+
+
+LAYER_KINDS = {"TuckerConv2d": "Tucker conv", "MatrixConv2d": "matrix conv", "LowRankLinear": "low-rank linear",
+               "TrainedTuckerConv2d": "Tucker conv (trained factors)", "FixedTuckerConv2d": "fixed-rank Tucker conv",
+               "CPConv2d": "CP conv", "TTConv2d": "TT conv", "MatrixFixedConv2d": "fixed-rank matrix conv"}
+
+
+def conversion_line(model, target: bool, linear: bool) -> str:
+    """How many layers of which kind became low-rank, which stayed dense, and what the target rule counts."""
+    import torch.nn as nn
+
+    kinds: dict = {}
+    for module in model.modules():
+        if callable(getattr(module, "dense_num_params", None)):
+            name = LAYER_KINDS.get(type(module).__name__, type(module).__name__)
+        elif isinstance(module, nn.Conv2d) and hasattr(module, "weight_mask"):
+            name = "pruned conv"
+        elif isinstance(module, nn.Conv2d):
+            name = "dense grouped/depthwise conv" if module.groups > 1 else "dense conv"
+        elif isinstance(module, nn.Linear):
+            name = "dense linear"  # the classifier; hidden ones too unless method.convert_linear
+        else:
+            continue
+        kinds[name] = kinds.get(name, 0) + 1
+    low = [f"{k} x{n}" for k, n in kinds.items() if not k.startswith(("dense ", "pruned"))]
+    kept = [f"{k[len('dense '):] if k.startswith('dense ') else k} x{n}" for k, n in kinds.items()
+            if k.startswith(("dense ", "pruned"))]
+    line = "  layers: low-rank " + (", ".join(low) if low else "none") + (" | dense " + ", ".join(kept) if kept else "")
+    if target:
+        report = parameter_report(model)
+        counted = report["conv_params_dense"] + (report["linear_params_dense"] if linear else 0)
+        line += (f" | the target counts {'conv kernels and linear weights' if linear else 'conv kernels'} "
+                 f"({counted:,} dense)")
+    return line
 
 
 def data_counts(cfg: TrainConfig, data) -> str:

@@ -51,7 +51,8 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
     init = "hosvd" if cfg.init_from else "random"
     if m.name in RANK_ADAPTIVE or m.name in PRUNED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
-        rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv)
+        rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv,
+                                pointwise="matrix" if cfg.model.name == "torchvision" else "tucker")
         fmt = {"tdlrt": "tucker", "dlrt": "matrix", "tucker_prune": "trained_tucker"}[m.name]
         try:
             converted = convert_to_lowrank(model, policy, rules, init=init, generator=generator, conv_format=fmt)
@@ -277,7 +278,8 @@ class Integrated(Method):
         m = self.cfg.method
         if m.target_cr is not None:  # the target rule
             rule = BudgetRule(target_budget(model, m.target_cr, m.ramp_start, m.ramp_end,
-                                            (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch, m.augment_every))
+                                            (self.cfg.epochs - m.finetune_epochs) * steps_per_epoch, m.augment_every,
+                                            linear=m.convert_linear))
         else:  # the paper's rule
             rule = ToleranceRule(self.cfg.tau, round(m.tau_warmup_epochs * steps_per_epoch), m.tau_warmup_shape)
         self.integrator = TDLRT(model, optimizer, rule, m.augment_every,
@@ -291,29 +293,32 @@ class Integrated(Method):
 
 
 def target_budget(model: nn.Module, target_cr: float, ramp_start: float, ramp_end: float,
-                  adapting_steps: int, augment_every: int = 1) -> BudgetSchedule:
+                  adapting_steps: int, augment_every: int = 1, linear: bool = False) -> BudgetSchedule:
     """The target rule's schedule for ``model`` (converted): conv c.r. (the paper's definition, every conv
-    kernel counted) rising to ``target_cr`` percent between the fractions ``ramp_start`` and ``ramp_end`` of
-    the adapting steps. The ramp ends no later than the last adapting step (step ``t`` adapts when
-    ``t % augment_every == 0``), so that the last truncation already has the final budget. Refuses a target
-    outside what the rank bounds can give."""
+    kernel counted; ``linear``: every conv kernel and linear weight matrix, ``compression_rate_weights``)
+    rising to ``target_cr`` percent between the fractions ``ramp_start`` and ``ramp_end`` of the adapting
+    steps. The ramp ends no later than the last adapting step (step ``t`` adapts when ``t % augment_every ==
+    0``), so that the last truncation already has the final budget. Refuses a target outside what the rank
+    bounds can give."""
     report = parameter_report(model)
-    adapted = [layer for layer in lowrank_layers(model) if layer.is_conv]
-    fixed = report["conv_params"] - sum(layer.num_params() for layer in adapted)
-    dense = report["conv_params_dense"]
+    adapted = [layer for layer in lowrank_layers(model) if linear or layer.is_conv]
+    counted = report["conv_params"] + (report["linear_params"] if linear else 0)
+    fixed = counted - sum(layer.num_params() for layer in adapted)
+    dense = report["conv_params_dense"] + (report["linear_params_dense"] if linear else 0)
     last = augment_every * ((max(adapting_steps, 1) - 1) // augment_every)  # the last adapting step
     end = min(round(ramp_end * adapting_steps), last)
     budget = BudgetSchedule(dense=dense, fixed=fixed, target=target_cr / 100.0,
                             start=min(round(ramp_start * adapting_steps), end), end=end)
     most = 100.0 * (1 - (fixed + sum(lower_bound_params(layer) for layer in adapted)) / dense)
     least = 100.0 * (1 - (fixed + sum(upper_bound_params(layer) for layer in adapted)) / dense)
+    what = "conv and linear" if linear else "conv"
     if target_cr > most:
         r_min = min(layer.rank_bounds[i][0] for layer in adapted for i, a in enumerate(layer.adapted) if a)
         raise ConfigError(f"method.target_cr={target_cr:g} is out of reach: with every adapted rank at "
-                          f"method.r_min={r_min} the conv compression rate is {most:.2f}% (lower r_min, or ask "
+                          f"method.r_min={r_min} the {what} compression rate is {most:.2f}% (lower r_min, or ask "
                           f"for less)")
     if target_cr < least:
-        raise ConfigError(f"method.target_cr={target_cr:g} is below the conv compression rate at the rank caps "
+        raise ConfigError(f"method.target_cr={target_cr:g} is below the {what} compression rate at the rank caps "
                           f"({least:.2f}%): raise method.r_max_frac (at most 1) or method.r_max to ask for less")
     return budget
 

@@ -21,6 +21,7 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
     ``compression_rate``: the paper's c.r., conv kernels only: 1 - (conv weights of this network) /
     (conv weights of the dense network). ``compression_rate_total``: all parameters.
     ``compression_rate_train``: all parameters alive during a step (for TDLRT: augmented bases and core).
+    ``compression_rate_weights``: conv kernels and linear weight matrices (what ``method.convert_linear`` adapts).
     Factorised layers count their stored factors; pruned convs count their unmasked weights.
     """
     compressed = [m for m in model.modules() if callable(getattr(m, "dense_num_params", None))]
@@ -35,6 +36,10 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
     conv_layers = [m for m in compressed if getattr(m, "is_conv", False)]
     conv_dense += sum(m.dense_num_params() for m in conv_layers)
     conv_lr += sum(m.num_params() for m in conv_layers)
+    plain_linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    linear_layers = [m for m in compressed if not getattr(m, "is_conv", False)]
+    linear_dense = plain_linears + sum(m.dense_num_params() for m in linear_layers)
+    linear_lr = plain_linears + sum(m.num_params() for m in linear_layers)
     masked_total = sum(m.weight.numel() for m in pruned)
     dense_total = other + masked_total + sum(m.dense_num_params() for m in compressed)
     params = other + kept + sum(m.num_params() for m in compressed)
@@ -42,9 +47,11 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
     return {
         "params": params, "params_dense": dense_total, "params_train": train,
         "conv_params": conv_lr, "conv_params_dense": conv_dense,
+        "linear_params": linear_lr, "linear_params_dense": linear_dense,
         "compression_rate": _rate(conv_lr, conv_dense),
         "compression_rate_total": _rate(params, dense_total),
         "compression_rate_train": _rate(train, dense_total),
+        "compression_rate_weights": _rate(conv_lr + linear_lr, conv_dense + linear_dense),
     }
 
 

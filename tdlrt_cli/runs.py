@@ -109,10 +109,10 @@ def build_trained(state: dict, cfg: TrainConfig, data_shape: tuple, path: Path) 
     from torch.nn.utils import prune
 
     from .methods import factorise, tucker_ranks_in
-    from .models import build_model
+    from .models import build_configured
 
     c, k, size = data_shape
-    model = build_model(cfg.model.name, c, k, size, cfg.model.width_mult)
+    model = build_configured(cfg.model, c, k, size, load_weights=False)  # the weights are the checkpoint's
     weights = state["model"]
     saved = tucker_ranks_in(weights) if cfg.method.name == "tucker" else None
     factorise(cfg, model, torch.Generator().manual_seed(cfg.seed), saved_ranks=saved)
@@ -138,14 +138,14 @@ def load_trained(path: str, which: str = "selected") -> TrainedRun:
                       int(state.get("epoch") or 0), selected if isinstance(selected, dict) else None, data_input)
 
 
-def dense_reference(model_name: str, data_shape: tuple, width_mult: float, device) -> nn.Module:
+def dense_reference(model, data_shape: tuple, device) -> nn.Module:
     """The dense network of the same architecture, the baseline of the cost report. Its weights (seed 0)
     do not affect its costs; the caller's random generators are left as they were."""
-    from .models import build_model
+    from .models import build_configured
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build_model(model_name, *data_shape, width_mult).to(device).eval()
+        return build_configured(model, *data_shape, load_weights=False).to(device).eval()
 
 
 def load_run(source: str, which: str):

@@ -40,7 +40,7 @@ from .messages import pace_note, pinned_modes, start_block, warn_pinned
 from .methods import Method, factorise, method_of, sources_of, tucker_ranks_in
 from .lowrank import lowrank_layers
 from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
-from .models import build_model
+from .models import build_configured
 from .models.pretrained import load_torchvision_weights
 from .provenance import provenance, source_state
 from .runtime import build_optimizer, build_scheduler, resolve_device, seed_everything, set_threads
@@ -298,7 +298,7 @@ def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]
     fixed-rank Tucker run takes its ranks from the checkpoint (not from ``method.ranks_from`` or the
     allocation again, whose inputs may have moved)."""
     try:
-        model = build_model(cfg.model.name, data.in_channels, data.num_classes, data.image_size, cfg.model.width_mult)
+        model = build_configured(cfg.model, data.in_channels, data.num_classes, data.image_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.init_from == "torchvision":
@@ -396,7 +396,9 @@ def epoch_line(r: Run, row: dict) -> str:
             + (f"| val acc {row['val_acc']:.2f}% " if "val_acc" in row else "")
             + f"| test loss {row['test_loss']:.4f} acc {row['test_acc']:.2f}% | {row['images_per_s']:.0f} img/s "
             + f"| train {row['epoch_time_s']:.0f} s, evaluation {row['eval_time_s']:.0f} s"
-            + (f" | conv c.r. {row['compression_rate']:.1f}%" if r.cfg.method.name != "dense" else ""))
+            + (f" | conv c.r. {row['compression_rate']:.1f}%" if r.cfg.method.name != "dense" else "")
+            + (f", conv and linear {parameter_report(r.model)['compression_rate_weights']:.1f}%"
+               if r.cfg.method.convert_linear else ""))
 
 
 def summarise(r: Run) -> dict:
@@ -454,12 +456,13 @@ def say_done(r: Run, summary: dict) -> None:
         m = r.cfg.method
         warn_pinned(summary["pinned_modes"], sum(sum(layer.adapted) for layer in lowrank_layers(r.model)), r.say,
                     target=m.target_cr is not None, cap_is_full=m.r_max is None and m.r_max_frac >= 1)
-    r.say(done_line(summary, r.cfg.method.name != "dense", r.run_dir))
+    r.say(done_line(summary, r.cfg.method.name != "dense", r.run_dir, linear=r.cfg.method.convert_linear))
 
 
-def done_line(summary: dict, compressed: bool, run_dir: Path) -> str:
+def done_line(summary: dict, compressed: bool, run_dir: Path, linear: bool = False) -> str:
     """The accuracy of the network the run hands on (and which file it is), the final one beside it, the
-    conv c.r. and the whole network's."""
+    conv c.r. (``linear``: and the c.r. of conv and linear weights, which method.convert_linear's target counts)
+    and the whole network's."""
     selected, acc, final = summary["selected"], summary["test_acc"], summary["test_acc_final"]
     if summary["checkpoint"] == "best.pt":
         line = (f"done: test acc {acc:.2f}% with checkpoints/best.pt (epoch {selected['epoch']}, chosen on the "
@@ -468,8 +471,9 @@ def done_line(summary: dict, compressed: bool, run_dir: Path) -> str:
         line = (f"done: test acc {acc:.2f}% after the last epoch (checkpoints/last.pt; no validation split to choose "
                 f"on; max over epochs {summary['test_acc_max_epoch']:.2f}%, chosen on the test set)")
     if compressed:
-        line += (f", conv c.r. {summary['compression_rate']:.1f}% (whole network "
-                 f"{summary['compression_rate_total']:.1f}%)")
+        line += (f", conv c.r. {summary['compression_rate']:.1f}% ("
+                 + (f"conv and linear {summary['compression_rate_weights']:.1f}%, " if linear else "")
+                 + f"whole network {summary['compression_rate_total']:.1f}%)")
     return line + f", outputs in {run_dir}"
 
 
@@ -479,7 +483,6 @@ def run_cost_report(cfg: TrainConfig, model: nn.Module, data, device: torch.devi
     from .cost import cost_report
     from .runs import dense_reference
 
-    dense = dense_reference(cfg.model.name, (data.in_channels, data.num_classes, data.image_size),
-                            cfg.model.width_mult, device)
+    dense = dense_reference(cfg.model, (data.in_channels, data.num_classes, data.image_size), device)
     example = next(iter(data.test))[0][:128].to(device)
     return cost_report(model.eval(), dense, example, params, repeat=cfg.cost_repeat, latency_too=cfg.cost_latency)

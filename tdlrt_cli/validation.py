@@ -10,7 +10,7 @@ from .families import FIXED_RANK, METHODS, PRUNED, PRUNING, RANK_ADAPTIVE
 from .identity import TARGET_AUGMENT_EVERY, TAU_RULE_RAMP, flatten, resolve_rank_defaults
 
 # The presets of each config group (configs/<group>/<name>.yaml) that a run may pick.
-MODELS = ("vgg16", "resnet18", "alexnet", "lenet5")
+MODELS = ("vgg16", "resnet18", "alexnet", "lenet5", "torchvision")
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "step", "plateau", "none")
@@ -115,6 +115,22 @@ def check_numbers(c) -> None:
             need(value <= top, f"{key}={value} is larger than tdlrt takes (at most {top:g}: {why})")
 
 
+def check_model(m) -> None:
+    """model=torchvision takes model.arch (and model.weights) and no width; the built-in networks neither."""
+    if m.name == "torchvision":
+        need(bool(m.arch), "model=torchvision needs model.arch=<name> (e.g. resnet50, mobilenet_v3_small, "
+                           "convnext_tiny; `tdlrt train --help` lists them)")
+        need(m.width_mult == 1, f"model.width_mult={m.width_mult:g} scales the built-in networks only; "
+                                f"model=torchvision builds {m.arch} as torchvision does (a smaller one: another arch)")
+        from .models.torchvision_nets import check_choice
+
+        check_choice(m.arch, m.weights)  # before any file is written
+    else:
+        for key in ("arch", "weights"):
+            need(getattr(m, key) is None, f"model.{key}={getattr(m, key)} is for model=torchvision (model={m.name} "
+                                          f"is a built-in network); drop it or set model=torchvision")
+
+
 def check_run(c) -> None:
     """The config groups' names and the run's top-level keys."""
     one_of("model", c.model.name, MODELS)
@@ -140,6 +156,7 @@ def check_run(c) -> None:
          f"checkpoint.keep_top_k={c.checkpoint.keep_top_k} must be >= 0 (0: best.pt and last.pt only)")
     need(c.log_every_n_steps > 0, f"log_every_n_steps={c.log_every_n_steps} must be > 0")
     need(c.model.width_mult > 0, f"model.width_mult={c.model.width_mult} must be > 0")
+    check_model(c.model)
     need(c.nan_max_skips >= 1, f"nan_max_skips={c.nan_max_skips} must be >= 1")
     need(0 <= c.seed < 2 ** 63, f"seed={c.seed} must be in [0, 2^63)")
     need(bool(c.task_name) and "/" not in c.task_name and "\\" not in c.task_name
@@ -236,8 +253,6 @@ def check_rank_adaptive(c) -> None:
         need(0 < m.target_cr < 100, f"method.target_cr={m.target_cr} must be in (0, 100) (a conv "
                                     f"compression rate in percent)")
         check_ramp(m)
-        need(not m.convert_linear, "method.convert_linear=true cannot be combined with method.target_cr "
-             "(a conv compression rate leaves factorised linear layers without a budget)")
         for key, preset in (("tau_warmup_epochs", 1.0), ("tau_warmup_shape", "linear")):
             need(getattr(m, key) == preset, f"method.{key}={getattr(m, key)} is not used by the target rule "
                  f"(method.target_cr={m.target_cr:g}): it belongs to the tau rule; drop one of them")

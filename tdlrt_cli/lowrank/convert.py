@@ -77,13 +77,18 @@ class RankPolicy:
 
 @dataclass
 class ConversionRules:
-    """Which layers become low-rank. The first conv and the classifier stay dense by default."""
+    """Which layers become low-rank. The first conv and the classifier stay dense by default; grouped and
+    depthwise convs always (their kernel is not one tensor over the channels), and so do the linear layers of
+    ``nn.MultiheadAttention`` (it reads their weights, never calls them). ``pointwise="matrix"``: 1x1 convs are
+    the order-2 case, a matrix factorisation U S V^T (matrix DLRT) instead of a Tucker tensor with two
+    kernel modes of size 1."""
 
     convert_conv: bool = True
     convert_linear: bool = False
     convert_first_conv: bool = False
     convert_classifier: bool = False
     exclude: Sequence[str] = field(default_factory=tuple)  # fnmatch patterns of module names
+    pointwise: str = "tucker"  # 1x1 convs: "tucker" (as any conv) or "matrix" (the order-2 case)
 
 
 def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, generator) -> nn.Module:
@@ -116,13 +121,18 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
     """
     if init not in ("random", "hosvd"):
         raise ValueError(f"init must be 'random' or 'hosvd', got {init!r}")
+    if rules.pointwise not in ("tucker", "matrix"):
+        raise ValueError(f"rules.pointwise must be 'tucker' or 'matrix', got {rules.pointwise!r}")
     named = list(model.named_modules())
     convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in named if isinstance(m, nn.Linear)]
     first_conv = convs[0] if convs else None
     classifier = linears[-1] if linears else None
+    attention = [n + "." for n, m in named if isinstance(m, nn.MultiheadAttention)]
     converted = []
     for name, module in named:
+        if any(name.startswith(a) for a in attention):
+            continue  # nn.MultiheadAttention uses out_proj.weight directly
         try:
             new = _lowrank_like(name, module, policy, rules, first_conv, classifier, conv_format, generator)
         except ValueError as exc:
@@ -145,7 +155,8 @@ def _lowrank_like(name: str, module: nn.Module, policy: RankPolicy, rules: Conve
     if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
         return None
     if rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
-        if conv_format == "matrix":
+        if conv_format == "matrix" or (conv_format == "tucker" and rules.pointwise == "matrix"
+                                       and tuple(module.kernel_size) == (1, 1)):
             return _matrix_conv(module, policy, generator)
         ranks, bounds = policy.layout(module.weight.shape)
         cls = TuckerConv2d

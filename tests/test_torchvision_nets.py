@@ -1,0 +1,145 @@
+"""model=torchvision: torchvision's classifiers fitted to the data, their published weights read from $TORCH_HOME
+(written here by the test, never downloaded), and the conversion rules that suit them, against float64
+references (the network with every low-rank layer replaced by a dense one holding its reconstructed kernel)."""
+import copy
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from tdlrt_cli.errors import ConfigError, DataError
+from tdlrt_cli.lowrank import ConversionRules, LowRankLinear, RankPolicy, TuckerConv2d, convert_to_lowrank
+from tdlrt_cli.lowrank.baselines import MatrixConv2d
+from tdlrt_cli.lowrank.export import is_factorised, merged
+from tdlrt_cli.models import build_model
+from tdlrt_cli.models.torchvision_nets import checkpoint_file, weights_of
+
+
+@pytest.mark.parametrize("arch,channels", [("resnet18", 3), ("mobilenet_v3_small", 1), ("squeezenet1_1", 3),
+                                           ("efficientnet_b0", 3)])
+def test_a_network_is_fitted_to_the_datas_channels_and_classes(arch, channels):
+    model = build_model("torchvision", channels, 7, 32, arch=arch).eval()
+    assert model(torch.randn(2, channels, 32, 32)).shape == (2, 7)
+
+
+def test_a_vision_transformer_takes_the_datas_image_size():
+    model = build_model("torchvision", 3, 5, 32, arch="vit_b_32").eval()
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def reference(model: nn.Module) -> nn.Module:
+    """The same network in float64 with every factorised layer a dense one holding its reconstructed kernel."""
+    dense = copy.deepcopy(model).double()
+    for name, module in list(dense.named_modules()):
+        if is_factorised(module):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, merged(module))
+    return dense.eval()
+
+
+def test_pointwise_convs_are_matrices_grouped_ones_stay_dense_and_the_network_is_its_kernels():
+    model = build_model("torchvision", 3, 10, 32, arch="mobilenet_v3_small")
+    before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    first = next(iter(before))
+    converted = set(convert_to_lowrank(model, RankPolicy(), ConversionRules(pointwise="matrix"),
+                                       generator=torch.Generator().manual_seed(0)))
+    for name, conv in before.items():
+        new = model.get_submodule(name)
+        if conv.groups > 1 or name == first or min(conv.in_channels, conv.out_channels) == 1:
+            assert type(new) is nn.Conv2d and name not in converted, name
+        else:
+            assert conv.kernel_size == (1, 1) and isinstance(new, MatrixConv2d) and name in converted, name
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = model.double().eval()
+    torch.testing.assert_close(model(x), reference(model)(x), rtol=1e-9, atol=1e-9)
+
+
+def test_resnet_kxk_convs_are_tucker_and_its_shortcuts_matrices():
+    model = build_model("torchvision", 3, 10, 32, arch="resnet18")
+    convert_to_lowrank(model, RankPolicy(), ConversionRules(pointwise="matrix"), generator=torch.Generator().manual_seed(0))
+    kinds = {type(m) for n, m in model.named_modules() if "downsample.0" in n}
+    assert kinds == {MatrixConv2d}
+    assert isinstance(model.layer1[0].conv1, TuckerConv2d) and type(model.conv1) is nn.Conv2d
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = model.double().eval()
+    torch.testing.assert_close(model(x), reference(model)(x), rtol=1e-9, atol=1e-9)
+
+
+def test_convert_linear_leaves_the_attentions_projections_and_the_classifier_dense():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=10)
+    converted = convert_to_lowrank(vit, RankPolicy(), ConversionRules(convert_linear=True, pointwise="matrix"),
+                                   generator=torch.Generator().manual_seed(0))
+    assert sorted(converted) == sorted(f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3))
+    assert all(isinstance(vit.get_submodule(n), LowRankLinear) for n in converted)
+    assert not isinstance(vit.encoder.layers[0].self_attention.out_proj, LowRankLinear)
+    assert type(vit.heads.head) is nn.Linear and type(vit.conv_proj) is nn.Conv2d  # classifier and stem
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    vit = vit.double().eval()
+    torch.testing.assert_close(vit(x), reference(vit)(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
+
+
+def published(torch_home) -> dict:
+    """A resnet18 state dict saved where torchvision looks for resnet18's DEFAULT weights."""
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    path = checkpoint_file(weights_of("resnet18", "DEFAULT"))
+    assert path.startswith(str(torch_home))
+    import os
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def test_published_weights_are_read_from_torch_home_and_the_stem_keeps_a_grey_images_response(torch_home):
+    state = published(torch_home)
+    model = build_model("torchvision", 1, 10, 32, arch="resnet18", weights="DEFAULT")
+    torch.testing.assert_close(model.layer2[1].conv2.weight, state["layer2.1.conv2.weight"], rtol=0, atol=0)
+    assert model.fc.out_features == 10
+    grey = torch.rand(2, 1, 32, 32)
+    rgb = nn.functional.conv2d(grey.expand(-1, 3, -1, -1), state["conv1.weight"], stride=2, padding=3)
+    torch.testing.assert_close(model.conv1(grey), rgb, rtol=1e-5, atol=1e-5)
+    # a trained run is rebuilt without the file (the checkpoint holds the weights): the same layers
+    rebuilt = build_model("torchvision", 1, 10, 32, arch="resnet18", weights="DEFAULT", load_weights=False)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_weights_missing_offline_name_the_file_and_the_folder(torch_home, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(DataError) as err:
+        build_model("torchvision", 3, 10, 32, arch="resnet18", weights="IMAGENET1K_V1")
+    line = str(err.value)
+    assert "resnet18-f37072fd.pth" in line and str(torch_home / "hub" / "checkpoints") in line and "\n" not in line
+
+
+def test_a_damaged_weights_file_is_one_line(torch_home):
+    path = checkpoint_file(weights_of("resnet18", "DEFAULT"))
+    import os
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(DataError, match="cannot read resnet18's weights"):
+        build_model("torchvision", 3, 10, 32, arch="resnet18", weights="DEFAULT")
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"arch": None}, "needs model.arch"),
+    ({"arch": "resnet500"}, "did you mean resnet50"),
+    ({"arch": "inception_v3"}, "auxiliary heads"),
+    ({"arch": "resnet18", "weights": "NOPE"}, "choose one of IMAGENET1K_V1, DEFAULT"),
+    ({"arch": "vit_b_16", "weights": "DEFAULT"}, "take 224x224 images"),
+])
+def test_bad_model_choices_are_one_line(kwargs, says):
+    with pytest.raises(ConfigError, match=says):
+        build_model("torchvision", 3, 10, 32, **kwargs)
