@@ -125,7 +125,7 @@ RANKS=rank_fracs=[0.25,0.1]
 TRAIN+=("${DATA[@]}" epochs=2 progress=false device=$DEVICE)
 
 stage setup "${LIMIT_SETUP:-25}" setup
-mapfile -t CUDA_TESTS < <(grep -l -i cuda tests/test_*.py | grep -v test_gpu_check.py)  # not itself
+mapfile -t CUDA_TESTS < <(grep -rl -i cuda --include="test_*.py" tests | sort | grep -v test_gpu_check.py)  # not itself
 stage tests "${LIMIT_TESTS:-30}" python -m pytest -p no:xdist -o addopts= -q -m "not slow" -k cuda \
     --junitxml="$WORK/tests.xml" "${CUDA_TESTS[@]}"
 stage bench_fp32 "${LIMIT_BENCH_FP32:-60}" tdlrt_cmd bench "${BENCH[@]}" precision=fp32 graph=false "$RANKS" \

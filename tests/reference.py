@@ -1,4 +1,5 @@
-"""A literal two-pass TDLRT step, written independently of the integrator, for tests only (float64).
+"""Float64 references written independently of tdlrt, for tests only: a literal two-pass TDLRT step
+(``two_pass_step``) and the TT-SVD of a kernel (``tt_reference``).
 
 Pass 1 runs the network with every low-rank layer as a plain dense conv/linear on its reconstructed
 kernel W (a leaf), giving Z = dL/dW; each K-step gradient is then the autograd derivative of the explicit
@@ -132,3 +133,18 @@ def two_pass_step(model, loss_fn, lr, tau):
                 if p is not None:
                     layer.set_factor(i, u @ p)
     model.zero_grad(set_to_none=True)
+
+
+def tt_reference(w, r):
+    """TT-SVD written out with full SVDs over (in, kh, kw, out), reconstructed to (out, in, kh, kw)."""
+    n_out, n_in, kh, kw = w.shape
+    t = w.permute(1, 2, 3, 0)
+    cores, rest, left = [], t.reshape(n_in, -1), 1
+    for n in (n_in, kh, kw):
+        m = rest.reshape(left * n, -1)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = min(r, s.numel())
+        cores.append(u[:, :k].reshape(left, n, k))
+        rest, left = s[:k, None] * vh[:k], k
+    out = torch.einsum("ia,ahb,bwc,co->ihwo", cores[0][0], cores[1], cores[2], rest)
+    return out.permute(3, 0, 1, 2)

@@ -214,7 +214,8 @@ def layer_style(j: int) -> Tuple[object, str]:
 # The one naming of layers in the report: the module path (``named_modules`` of the network, what ranks.csv's
 # "layer" column holds), with the short name the model's papers use beside it where the network has one
 # (tdlrt_cli/models/*.py: VGG16's and AlexNet's Sequential indices, LeNet5's; ResNet18's paths such as
-# ``layers.2.conv1`` name their block already). tests/test_report.py checks these paths against the models.
+# ``layers.2.conv1`` name their block already). tests/unit/test_report_internals.py checks these paths against the
+# models.
 LAYER_ALIASES: Dict[str, Dict[str, str]] = {
     "vgg16": {"features.0": "conv1_1", "features.3": "conv1_2", "features.7": "conv2_1", "features.10": "conv2_2",
               "features.14": "conv3_1", "features.17": "conv3_2", "features.20": "conv3_3", "features.24": "conv4_1",

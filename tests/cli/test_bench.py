@@ -1,7 +1,11 @@
-"""`tdlrt bench` through the real CLI, tiny sizes (timings are printed, never asserted)."""
+"""`tdlrt bench` through the real CLI, tiny sizes: every method and ratio, the table, --help, and the JSON's
+median, IQR and truncation time (timings are printed, never held to a figure)."""
 import json
 
 from conftest import run_tdlrt
+
+CHEAP = ["model=lenet5", "image_size=28", "channels=1", "batch_size=4", "steps=1", "warmup=0",
+         "rank_fracs=[0.5]", "augment_every=[1]", "device=cpu"]
 
 
 def test_bench_json_has_every_method_and_ratio(tmp_path):
@@ -43,3 +47,15 @@ def test_bench_help_lists_every_key(tmp_path):
     assert keys == set(BENCH_HELP)
     out = run_tdlrt(["bench", "--help"], tmp_path).stdout
     assert out.startswith("usage: tdlrt bench") and all(f"  {k}=" in out for k in keys)
+
+
+def test_json_reports_median_iqr_and_truncation_time(tmp_path):
+    proc = run_tdlrt(["bench", *CHEAP, "steps=5", "spectra=exact", "graph=false", "format=json"], tmp_path)
+    out = json.loads(proc.stdout)
+    assert out["config"]["spectra"] == "exact" and out["config"]["graph"] == "false" and out["notes"] == []
+    dense, tucker, tdlrt = out["results"]
+    for row in out["results"]:
+        assert row["ms_per_step"] > 0 and 0 <= row["ms_iqr"] < 10 * row["ms_per_step"]
+    assert tdlrt["spectra"] == "exact" and dense["spectra"] is None
+    assert 0 < tdlrt["truncation_share"] < 1 and tdlrt["truncation_ms"] > 0 and tdlrt["truncation_ms_iqr"] >= 0
+    assert tucker["truncation_ms"] is None

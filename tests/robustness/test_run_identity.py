@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_tdlrt
+from conftest import TINY, one_line, run_tdlrt
 
 # a run that differs from every default in what is trained: resuming with the defaults would show it
 RUN = [a for a in TINY if not a.startswith("epochs")] + ["method=tdlrt", "tau=0.15", "lr=0.02", "seed=3",
@@ -19,14 +19,6 @@ RUN = [a for a in TINY if not a.startswith("epochs")] + ["method=tdlrt", "tau=0.
 
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
-
-
-def one_line(proc, *needles):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("tdlrt: error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "tdlrt_cli"
+PACKAGE = Path(__file__).resolve().parent.parent.parent / "tdlrt_cli"
 COMMANDS = {"train", "report", "export", "evaluate", "bench"}
 
 

@@ -1,15 +1,9 @@
 """The config tree through Hydra's compose API, validated against the dataclass schemas."""
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import make
 from tdlrt_cli.config import ConfigError, from_dictconfig
-from tdlrt_cli.config import CONFIG_DIR
-
-
-def make(overrides=()):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_default_is_tdlrt_vgg16_on_cifar10():

@@ -176,14 +176,6 @@ def test_unknown_hydra_key_keeps_the_plus_advice(tmp_path):
                    "+hydra.job.env_set.TDLRT_X=... adds a new one")
 
 
-def test_bench_suggests_its_own_keys(tmp_path):
-    proc = run_tdlrt(["bench", "width_mult=1", "rank_frac=0.2"], tmp_path, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-    assert "did you mean model.width_mult=1?" in lines[0] and "`tdlrt bench --help` lists the keys" in lines[0]
-    assert "method." not in lines[0] and "tdlrt train" not in lines[0]
-
-
 @pytest.mark.parametrize("args, needle", [
     (["method=tdlrt", "method.target_cr=0.9"], "method.target_cr=0.9 is a percentage: did you mean method.target_cr=90?"),
     (["method=tucker", "method.target_cr=0.95"],

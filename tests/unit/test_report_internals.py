@@ -1,46 +1,15 @@
-"""`tdlrt report`: which runs share a row, the columns of the keys that differ, unfinished runs, and which
-accuracy a row reports."""
-import copy
+"""`tdlrt report` called in process: which runs share a row, the columns of the keys that differ, unfinished
+runs, which accuracy a row reports and which rows are marked; what the figures show, the layers' names, and
+plots written atomically."""
 import csv
 import json
 import re
 
 import pytest
-from conftest import TINY, run_dirs, run_tdlrt
 
+from conftest import dead_pid
+from handmade import finished_run, table, write_ranks, write_run
 from tdlrt_cli.report import main as report
-
-CONFIG = {"data": {"name": "cifar10", "root": "data", "download": True, "num_workers": 4},
-          "model": {"name": "vgg16", "width_mult": 1.0},
-          "method": {"name": "tdlrt", "default_tau": 0.1, "r_min": 2}, "optimizer": {"name": "sgd", "nesterov": False},
-          "scheduler": {"name": "cosine", "min_lr": 0.0}, "checkpoint": {"every_n_steps": 0, "auto_resume": True},
-          "task_name": "train", "tau": 0.1, "lr": 0.05, "weight_decay": 5e-4, "epochs": 30, "seed": 0,
-          "device": "auto", "progress": True, "log_every_n_steps": 50, "eval_batch_size": 1024,
-          "cost_report": True, "cost_repeat": 10, "ckpt_path": None}
-
-
-def write_run(folder, final, best=None, cr=91.0, selected=None, **changes):
-    """A finished run folder holding only summary.json; ``changes``: dotted config keys -> values;
-    ``selected``: the test accuracy of a validation-selected best.pt."""
-    config = copy.deepcopy(CONFIG)
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    folder.mkdir(parents=True)
-    summary = {"config": config, "test_acc": final, "compression_rate": cr}
-    if best is not None:
-        summary["best_test_acc"] = best
-    if selected is not None:
-        summary["selected"] = {"by": "val_acc", "epoch": 3, "val_acc": 99.0, "test_acc": selected}
-    (folder / "summary.json").write_text(json.dumps(summary))
-
-
-def table(out):
-    with open(out / "table.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_runs_differing_only_in_seed_and_ignored_keys_are_averaged(tmp_path):
@@ -111,34 +80,6 @@ def assert_tex_columns(tex):
     assert body and all(line.count("&") + 1 == len(spec) for line in body), (spec, body)
 
 
-def test_unfinished_runs_are_listed(tmp_path):
-    """A run killed after its first epoch (metrics.csv and last.pt, no summary.json) beside a finished one."""
-    args = ["train", *[a for a in TINY if not a.startswith("epochs")], "epochs=2", "method=dense", "cost_report=false"]
-    run_tdlrt(args + ["seed=0"], tmp_path)
-    killed = run_tdlrt(args + ["seed=1"], tmp_path, env={"TDLRT_FAULT_KILL_AT_STEP": "6"}, check=False)
-    assert killed.returncode == 137
-    started = tmp_path / "outputs" / "train" / "started"  # failed before its first epoch: only .hydra/
-    (started / ".hydra").mkdir(parents=True)
-    (started / ".hydra" / "config.yaml").write_text("data: {name: synthetic}\nmodel: {name: vgg16}\n"
-                                                    "method: {name: tdlrt, default_tau: 0.2}\n"
-                                                    "tau: ${method.default_tau}\nepochs: 5\nseed: 3\n")
-    runs = run_dirs(tmp_path / "outputs")
-    assert len(runs) == 3 and sum((r / "summary.json").is_file() for r in runs) == 1
-    out = tmp_path / "rep"
-    proc = run_tdlrt(["report", str(tmp_path / "outputs"), f"out={out}"], tmp_path)
-    assert "1 runs in 1 rows" in proc.stdout and "2 unfinished" in proc.stdout
-    with open(out / "unfinished.csv", newline="") as fh:
-        unfinished = {r["seed"]: r for r in csv.DictReader(fh)}
-    assert set(unfinished) == {"1", "3"}
-    assert (unfinished["1"]["epochs_done"], unfinished["1"]["epochs_planned"]) == ("1", "2")
-    assert unfinished["1"]["last_checkpoint"] == "True" and unfinished["1"]["method"] == "dense"
-    assert (unfinished["3"]["epochs_done"], unfinished["3"]["setting"]) == ("0", "tau=0.2")
-    md = (out / "table.md").read_text()
-    assert "Unfinished runs (2)" in md and "| 1/2 |" in md and "| 0/5 |" in md
-    assert "2 unfinished run(s)" in (out / "table.tex").read_text()
-    assert len(table(out)) == 1  # the unfinished runs are in no row
-
-
 def test_only_unfinished_runs_still_give_a_report(tmp_path):
     run = tmp_path / "runs" / "0"
     (run / "checkpoints").mkdir(parents=True)
@@ -164,15 +105,6 @@ def test_a_key_added_later_compares_as_what_older_runs_did(tmp_path):
 
 # --------------------------------------------------------------------------- figures a paper can use
 
-def write_ranks(folder, steps, layers=(("features.3", 16, 16), ("features.7", 16, 32))):
-    """ranks_steps.csv (``steps``: (step, rank) rows, every layer at rank, r_out one higher for the 2nd layer)
-    and a ranks.csv with the layers' sizes."""
-    (folder / "ranks_steps.csv").write_text("step,epoch,layer,r_out,r_in,r_kh,r_kw\n" + "".join(
-        f"{s},0,{name},{r + j},{r},3,3\n" for s, r in steps for j, (name, _, _) in enumerate(layers)))
-    (folder / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n" + "".join(
-        f"1,{name},4,4,3,3,{n_out},{n_in},3,3\n" for name, n_in, n_out in layers))
-
-
 def figures_of(monkeypatch):
     """What each figure the report saves shows, by file name, taken just before it is written."""
     from tdlrt_cli.report import plots
@@ -196,38 +128,6 @@ def figures_of(monkeypatch):
 
     monkeypatch.setattr(plots, "_save", spy)
     return seen
-
-
-def test_every_plot_is_also_written_as_svg_that_parses_and_is_byte_stable(tmp_path):
-    import xml.etree.ElementTree as ET
-
-    from tdlrt_cli.report.plots import REPORT_TEMPORARY
-
-    runs = tmp_path / "runs"
-    for seed in (0, 1):
-        write_run(runs / f"t{seed}", 80.0 + seed, seed=seed)
-        write_ranks(runs / f"t{seed}", [(0, 8), (10, 6 - seed)])
-    ill = runs / "ill"  # an ill-conditioned start: the loss plot too
-    write_run(ill, 70.0, cr=95.0, **{"method.init_decay": 1.0})
-    (ill / "metrics.csv").write_text("epoch,train_loss,test_acc\n1,2.0,50\n2,1.0,70\n")
-    first, second = tmp_path / "rep", tmp_path / "rep2"
-    run_tdlrt(["report", str(runs), f"out={first}"], tmp_path)
-    stale = first / ".ranks_x.svg.999999999.tmp"  # a killed report's SVG temporary (no such process)
-    stale.write_text("<svg")
-    assert REPORT_TEMPORARY.match(stale.name) and REPORT_TEMPORARY.match(".a.png.12.tmp")
-    run_tdlrt(["report", str(runs), f"out={first}"], tmp_path)
-    assert not stale.exists()
-    run_tdlrt(["report", str(runs), f"out={second}"], tmp_path)
-    pngs = sorted(p.name for p in first.glob("*.png"))
-    assert len(pngs) == 3 and "ill_conditioned_loss.png" in pngs  # acc vs c.r., the seeds' rank plot, the loss
-    assert sorted(p.name for p in first.glob("*.svg")) == [n[:-4] + ".svg" for n in pngs]
-    for name in pngs:
-        svg = first / (name[:-4] + ".svg")
-        root = ET.parse(svg).getroot()
-        assert root.tag == "{http://www.w3.org/2000/svg}svg"
-        assert [e for e in root.iter("{http://www.w3.org/2000/svg}text") if e.text]  # text kept as text
-        assert svg.read_bytes() == (second / svg.name).read_bytes(), svg.name  # no date, a fixed hash salt
-    assert not [p.name for p in first.iterdir() if p.name.startswith(".")]
 
 
 def test_rank_plots_show_every_seed_and_their_mean_on_an_integer_axis(tmp_path, monkeypatch):
@@ -277,7 +177,7 @@ def test_layers_are_named_by_module_path_with_the_models_aliases(tmp_path):
     # the layers of the committed runs' ranks.csv are module paths the aliases know
     import pathlib
 
-    results = pathlib.Path(__file__).resolve().parent.parent / "results"
+    results = pathlib.Path(__file__).resolve().parent.parent.parent / "results"
     for ranks in sorted(results.glob("*/runs/*/ranks.csv"))[:20]:
         model = json.loads((ranks.parent / "summary.json").read_text())["config"]["model"]["name"]
         with open(ranks, newline="") as fh:
@@ -346,3 +246,47 @@ def test_marks_only_where_a_row_beats_the_next_by_more_than_the_spread(tmp_path)
     assert "\\textbf{80.10 $\\pm$ 0.14}" in tex and "\\underline{65.10 $\\pm$ 0.14}" in tex
     assert "& 70.00$^\\dagger$ & 70.00 & 70.00 & 81.00 \\\\" in tex
     assert_tex_columns(tex)
+
+
+def test_report_writes_plots_atomically_and_removes_stale_temporaries(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from tdlrt_cli import report
+
+    finished_run(tmp_path / "runs" / "0")
+    out = tmp_path / "rep"
+    report.main([str(tmp_path / "runs"), f"out={out}"])
+    plot = next(out.glob("acc_vs_cr_*.png"))
+    old = plot.read_bytes()
+    stale = out / f".table.md.{dead_pid()}.tmp"
+    stale.write_text("half")
+    mine = out / ".notes.txt.1.tmp"  # not the report's naming: left alone
+    mine.write_text("x")
+
+    def killed_while_saving(self, fh, **kwargs):
+        fh.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        report.main([str(tmp_path / "runs"), f"out={out}"])
+    assert plot.read_bytes() == old and not stale.exists() and mine.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [mine.name]
+    assert all(p.stat().st_size > 0 for p in out.iterdir())
+
+
+def test_rank_plot_styles_are_distinct_for_many_layers():
+    from tdlrt_cli.report.plots import layer_style
+
+    assert len({(tuple(c), s) for c, s in (layer_style(j) for j in range(80))}) == 80
+    assert len({tuple(layer_style(j)[0]) for j in range(20)}) == 20  # no colour repeats within 20 layers
+
+
+def test_rank_plot_legends_name_vgg_layers_by_path_and_place(tmp_path):
+    from tdlrt_cli.report.plots import layer_labels
+
+    (tmp_path / "ranks.csv").write_text("epoch,layer,r_out,r_in,r_kh,r_kw,n_out,n_in,n_kh,n_kw\n"
+                                        "1,features.3,8,8,3,3,16,16,3,3\n1,features.7,16,8,3,3,32,16,3,3\n")
+    assert layer_labels(tmp_path, {"model": {"name": "vgg16"}}) == {"features.3": "features.3 (conv1_2, 16->16)",
+                                                                    "features.7": "features.7 (conv2_1, 16->32)"}
+    assert layer_labels(tmp_path, {"model": {"name": "resnet18"}})["features.7"] == "features.7 (16->32)"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_dirs, run_tdlrt
+from tdlrt_cli.families import DENSE, FIXED_RANK, PRUNING, RANK_ADAPTIVE
 
 TINY = ["data=synthetic", "data.train_size=64", "data.test_size=32", "batch_size=32", "eval_batch_size=64",
         "model.width_mult=0.125", "device=cpu", "progress=false"]
@@ -49,11 +50,11 @@ def test_quick_preset_runs_and_reports(tmp_path, preset):
     summaries = sweep(tmp_path, [f"+experiment={preset}", *QUICK[preset]])
     methods = {s["config"]["method"]["name"] for s in summaries}
     if preset == "cifar10_table":
-        assert methods == {"dense", "tdlrt", "dlrt", "tucker", "cp", "tt", "matrix", "snip", "grasp", "imp"}
+        assert methods == {*DENSE, *RANK_ADAPTIVE, *FIXED_RANK, *PRUNING}  # every method but tucker_prune
         rates = {s["config"]["method"]["name"]: s["compression_rate"] for s in summaries}
-        for name in ("tucker", "cp", "tt", "matrix"):
+        for name in FIXED_RANK:
             assert rates[name] == pytest.approx(90, abs=1.5), name  # matched to the target rate
-        for name in ("snip", "grasp", "imp"):
+        for name in PRUNING:
             assert rates[name] == pytest.approx(90 * 0.99, abs=1.5), name  # 90% of all convs but the first
     if preset == "ill_conditioned":
         assert methods == {"tdlrt", "tucker", "cp"}
@@ -86,43 +87,6 @@ def test_tiny_imagenet_preset_on_class_folders(tmp_path):
                                  "+variant=dense,tdlrt_tau0.1"])
     assert len(summaries) == 2
     assert all(s["config"]["model"]["name"] == "resnet18" for s in summaries)
-
-
-def test_report_marks_best_and_second_within_compression_bands(tmp_path):
-    """Two seeds a compressed row: each mark is a difference beyond the spread over seeds."""
-    runs = [("dense", None, 90.0, 0.0), ("tdlrt", 0.1, 85.0, 91.0), ("tdlrt", 0.1, 87.0, 92.0),
-            ("tucker", None, 80.5, 90.5), ("tucker", None, 81.5, 90.5), ("cp", None, 75.0, 92.5),
-            ("cp", None, 76.0, 92.5), ("tdlrt", 0.3, 70.0, 97.0), ("tdlrt", 0.3, 71.0, 97.0),
-            ("matrix", None, 75.0, 96.0), ("matrix", None, 76.0, 96.0)]
-    for i, (method, tau, acc, cr) in enumerate(runs):
-        d = tmp_path / "runs" / str(i)
-        d.mkdir(parents=True)
-        m = {"name": method, "target_cr": 90.0} if method in ("tucker", "cp", "matrix") else {"name": method}
-        config = {"data": {"name": "cifar10"}, "model": {"name": "vgg16"}, "method": m, "tau": tau, "seed": i}
-        (d / "summary.json").write_text(json.dumps({"config": config, "test_acc": acc, "compression_rate": cr}))
-    out = tmp_path / "rep"
-    run_tdlrt(["report", str(tmp_path / "runs"), f"out={out}"], tmp_path)
-    rows = {(r["method"], r["setting"]): r for r in csv.DictReader(open(out / "table.csv"))}
-    tdlrt = rows[("tdlrt", "tau=0.1")]
-    assert tdlrt["runs"] == "2" and float(tdlrt["test_acc_mean"]) == 86.0
-    assert float(tdlrt["test_acc_std"]) > 0 and tdlrt["acc_source"] == "final"  # no validation split here
-    assert tdlrt["mark"] == "best"                              # 90-95% band: 86 > 81 > 75.5, beyond the stds
-    assert rows[("tucker", "target c.r.=90%")]["mark"] == "second"
-    assert rows[("cp", "target c.r.=90%")]["mark"] == ""
-    assert rows[("matrix", "target c.r.=90%")]["mark"] == "best"  # 95-100% band: 75.5 > 70.5
-    assert rows[("tdlrt", "tau=0.3")]["mark"] == ""              # no third row to beat
-    assert rows[("dense", "")]["mark"] == ""
-    md = (out / "table.md").read_text()
-    assert "**86.00 ± 1.41**" in md and "_81.00 ± 0.71_" in md
-    assert "\\textbf{86.00 $\\pm$ 1.41}" in (out / "table.tex").read_text()
-
-
-def test_report_bad_input(tmp_path):
-    proc = run_tdlrt(["report", str(tmp_path / "missing")], tmp_path, check=False)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    (tmp_path / "empty").mkdir()
-    proc = run_tdlrt(["report", str(tmp_path / "empty")], tmp_path, check=False)
-    assert proc.returncode == 2 and "no finished runs" in proc.stderr
 
 
 @pytest.mark.slow

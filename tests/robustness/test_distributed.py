@@ -1,25 +1,13 @@
 """Data parallel training under torchrun: two gloo processes on the CPU keep identical replicas."""
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_dirs
+from conftest import TINY, run_dirs, torchrun
 
 ARGS = [a for a in TINY if not a.startswith("batch_size")] + [
     "batch_size=32", "method=tdlrt", "tau=0.4", "lr=0.1", "deterministic=true", "checkpoint.every_n_steps=3"]
-
-
-def torchrun(args, cwd, env=None):
-    exe = Path(sys.executable).parent / "torchrun"
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*cmd, "--standalone", "--nproc_per_node=2", "-m", "tdlrt_cli", "train", *args],
-                          cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,11 @@ and checks that it is refused in one line (exit 2) with nothing run and nothing 
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-from conftest import TINY, run_tdlrt
-from test_config import make
-from test_run_identity import one_line
+from conftest import TINY, make, one_line, run_tdlrt
 from tdlrt_cli.bench import BenchConfig
 from tdlrt_cli.config import ConfigError, from_dictconfig
 from tdlrt_cli.data import DeviceLoader, ImageTensors, seed64
@@ -306,7 +303,3 @@ def test_a_checkpoint_copied_out_of_its_folder_resumes_with_its_own_settings(run
     summary = json.loads((tmp_path / "continued" / "summary.json").read_text())
     assert summary["epochs"] == 2
     assert "resuming" in (tmp_path / "continued" / "train.log").read_text().splitlines()[0]
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))

@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, run_tdlrt
-from test_run_identity import one_line
+from conftest import TINY, one_line, run_tdlrt
 
 ARGS = [a for a in TINY if not a.startswith(("epochs", "data.train_size"))] + [
     "data.train_size=300", "data.val_split=0.25", "epochs=4", "lr=0.1", "scheduler=none", "cost_report=false"]

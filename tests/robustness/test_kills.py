@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, run_tdlrt
-from test_report import write_run
+from handmade import write_run
 
 EXE = Path(sys.executable).parent / "tdlrt"
 CMD = [str(EXE)] if EXE.is_file() else [sys.executable, "-m", "tdlrt_cli"]

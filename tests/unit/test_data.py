@@ -7,23 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from handmade import CreatesFile, write_cifar10
 from tdlrt_cli.config import DataConfig
 from tdlrt_cli.data import DataError, DeviceLoader, ImageTensors, _cifar, build_data, random_crop_flip
-
-
-def write_cifar10(root, n=20, seed=0):
-    """A small CIFAR-10 copy in the original pickle format (checksums differ from the originals)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        with open(folder / name, "wb") as fh:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "labels": rng.integers(0, 10, n).tolist()}, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [str(i) for i in range(10)]}, fh)
-    return folder
 
 
 def test_cifar_copy_with_other_checksums_is_read_with_a_warning(tmp_path):
@@ -114,16 +100,6 @@ def test_imagefolder_reads_class_folders(tmp_path):
                    torch.device("cpu"), 0)
 
 
-class CreatesFile:
-    """Unpickling it creates the file ``path``: stands for any code a crafted pickle can run."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_a_crafted_cifar_batch_runs_no_code_and_is_refused_naming_it(tmp_path, protocol):
     folder = write_cifar10(tmp_path)
@@ -137,21 +113,6 @@ def test_a_crafted_cifar_batch_runs_no_code_and_is_refused_naming_it(tmp_path, p
     message = str(info.value)
     assert str(folder / "data_batch_1") in message and "\n" not in message
     assert "builtins.open" in message or "io.open" in message
-
-
-def test_a_crafted_cifar_batch_stops_tdlrt_train_with_one_line(tmp_path):
-    from conftest import run_tdlrt
-
-    folder = write_cifar10(tmp_path / "data")
-    marker = tmp_path / "payload-ran"
-    with open(folder / "data_batch_1", "wb") as fh:
-        pickle.dump(CreatesFile(marker), fh, protocol=2)
-    proc = run_tdlrt(["train", "data=cifar10", f"data.root={tmp_path / 'data'}", "model=vgg16",
-                      "model.width_mult=0.125", "epochs=1", "device=cpu", "progress=false"], tmp_path, check=False)
-    assert not marker.exists(), "unpickling the batch ran its payload"
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tdlrt: error: refusing to read") and "data_batch_1" in lines[0]
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])

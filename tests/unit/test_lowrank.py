@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reference import two_pass_step
+from tdlrt_cli.families import FIXED_RANK, RANK_ADAPTIVE
 from tdlrt_cli.lowrank import (TDLRT, ConversionRules, LowRankLinear, RankPolicy, ToleranceRule, TuckerConv2d, augment,
                                basis_gradients, convert_to_lowrank, galerkin_gradient, reconstruct, truncate, truncation_rank, unfold)
 from tdlrt_cli.lowrank.integrator import truncate_layers
@@ -72,7 +73,7 @@ def test_random_start_has_the_scale_of_pytorchs_default_conv_init():
     assert var == pytest.approx(1 / (3 * 64 * 9), rel=0.1)
 
 
-@pytest.mark.parametrize("method", ["tdlrt", "dlrt", "tucker", "cp", "tt", "matrix"])
+@pytest.mark.parametrize("method", [*RANK_ADAPTIVE, *FIXED_RANK])
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_every_factorisation_starts_at_the_scale_of_the_layer_it_replaces(method, scale):
     """Under BatchNorm the effective step of a layer is lr / ||W||: a factorised layer that starts larger than
@@ -87,7 +88,7 @@ def test_every_factorisation_starts_at_the_scale_of_the_layer_it_replaces(method
             conv.weight.mul_(scale)
     dense = [float(conv.weight.detach().pow(2).mean().sqrt()) for conv in model][1:]
     g = torch.Generator().manual_seed(1)
-    if method in ("tdlrt", "dlrt"):
+    if method in RANK_ADAPTIVE:
         convert_to_lowrank(model, RankPolicy(), generator=g, conv_format="tucker" if method == "tdlrt" else "matrix")
         layers = list(model)[1:]
     else:
