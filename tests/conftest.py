@@ -129,8 +129,9 @@ def real_data():
     return root
 
 
-# A trained run per test file that asks for it (scope="module"): the tests of export and eval read it.
-@pytest.fixture(scope="module")
+# One trained run per test process (scope="session": under xdist, per worker) for the tests of export and eval,
+# which only read it (they write into their own tmp_path).
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A 1-epoch TDLRT run (tau 0.1) on TINY."""
     base = tmp_path_factory.mktemp("trained")
@@ -140,7 +141,7 @@ def trained_run(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run_with_linear(tmp_path_factory):
     """A 1-epoch TDLRT run on TINY whose linear layers are low-rank too (method.convert_linear=true)."""
     base = tmp_path_factory.mktemp("export")

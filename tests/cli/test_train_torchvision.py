@@ -8,8 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_tdlrt
-from test_run_identity import one_line
+from conftest import one_line, run_tdlrt
 
 SMALL = ["data=synthetic", "data.train_size=128", "data.test_size=64", "batch_size=64", "eval_batch_size=64",
          "epochs=1", "progress=false", "device=cpu", "cost_report=false"]
