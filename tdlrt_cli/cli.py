@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "report": "tables (md, csv, tex) and plots from run folders: tdlrt report outputs/... [out=DIR]",
     "export": "the trained network as plain PyTorch (.pt2) or ONNX: tdlrt export <run folder> [out=FILE]",
     "eval": "test accuracy and the cost report of a run, checkpoint or export: tdlrt eval <path> [data=...]",
+    "compress": "a trained network compressed to a target, before / decomposed / fine-tuned: tdlrt compress <run|"
+                "checkpoint|weights> target_cr=90 epochs=5",
     "bench": "time a training step: dense vs fixed-rank Tucker vs TDLRT (model=vgg16 batch_size=128 format=json)",
     "completion": "shell completion for tdlrt and its subcommands: eval \"$(tdlrt completion bash)\"",
 }
@@ -89,8 +91,10 @@ def _main(argv: Optional[List[str]] = None) -> None:
 
 
 def _command(command: str, rest: List[str]) -> None:
-    if command in ("report", "export", "eval"):
-        if command == "report":
+    if command in ("report", "export", "eval", "compress"):
+        if command == "compress":
+            from .compress import main as entry
+        elif command == "report":
             from .report import main as entry
         elif command == "export":
             from .export import main as entry

@@ -140,6 +140,11 @@ class TrainConfig:
     cost_latency: bool = False  # the cost report also times both networks (slow; noisy on a shared machine)
     cost_repeat: int = 10      # timed repetitions per latency figure
 
+    @property
+    def starts_trained(self) -> bool:
+        """The network starts from trained weights: ``init_from``, or model=torchvision's ``model.weights``."""
+        return bool(self.init_from) or (self.model.name == "torchvision" and bool(self.model.weights))
+
     def validate(self) -> "TrainConfig":
         """Check every value (the first problem found ends it, as one line: :mod:`.validation`); resolve the
         defaults that depend on other keys (a method's rank caps and clock)."""

@@ -48,7 +48,7 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
     ``saved_ranks``: rebuilding a trained run for its checkpoint (eval, export), fixed-rank Tucker layers at
     the checkpoint's ranks, whatever chose them (another run's ranks, the one-shot allocation)."""
     m = cfg.method
-    init = "hosvd" if cfg.init_from else "random"
+    init = "hosvd" if cfg.starts_trained else "random"
     if m.name in RANK_ADAPTIVE or m.name in PRUNED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv,
@@ -77,7 +77,7 @@ def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generat
     (tucker: truncated HOSVD; tt: TT-SVD; matrix: SVD; cp is refused) and tucker's ranks at ``target_cr`` are
     chosen by the target rule's global allocation from the kernels' spectra."""
     m = cfg.method
-    decompose = bool(cfg.init_from) and saved_ranks is None
+    decompose = cfg.starts_trained and saved_ranks is None
     if decompose and m.name not in DECOMPOSABLE:
         raise ConfigError(f"init_from with method={m.name}: a CP decomposition has no closed form (it is fitted "
                           f"iteratively), so a trained network cannot be compressed to it here; use method=tucker, "

@@ -254,7 +254,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: D
                              "compression/rate": parameter_report(model)["compression_rate"]})
     for line in start_block(cfg, run_dir, data, model, r.total_epochs, device, r.start_epoch if r.resumed else None):
         say(line)
-    if cfg.init_from and not r.resumed:  # a trained network compressed: its accuracy before any step
+    if cfg.starts_trained and not r.resumed:  # a trained network compressed: its accuracy before any step
         evaluate_start(r)
     if not r.resumed and dist.main:  # the runs it starts from, read now (their folders may move later)
         sources = sources_of(cfg)
@@ -272,7 +272,8 @@ def evaluate_start(r: Run) -> None:
     decomposition, before fine-tuning), said and kept in the run folder for summary.json."""
     loss, acc = evaluate(r.model, r.data.test, r.amp, r.device, r.dist)
     report = parameter_report(r.model)
-    r.say(f"init_from: the starting network (c.r. {report['compression_rate']:.1f}%) has test acc {acc:.2f}% "
+    source = "init_from" if r.cfg.init_from else f"model.weights={r.cfg.model.weights}"
+    r.say(f"{source}: the starting network (c.r. {report['compression_rate']:.1f}%) has test acc {acc:.2f}% "
           f"before training")
     if r.dist.main:
         atomic_write_text(r.run_dir / START_EVAL, json.dumps({"test_acc": acc, "test_loss": loss,
@@ -298,7 +299,8 @@ def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]
     fixed-rank Tucker run takes its ranks from the checkpoint (not from ``method.ranks_from`` or the
     allocation again, whose inputs may have moved)."""
     try:
-        model = build_configured(cfg.model, data.in_channels, data.num_classes, data.image_size)
+        model = build_configured(cfg.model, data.in_channels, data.num_classes, data.image_size,
+                                 load_weights=resume is None)  # a resumed run's weights are its checkpoint's
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.init_from == "torchvision":
@@ -427,7 +429,7 @@ def summarise(r: Run) -> dict:
         "run_dir": str(r.run_dir), "config": r.config_dict,
         "provenance": provenance(r.start_time),
     }
-    start = start_eval(r.run_dir) if cfg.init_from else None
+    start = start_eval(r.run_dir) if cfg.starts_trained else None
     if start is not None:  # init_from: the network before training (after the decomposition)
         summary["test_acc_at_start"] = start.get("test_acc")
     sources = read_json(r.run_dir / SOURCES) or sources_of(cfg)

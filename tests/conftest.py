@@ -157,6 +157,7 @@ def trained_run_with_linear(tmp_path_factory):
 # ones whose behaviour another default test already covers (a kill at another instant, another signal, another
 # refused value), or long end-to-end runs of the controls and the GPU check's dry run.
 SLOW = {
+    "test_compress.py::test_torchvision_weights_by_name",  # weights from $TORCH_HOME: test_train_torchvision
     "test_gpu_check.py::test_json_holds_every_figure",        # the GPU check's dry run (run before a GPU session)
     "test_gpu_check.py::test_markdown_tables",
     "test_train_controls.py::test_cli_tucker_at_another_runs_ranks",

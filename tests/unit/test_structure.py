@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent.parent / "tdlrt_cli"
-COMMANDS = {"train", "report", "export", "evaluate", "bench"}
+COMMANDS = {"train", "report", "export", "evaluate", "bench", "compress"}
 
 
 def local_imports():

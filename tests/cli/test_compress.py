@@ -1,0 +1,71 @@
+"""`tdlrt compress SOURCE target_cr=T epochs=E` through the real CLI: a dense run compressed to a target, the
+accuracy before, after the one-shot decomposition and after fine-tuning read from the three runs' own files;
+the same command again continues (finished runs skipped); torchvision weights by name as the source."""
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+
+from conftest import TINY, one_line, run_tdlrt
+
+SMALL = [a for a in TINY if not a.startswith("epochs")] + ["cost_report=false"]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    base = tmp_path_factory.mktemp("compress")
+    run_tdlrt(["train", *SMALL, "epochs=1", "method=dense", "hydra.run.dir=dense"], base)
+    return base
+
+
+def test_a_dense_run_compressed_reports_each_network_from_its_runs_files(dense):
+    proc = run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=c", "device=cpu"], dense)
+    out = dense / "c"
+    result = json.loads((out / "compress.json").read_text())
+    rows = {r["network"].split(" (")[0]: r for r in result["rows"]}
+    summary = {s: json.loads((out / s / "summary.json").read_text()) for s in ("dense", "oneshot", "finetuned")}
+    source = json.loads((dense / "dense" / "summary.json").read_text())
+    assert rows["dense"]["test_acc"] == summary["dense"]["test_acc"] == source["test_acc"]  # the source itself
+    assert rows["decomposed to the target"]["compression_rate"] == pytest.approx(80, abs=0.5)
+    assert rows["decomposed to the target"]["test_acc"] == summary["oneshot"]["test_acc"]
+    assert summary["finetuned"]["config"]["method"]["target_cr"] == 80 and summary["finetuned"]["epochs"] == 1
+    assert rows["fine-tuned 1 epoch"]["compression_rate"] == pytest.approx(80, abs=0.5)
+    # the source's model and data settings are taken over
+    assert summary["finetuned"]["config"]["model"]["width_mult"] == 0.125
+    assert summary["finetuned"]["config"]["data"]["train_size"] == 256
+    assert proc.stdout == (out / "compress.md").read_text()
+    again = run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=c"], dense)
+    assert "tdlrt train" not in again.stderr and again.stdout == proc.stdout  # nothing trained again
+
+
+@pytest.mark.parametrize("args,says", [
+    (["target_cr=90"], "needs a SOURCE first"),
+    (["dense", "target_cr=0.9"], "did you mean 90"),
+    (["dense", "epochs=0"], "epochs=0 must be >= 1"),
+    (["dense", "method=tdlrt"], "set by tdlrt compress"),
+    (["nowhere"], "no such run folder or checkpoint"),
+    (["Foo_Weights.X"], "no torchvision network has weights Foo_Weights"),
+])
+def test_bad_input_is_one_line(dense, args, says):
+    proc = run_tdlrt(["compress", *args], dense, check=False)
+    one_line(proc, says)
+
+
+def test_a_compressed_run_is_not_a_source(dense):
+    run_tdlrt(["train", *SMALL, "epochs=1", "method=tdlrt", "tau=0.1", "hydra.run.dir=lowrank"], dense)
+    one_line(run_tdlrt(["compress", "lowrank"], dense, check=False), "is a method=tdlrt run")
+
+
+def test_torchvision_weights_by_name(tmp_path):
+    weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
+    path = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    run_tdlrt(["compress", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "target_cr=80", "epochs=1", "out=c",
+               "data=synthetic", "data.train_size=128", "data.test_size=64", "batch_size=64", "progress=false",
+               "device=cpu", "cost_report=false"], tmp_path, env={"TORCH_HOME": str(tmp_path / "torch")})
+    config = json.loads((tmp_path / "c" / "finetuned" / "summary.json").read_text())["config"]
+    assert config["model"] == {"name": "torchvision", "width_mult": 1.0, "arch": "mobilenet_v3_small",
+                               "weights": "IMAGENET1K_V1"} and config["init_from"] is None
