@@ -1,10 +1,9 @@
 """The methods of ``method=...`` by family, declared once: every module (and test) that asks "is this method
-rank-adaptive, fixed-rank, pruned?" reads these tuples."""
-from .lowrank.baselines import FIXED
-
+rank-adaptive, fixed-rank, pruned?" reads these tuples. Plain names, no import: `tdlrt` checks its input before
+torch is imported."""
 RANK_ADAPTIVE = ("tdlrt", "dlrt")  # trained by the TDLRT integrator (the tau rule and the target rule)
 PRUNED = ("tucker_prune",)         # Tucker layers whose ranks are cut on the target rule's schedule, no integrator
-FIXED_RANK = FIXED                 # factorised at fixed ranks: tucker, cp, tt, matrix (lowrank.baselines' kinds)
+FIXED_RANK = ("tucker", "cp", "tt", "matrix")  # factorised at fixed ranks (lowrank.baselines.FIXED: its layer kinds)
 PRUNING = ("snip", "grasp", "imp")  # unstructured weight pruning (masks)
 DENSE = ("dense",)
 # every method, in the order the report lists them

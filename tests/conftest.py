@@ -158,6 +158,9 @@ def trained_run_with_linear(tmp_path_factory):
 # refused value), or long end-to-end runs of the controls and the GPU check's dry run.
 SLOW = {
     "test_compress.py::test_torchvision_weights_by_name",  # weights from $TORCH_HOME: test_train_torchvision
+    "test_compress.py::test_a_compressed_run_is_not_a_source",  # its other refusals: test_bad_input_is_one_line
+    "test_train_torchvision.py::test_export_and_eval_need_no_weights_file",  # rebuilt without weights: unit test
+    "test_train_torchvision.py::test_convert_linear_puts_the_linear_layers_under_the_target",
     "test_gpu_check.py::test_json_holds_every_figure",        # the GPU check's dry run (run before a GPU session)
     "test_gpu_check.py::test_markdown_tables",
     "test_train_controls.py::test_cli_tucker_at_another_runs_ranks",
@@ -184,6 +187,9 @@ SLOW = {
 }
 # Parametrized CLI tests: their first N cases run by default, the others with -m slow.
 FIRST_CASES = {
+    "test_compress.py::test_bad_input_is_one_line": 2,
+    "test_train_torchvision.py::test_bad_model_choices_are_one_line_and_write_nothing": 1,
+    "test_torchvision_nets.py::test_a_network_is_fitted_to_the_datas_channels_and_classes": 2,
     "test_faults.py::test_keep_top_k_keeps_the_k_best_epochs_of_the_final_network": 1,
     "test_faults.py::test_the_run_folder_deleted_during_training_is_one_line": 1,
     "test_faults.py::test_killed_run_resumes_to_the_same_final_result_bitwise": 1,

@@ -132,3 +132,20 @@ def test_functions_and_modules_fit_on_a_screen():
                 too_long.append(f"{path.relative_to(PACKAGE)}: {node.name} is {node.end_lineno - node.lineno + 1} "
                                 f"lines (at most 80)")
     assert not too_long, "; ".join(too_long)
+
+
+def test_the_command_line_checks_its_input_before_torch_is_imported():
+    """`tdlrt` refuses bad input in about a second: importing the CLI (and the config checks) leaves torch out."""
+    import subprocess
+    import sys
+
+    code = "import sys, tdlrt_cli.cli, tdlrt_cli.validation, tdlrt_cli.families; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
+
+
+def test_the_method_families_name_the_fixed_rank_layer_kinds():
+    from tdlrt_cli.families import FIXED_RANK
+    from tdlrt_cli.lowrank.baselines import FIXED
+
+    assert FIXED_RANK == FIXED

@@ -143,3 +143,25 @@ def test_a_damaged_weights_file_is_one_line(torch_home):
 def test_bad_model_choices_are_one_line(kwargs, says):
     with pytest.raises(ConfigError, match=says):
         build_model("torchvision", 3, 10, 32, **kwargs)
+
+
+def test_the_target_rule_counts_linear_weights_when_they_are_converted():
+    from tdlrt_cli.methods import target_budget
+    from tdlrt_cli.metrics import parameter_report
+
+    model = build_model("torchvision", 3, 10, 32, arch="mobilenet_v3_small")
+    convert_to_lowrank(model, RankPolicy(r_max_frac=1.0, init_rank_frac=0.5),
+                       ConversionRules(convert_linear=True, pointwise="matrix"), generator=torch.Generator().manual_seed(0))
+    report = parameter_report(model)
+    hidden = model.classifier[0]
+    assert isinstance(hidden, LowRankLinear) and type(model.classifier[3]) is nn.Linear
+    assert report["linear_params_dense"] == hidden.dense_num_params() + model.classifier[3].weight.numel()
+    conv = target_budget(model, 50, 0.0, 0.75, 100)
+    both = target_budget(model, 50, 0.0, 0.75, 100, linear=True)
+    assert conv.dense == report["conv_params_dense"]
+    assert both.dense == report["conv_params_dense"] + report["linear_params_dense"]
+    # the dense layers are held fixed: every conv kept dense, and the classifier
+    adapted = sum(m.num_params() for m in model.modules() if isinstance(m, (LowRankLinear, MatrixConv2d)))
+    assert both.fixed == report["conv_params"] + report["linear_params"] - adapted
+    assert report["compression_rate_weights"] == pytest.approx(
+        100 * (1 - (report["conv_params"] + report["linear_params"]) / both.dense))
