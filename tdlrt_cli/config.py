@@ -43,6 +43,8 @@ class DataConfig:
     num_workers: int = 4
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    crop: str = "auto"           # imagefolder: imagenet (random resized crop; resize + centre crop) or pad; auto:
+                                 # imagenet from data.image_size 160 up
     # imagefolder and synthetic
     image_size: Optional[int] = None
     # synthetic
@@ -348,6 +350,8 @@ FIELD_HELP = {
     "data.mean": "imagefolder: per-channel normalisation mean (3 values)",
     "data.std": "imagefolder: per-channel normalisation standard deviation (3 values, > 0)",
     "data.image_size": "imagefolder and synthetic: side of the square input images",
+    "data.crop": "imagefolder: imagenet (training: random resized crop + flip; test: resize to size/0.875, centre crop) "
+                 "or pad (resize, centre crop; training: padded random crop + flip); auto: imagenet from 160 px",
     "data.channels": "synthetic: image channels",
     "data.num_classes": "synthetic: number of classes (>= 2)",
     "data.train_size": "synthetic: training examples",

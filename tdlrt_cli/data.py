@@ -327,6 +327,30 @@ def _folder_stats(cfg: DataConfig):
     return mean, std
 
 
+IMAGENET_SIZE = 160  # data.crop=auto: ImageNet's transforms from this image size up, the padded crop below
+EVAL_CROP = 0.875    # ImageNet evaluation: resize to size / 0.875 (256 for 224), then the centre crop
+
+
+def folder_transforms(cfg: DataConfig, train: bool) -> list:
+    """The transforms of data=imagefolder. ``data.crop=imagenet`` (auto from 160 pixels up): training images a
+    random resized crop and a flip, test images resized to size / 0.875 and centre-cropped (torchvision's
+    ImageNet recipe); ``pad`` (auto below): resized and centre-cropped, training images then a random crop with
+    size / 8 padding and a flip (the CIFAR recipe, Tiny ImageNet's 64 pixels)."""
+    from torchvision import transforms
+
+    size = cfg.image_size or 64
+    mean, std = _folder_stats(cfg)
+    crop = cfg.crop if cfg.crop != "auto" else ("imagenet" if size >= IMAGENET_SIZE else "pad")
+    if crop == "imagenet":
+        steps = ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if train and cfg.augment
+                 else [transforms.Resize(round(size / EVAL_CROP)), transforms.CenterCrop(size)])
+    else:
+        steps = [transforms.Resize(size), transforms.CenterCrop(size)]
+        if train and cfg.augment:
+            steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+    return steps + [transforms.ToTensor(), transforms.Normalize(mean, std)]
+
+
 class FolderLoader:
     """ImageNet-style class folders through torchvision transforms and a DataLoader."""
 
@@ -336,11 +360,7 @@ class FolderLoader:
         if cfg.num_workers < 0:
             raise DataError(f"data.num_workers={cfg.num_workers} must be >= 0 (0: load in the main process)")
         size = cfg.image_size or 64
-        mean, std = _folder_stats(cfg)
-        steps = [transforms.Resize(size), transforms.CenterCrop(size)]
-        if train and cfg.augment:
-            steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
-        steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        steps = folder_transforms(cfg, train)
         try:
             ds = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps), loader=_read_image)
         except (FileNotFoundError, OSError) as exc:

@@ -44,6 +44,7 @@ LEGACY_VALUES = {
     "method.tau_warmup_shape": "linear",
     "nan_max_skips": 10,
     "method.ranks_from": None,
+    "data.crop": "pad",  # data=imagefolder before ImageNet's transforms: the padded crop at every size
     "model.arch": None,
     "model.weights": None,
 }

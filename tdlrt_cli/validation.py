@@ -178,6 +178,7 @@ def check_data(d) -> None:
          + (f" (a percentage? {v:g}% is data.val_split={_number(v / 100)})" if 1 < v < 100 else ""))
     need(v == 0 or d.name != "imagefolder",
          "data.val_split is not supported for data=imagefolder (put a validation split in its own folder)")
+    one_of("data.crop", d.crop, ("auto", "imagenet", "pad"))
     need(d.name != "imagefolder" or bool(d.root),
          "data=imagefolder needs data.root=DIR (a folder with train/ and val/ class folders)")
     need(d.image_size is None or d.image_size >= 1, f"data.image_size={d.image_size} must be >= 1 (pixels)")

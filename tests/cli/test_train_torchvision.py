@@ -70,3 +70,17 @@ def test_bad_model_choices_are_one_line_and_write_nothing(tmp_path, args, says):
     proc = run_tdlrt(["train", *args, *SMALL, "hydra.run.dir=run"], tmp_path, check=False)
     one_line(proc, says)
     assert not (tmp_path / "run").exists()
+
+
+def test_imagefolder_at_imagenet_resolution_trains_and_evaluates(tmp_path):
+    from test_train_data_bad_input import image_tree
+
+    root = image_tree(tmp_path / "images", n=4)
+    args = ["model=torchvision", "model.arch=mobilenet_v3_small", "data=imagefolder", f"data.root={root}",
+            "data.image_size=160", "data.num_workers=0", "batch_size=4", "eval_batch_size=8", "epochs=1",
+            "progress=false", "device=cpu", "cost_report=false", "method=tdlrt", "method.target_cr=80"]
+    run_tdlrt(["train", *args, "hydra.run.dir=run"], tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["data"]["crop"] == "auto" and summary["config"]["data"]["image_size"] == 160
+    run_tdlrt(["eval", str(tmp_path / "run"), "latency=false", f"out={tmp_path / 'eval.json'}"], tmp_path)
+    assert json.loads((tmp_path / "eval.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])

@@ -147,3 +147,23 @@ def test_the_real_cifar10_batches_load():
     restricted = read_cifar_batch(root / "cifar-10-batches-py" / "test_batch")
     assert restricted.keys() == plain.keys() and np.array_equal(restricted["data"], plain["data"])
     assert all(np.array_equal(restricted[key], plain[key]) for key in plain)
+
+
+def test_imagefolder_takes_imagenets_transforms_at_imagenet_resolution():
+    from torchvision import transforms
+
+    from tdlrt_cli.config import DataConfig
+    from tdlrt_cli.data import folder_transforms
+
+    def kinds(size, train, crop="auto"):
+        steps = folder_transforms(DataConfig(name="imagefolder", root="x", image_size=size, crop=crop), train)
+        return [(type(s).__name__, getattr(s, "size", None)) for s in steps[:-2]]
+
+    assert kinds(224, True) == [("RandomResizedCrop", (224, 224)), ("RandomHorizontalFlip", None)]
+    assert kinds(224, False) == [("Resize", 256), ("CenterCrop", (224, 224))]  # 224 / 0.875
+    assert kinds(64, True) == [("Resize", 64), ("CenterCrop", (64, 64)), ("RandomCrop", (64, 64)),
+                               ("RandomHorizontalFlip", None)]  # Tiny ImageNet: as before
+    assert kinds(64, False) == [("Resize", 64), ("CenterCrop", (64, 64))]
+    assert kinds(224, False, crop="pad") == [("Resize", 224), ("CenterCrop", (224, 224))]
+    normalize = folder_transforms(DataConfig(name="imagefolder", root="x", image_size=224), False)[-1]
+    assert isinstance(normalize, transforms.Normalize) and normalize.mean == (0.485, 0.456, 0.406)
