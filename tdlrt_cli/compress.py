@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import ConfigError, UserError, exit_on_user_error
+from .errors import ConfigError, UserError, exit_on_user_error, say_stopped, stopped_by
 from .files import atomic_write_text, load_json
 
 USAGE = """usage: tdlrt compress SOURCE [target_cr=90] [epochs=5] [out=DIR] [KEY=VALUE ...]
@@ -179,18 +179,25 @@ def default_out(opts: CompressOptions) -> Path:
     return Path("outputs") / "compress" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-cr{opts.target_cr:g}"
 
 
-def run_train(args: List[str]) -> None:
-    """One `tdlrt train` in a child process, its output passed through; Ctrl-C or a signal reaches it, and this
-    waits until it has saved and stopped."""
+def run_train(args: List[str], step: str) -> None:
+    """One `tdlrt train` in a child process, its output passed through. Ctrl-C reaches the child too (the same
+    process group); a SIGTERM or SIGHUP to this process only is passed on. Either way this waits until the child
+    has written its checkpoint and stopped, then ends with one line and 128 + the signal."""
     child = subprocess.Popen([sys.executable, "-m", "tdlrt_cli", "train", *args])
     try:
         code = child.wait()
-    except KeyboardInterrupt:  # the terminal's Ctrl-C reached the child too; a SIGTERM to this process only
+    except KeyboardInterrupt:
+        name, status = stopped_by()
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-        code = child.wait()
-        raise UserError(f"stopped; the same tdlrt compress command continues from where it was "
-                        f"(tdlrt train exited with {code})") from None
+            child.send_signal(signal.Signals[name] if name in ("SIGTERM", "SIGHUP") else signal.SIGINT)
+        while child.poll() is None:
+            try:
+                child.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: the child is finishing its step and its checkpoint
+                pass
+        say_stopped(f"{name} during tdlrt compress (its {step} run); the same tdlrt compress command continues "
+                    f"from where it stopped")
+        sys.exit(status)
     if code:
         raise SystemExit(code)  # the run said why, in one line
 
@@ -245,7 +252,7 @@ def main(argv: List[str]) -> None:
         for step, args in steps(opts, start, out).items():
             if not (out / step / "summary.json").is_file():  # finished runs are skipped
                 print(f"tdlrt compress: {step} ({out / step})", file=sys.stderr)
-                run_train(args)
+                run_train(args, step)
         result = table(opts, out)
         try:
             atomic_write_text(out / "compress.json", json.dumps(result, indent=1))

@@ -187,6 +187,7 @@ SLOW = {
 }
 # Parametrized CLI tests: their first N cases run by default, the others with -m slow.
 FIRST_CASES = {
+    "test_compress_stops.py::test_a_stopped_compression_says_so_in_one_line_and_the_same_command_continues": 1,
     "test_compress.py::test_bad_input_is_one_line": 2,
     "test_train_torchvision.py::test_bad_model_choices_are_one_line_and_write_nothing": 1,
     "test_torchvision_nets.py::test_a_network_is_fitted_to_the_datas_channels_and_classes": 2,
