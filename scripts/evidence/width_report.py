@@ -143,30 +143,41 @@ def main() -> None:
     figure(out, rows, widths)
 
 
-def lr_pair(width: float):
-    """The lr check's dense and TDLRT 90% runs at ``width`` (None where not run yet)."""
-    mine = [c for c in checks if c["width"] == width]
-    return (next((c for c in mine if c["family"] == "dense"), None),
-            next((c for c in mine if c["family"] == "tdlrt" and c["cr"] == 90), None))
+LR_COLUMNS = (("dense", 0), ("tdlrt", 90), ("prune", 90), ("tdlrt", 97), ("prune", 97))
+
+
+def lr_run(width: float, family: str, cr: int = 0):
+    """The lr check's run of ``family`` at ``cr`` and ``width`` (None where not run yet)."""
+    return next((c for c in checks if c["width"] == width and c["family"] == family and (c["cr"] or 0) == cr), None)
+
+
+def lr_pair(width: float, cr: int = 90):
+    """The lr check's dense and TDLRT runs at ``width`` and ``cr`` (None where not run yet)."""
+    return lr_run(width, "dense"), lr_run(width, "tdlrt", cr)
 
 
 def lr_check(rows) -> list:
-    """Dense and TDLRT 90% at width 1.0 with the study's lr and with the lr check's, seed 0: test accuracy,
-    the last epoch's training accuracy (under-training shows there) and the gap."""
+    """Dense, TDLRT and the strongest control at 90% and 97% at width 1.0 with the study's lr and with the lr
+    check's, seed 0: test accuracy, the gap to dense at the same lr, and the last epoch's training accuracy
+    (under-training shows there)."""
     if not checks:
         return []
     lines = ["", "lr check at width 1.0 (seed 0; under the standard parametrisation a wider network's best lr is "
-             "smaller): test accuracy, and the last epoch's training accuracy in brackets.", "",
-             "| lr | dense | TDLRT 90% | gap |", "|---|---|---|---|"]
-    base = [r for r in rows if r["width"] == 1.0 and r["data"] == "P" and r["seed"] == 0
-            and (r["family"], r["cr"]) in (("dense", 0), ("tdlrt", 90))]
+             "smaller): test accuracy, its gap to dense at the same lr in round brackets, and the last epoch's "
+             "training accuracy in square ones.", "",
+             "| lr | " + " | ".join("dense" if f == "dense" else f"{LABEL[f].split(' (')[0]} {c}%"
+                                    for f, c in LR_COLUMNS) + " |", "|---" * (len(LR_COLUMNS) + 1) + "|"]
+    base = [r for r in rows if r["width"] == 1.0 and r["data"] == "P" and r["seed"] == 0]
     for lr in sorted({r["lr"] for r in checks + base}, reverse=True):
         have = [r for r in base if r["lr"] == lr] + [c for c in checks if c["lr"] == lr and c["width"] == 1.0]
-        d = next((r for r in have if r["family"] == "dense"), None)
-        a = next((r for r in have if r["family"] == "tdlrt" and r["cr"] == 90), None)
-        cell = (lambda r: "not run yet" if r is None else f"{r['acc']:.2f} ({r['train_acc']:.1f})")
-        g = "" if d is None or a is None else f"{a['acc'] - d['acc']:+.2f}"
-        lines.append(f"| {lr:g} | {cell(d)} | {cell(a)} | {g} |")
+        find = (lambda f, c: next((r for r in have if r["family"] == f and (r["cr"] or 0) == c), None))
+        d = find("dense", 0)
+        cells = []
+        for f, c in LR_COLUMNS:
+            r = find(f, c)
+            gap_ = "" if r is None or d is None or f == "dense" else f" ({r['acc'] - d['acc']:+.2f})"
+            cells.append("not run yet" if r is None else f"{r['acc']:.2f}{gap_} [{r['train_acc']:.1f}]")
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -185,12 +196,15 @@ def targets(rows, widths) -> list:
             continue
         lines.append(f"- Width 1.0, {c}%: TDLRT {-g[0]:.2f} under dense (n={g[2]}), target within {within:g}: "
                      + ("met." if -g[0] <= within else f"missed by {-g[0] - within:.2f}."))
-    d, a = lr_pair(1.0)
-    if d is not None and a is not None:
-        g = a["acc"] - d["acc"]
-        lines.append(f"- Width 1.0, 90%, both at the lr check's lr {a['lr']:g} (dense {d['acc']:.2f}, TDLRT "
-                     f"{a['acc']:.2f}): TDLRT {-g:.2f} under dense (n=1), target within 0.5: "
-                     + ("met." if -g <= 0.5 else f"missed by {-g - 0.5:.2f}."))
+    for c, within in ((90, 0.5), (97, 2.0)):
+        d, a = lr_pair(1.0, c)
+        if d is not None and a is not None:
+            g = a["acc"] - d["acc"]
+            p = lr_run(1.0, "prune", c)
+            control = "" if p is None else f"; the strongest control {p['acc']:.2f}, {a['acc'] - p['acc']:+.2f} to TDLRT"
+            lines.append(f"- Width 1.0, {c}%, both at the lr check's lr {a['lr']:g} (dense {d['acc']:.2f}, TDLRT "
+                         f"{a['acc']:.2f}{control}): TDLRT {-g:.2f} under dense (n=1), target within {within:g}: "
+                         + ("met." if -g <= within else f"missed by {-g - within:.2f}."))
     g = gap(rows, "tdlrt", 0.25, 90, "full")
     lines.append("- Full CIFAR-10, width 0.25, 90%: " + ("not measured yet." if g is None else
                  f"TDLRT {-g[0]:.2f} under dense (n={g[2]}), target within 2: "
@@ -211,11 +225,14 @@ def headline(rows, widths) -> str:
         parts.append(f"{abs(g[0]):.2f} points {'under' if g[0] <= 0 else 'above'} dense at {c}% "
                      f"({n} seed{'s' if n > 1 else ''})")
     conv = next(iter({r["conv_dense"] for r in rows if r["width"] == w}))
-    d, a = lr_pair(w)
-    lr = "" if d is None or a is None else (
-        f" At lr {a['lr']:g}, which trains both networks further at this width, TDLRT ends "
-        f"{abs(a['acc'] - d['acc']):.2f} points {'under' if a['acc'] <= d['acc'] else 'above'} dense at 90% "
-        f"({a['acc']:.2f}% against {d['acc']:.2f}%, 1 seed).")
+    lr_parts = []
+    for c in CRS:
+        d, a = lr_pair(w, c)
+        if d is not None and a is not None:
+            lr_parts.append(f"{abs(a['acc'] - d['acc']):.2f} points {'under' if a['acc'] <= d['acc'] else 'above'} "
+                            f"dense at {c}% ({a['acc']:.2f}% against {d['acc']:.2f}%)")
+    lr = "" if not lr_parts else (f" At lr {lr_pair(w)[0]['lr']:g}, which trains both networks further at this "
+                                  f"width, TDLRT ends " + " and ".join(lr_parts) + " (1 seed).")
     return (f"**What you lose**: on VGG16 at width {width_name(w)} ({conv:,} conv parameters dense) trained on 9,000 CIFAR-10 "
             "images for 20 epochs at lr 0.05, TDLRT with the recommended defaults ends " + " and ".join(parts) + "."
             + lr)
