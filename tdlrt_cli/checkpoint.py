@@ -7,7 +7,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -164,8 +164,10 @@ def finished_summary(run_dir: Path, resume: Optional[dict], ckpt_path: Optional[
     return summary if isinstance(summary, dict) and "test_acc" in summary else None
 
 
-def load_dense_weights(model: nn.Module, source: str) -> None:
-    """``init_from``: a checkpoint of a dense tdlrt run of the same model, or a file holding a state dict."""
+def load_dense_weights(model: nn.Module, source: str, refit: Sequence[str] = ()) -> List[str]:
+    """``init_from``: a checkpoint of a dense tdlrt run of the same model, or a file holding a state dict.
+    ``refit``: layers fitted to the data (a torchvision network's classifier and stem), whose tensors of another
+    shape in the file are left as fitted (an ImageNet head on 10 classes); returns those tensors' names."""
     if not Path(source).is_file():
         raise CheckpointError(f"init_from={source}: file not found")
     try:
@@ -183,9 +185,18 @@ def load_dense_weights(model: nn.Module, source: str) -> None:
             raise CheckpointError(f"init_from={source}: {bad[0]} holds NaN or Inf"
                                   + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
                                   + "; start from a checkpoint of a run that did not diverge")
+    kept = []
+    if isinstance(weights, dict) and refit:
+        own = model.state_dict()
+        for key in list(weights):
+            if any(key.startswith(layer + ".") for layer in refit) and key in own \
+                    and getattr(weights[key], "shape", None) != own[key].shape:
+                weights[key] = own[key]
+                kept.append(key)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"init_from={source} does not match this model: "
                               f"{load_error(exc)}") from None
+    return kept
 

@@ -53,7 +53,7 @@ _tdlrt_complete()
         COMPREPLY=($(compgen -W "SUBCOMMANDS" -- "$word"))
         return
     fi
-    if [[ ${words[1]} == train && $word == model.arch=* ]]; then  # torchvision's networks
+    if [[ ${words[1]} =~ ^(train|compress)$ && $word == model.arch=* ]]; then  # torchvision's networks
         COMPREPLY=($(compgen -P "model.arch=" -W "ARCHS" -- "${word#model.arch=}"))
         return
     fi

@@ -38,7 +38,7 @@ def start_block(cfg: TrainConfig, run_dir: Path, data, model, total_epochs: int,
          if m.name != "dense" else [])
 
 
-LAYER_KINDS = {"TuckerConv2d": "Tucker conv", "MatrixConv2d": "matrix conv", "LowRankLinear": "low-rank linear",
+LAYER_KINDS = {"TuckerConv2d": "Tucker conv", "MatrixConv2d": "matrix conv", "LowRankLinear": "linear",
                "TrainedTuckerConv2d": "Tucker conv (trained factors)", "FixedTuckerConv2d": "fixed-rank Tucker conv",
                "CPConv2d": "CP conv", "TTConv2d": "TT conv", "MatrixFixedConv2d": "fixed-rank matrix conv"}
 

@@ -60,13 +60,23 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
             raise ConfigError(f"{exc}: method.init_rank and method.r_min are absolute ranks, method.r_max_frac "
                               f"a fraction of each layer (method.init_rank_frac sets the start)") from None
         if not converted:
-            raise ConfigError(f"method={m.name}: no layer of {cfg.model.name} at model.width_mult="
-                              f"{cfg.model.width_mult:g} can be factorised (a conv needs 2 or more channels in and "
-                              f"out); raise model.width_mult")
+            raise ConfigError(nothing_to_factorise(cfg))
     elif m.name in FIXED_RANK:
         factorise_fixed(cfg, model, generator, saved_ranks)
     if m.init_decay > 0:
         ill_condition(model, m.init_decay, generator)
+
+
+def nothing_to_factorise(cfg: TrainConfig) -> str:
+    """The line for a network none of whose layers the method can factorise, with what would help."""
+    m = cfg.method
+    if cfg.model.name == "torchvision":
+        linear = "" if m.convert_linear or m.name not in RANK_ADAPTIVE else "; method.convert_linear=true factorises its hidden linear layers"
+        return (f"method={m.name}: no layer of {cfg.model.arch} can be factorised (grouped and depthwise convs, the "
+                f"first conv and the classifier stay dense, and so do projections an attention layer reads "
+                f"directly){linear}")
+    return (f"method={m.name}: no layer of {cfg.model.name} at model.width_mult={cfg.model.width_mult:g} can be "
+            f"factorised (a conv needs 2 or more channels in and out); raise model.width_mult")
 
 
 def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
@@ -85,9 +95,7 @@ def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generat
     init = "hosvd" if decompose else "random"
     convs = _convs_to_factorise(model, m.convert_first_conv)
     if not convs:
-        raise ConfigError(f"method={m.name}: no layer of {cfg.model.name} at model.width_mult="
-                          f"{cfg.model.width_mult:g} can be factorised (a conv needs 2 or more channels in and "
-                          f"out); raise model.width_mult")
+        raise ConfigError(nothing_to_factorise(cfg))
     names = {n for n, _ in convs}
     kept = sum(c.weight.numel() for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and n not in names)
     if m.name == "tucker" and (saved_ranks or m.ranks_from or (decompose and m.target_cr is not None)):
@@ -215,6 +223,9 @@ def prune_at_init(cfg: TrainConfig, model: nn.Module, batch) -> None:
     """SNIP or GraSP masks from one training batch, before training."""
     x, y = batch
     convs = prunable_convs(model)
+    if not convs:
+        raise ConfigError(f"method={cfg.method.name}: {cfg.model.arch or cfg.model.name} has no conv to prune but "
+                          f"the first (grouped and depthwise convs are not pruned)")
 
     def loss_fn(net):
         return F.cross_entropy(net(x), y)
@@ -226,6 +237,9 @@ def prune_at_init(cfg: TrainConfig, model: nn.Module, batch) -> None:
 def imp_prune(model: nn.Module, keep_fraction: float) -> None:
     """Iterative magnitude pruning: keep the largest ``keep_fraction`` of all prunable conv weights."""
     convs = prunable_convs(model)
+    if not convs:
+        raise ConfigError("method=imp: the network has no conv to prune but the first (grouped and depthwise "
+                          "convs are not pruned)")
     apply_masks(model, global_masks(magnitude_scores(convs), 1 - keep_fraction))
 
 

@@ -42,6 +42,7 @@ from .lowrank import lowrank_layers
 from .metrics import evaluate, flops_per_image, layer_ranks, parameter_report
 from .models import build_configured
 from .models.pretrained import load_torchvision_weights
+from .models.torchvision_nets import fitted_layers
 from .provenance import provenance, source_state
 from .runtime import build_optimizer, build_scheduler, resolve_device, seed_everything, set_threads
 from .selection import drop_top, no_best, remove_unlisted_top, repair_best, save_epoch, select
@@ -300,14 +301,18 @@ def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]
     allocation again, whose inputs may have moved)."""
     try:
         model = build_configured(cfg.model, data.in_channels, data.num_classes, data.image_size,
-                                 load_weights=resume is None)  # a resumed run's weights are its checkpoint's
+                                 load_weights=resume is None and not cfg.init_from)  # else the checkpoint's
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.init_from == "torchvision":
         copied, kept = load_torchvision_weights(model, cfg.model.name)
         say(f"init_from=torchvision: copied {copied} layers, {kept} keep their initialisation")
     elif cfg.init_from:
-        load_dense_weights(model, cfg.init_from)
+        refit = fitted_layers(model) if cfg.model.name == "torchvision" else ()
+        kept = load_dense_weights(model, cfg.init_from, refit)
+        if kept:
+            say(f"init_from: {', '.join(kept)} keep their initialisation (the file's are of another size: "
+                f"another number of classes or channels)")
     saved = tucker_ranks_in(resume["model"]) if resume is not None and cfg.method.name == "tucker" \
         and isinstance(resume.get("model"), dict) else None
     factorise(cfg, model, torch.Generator().manual_seed(cfg.seed), saved_ranks=saved or None)

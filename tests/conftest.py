@@ -158,6 +158,7 @@ def trained_run_with_linear(tmp_path_factory):
 # refused value), or long end-to-end runs of the controls and the GPU check's dry run.
 SLOW = {
     "test_compress.py::test_torchvision_weights_by_name",  # weights from $TORCH_HOME: test_train_torchvision
+    "test_compress.py::test_a_state_dict_of_a_torchvision_network",
     "test_compress.py::test_a_compressed_run_is_not_a_source",  # its other refusals: test_bad_input_is_one_line
     "test_train_torchvision.py::test_export_and_eval_need_no_weights_file",  # rebuilt without weights: unit test
     "test_train_torchvision.py::test_convert_linear_puts_the_linear_layers_under_the_target",
@@ -188,7 +189,7 @@ SLOW = {
 # Parametrized CLI tests: their first N cases run by default, the others with -m slow.
 FIRST_CASES = {
     "test_compress_stops.py::test_a_stopped_compression_says_so_in_one_line_and_the_same_command_continues": 1,
-    "test_compress.py::test_bad_input_is_one_line": 2,
+    "test_compress.py::test_bad_input_is_one_line": 3,
     "test_train_torchvision.py::test_bad_model_choices_are_one_line_and_write_nothing": 1,
     "test_torchvision_nets.py::test_a_network_is_fitted_to_the_datas_channels_and_classes": 2,
     "test_faults.py::test_keep_top_k_keeps_the_k_best_epochs_of_the_final_network": 1,

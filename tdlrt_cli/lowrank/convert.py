@@ -101,6 +101,26 @@ def _matrix_conv(conv: nn.Conv2d, policy: RankPolicy, generator) -> nn.Module:
                         generator=generator, weight_std=weight_rms(w))
 
 
+def weights_read_directly(model: nn.Module) -> set:
+    """Names of the layers whose parent's ``forward`` reads their ``.weight`` instead of calling them (Swin's
+    window attention passes ``self.qkv.weight`` to a function): replacing them would break the parent."""
+    import inspect
+
+    read = set()
+    for name, parent in model.named_modules():
+        children = [c for c, _ in parent.named_children()]
+        if not children:
+            continue
+        try:
+            source = inspect.getsource(type(parent).forward)
+        except (OSError, TypeError):
+            continue
+        for child in children:
+            if f"self.{child}.weight" in source or f"self.{child}.bias" in source:
+                read.add(f"{name}.{child}" if name else child)
+    return read
+
+
 def eligible_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(m.padding, tuple)
             and m.padding_mode == "zeros" and min(m.in_channels, m.out_channels) > 1)
@@ -129,10 +149,11 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
     first_conv = convs[0] if convs else None
     classifier = linears[-1] if linears else None
     attention = [n + "." for n, m in named if isinstance(m, nn.MultiheadAttention)]
+    read = weights_read_directly(model)
     converted = []
     for name, module in named:
-        if any(name.startswith(a) for a in attention):
-            continue  # nn.MultiheadAttention uses out_proj.weight directly
+        if any(name.startswith(a) for a in attention) or name in read:
+            continue  # nn.MultiheadAttention uses out_proj.weight directly; so does Swin's attention its qkv
         try:
             new = _lowrank_like(name, module, policy, rules, first_conv, classifier, conv_format, generator)
         except ValueError as exc:

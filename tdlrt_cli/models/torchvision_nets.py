@@ -93,13 +93,46 @@ def build_torchvision(arch: Optional[str], in_channels: int, num_classes: int, i
             kwargs["image_size"] = image_size
     try:
         model = models.get_model(arch, weights=w if load else None, **kwargs)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # no network, a damaged file
-        raise DataError(f"model.weights={weights}: cannot read {arch}'s weights ({type(exc).__name__}: "
-                        f"{str(exc)[:100]}); without a network, put the file {os.path.basename(w.url)} "
-                        f"({w.url}) in {os.path.dirname(checkpoint_file(w))} ($TORCH_HOME/hub/checkpoints)") from None
+    except (OSError, RuntimeError, EOFError, ValueError, AssertionError, pickle.UnpicklingError) as exc:
+        said = " ".join(str(exc).split())[:100]
+        if w is None or not load or isinstance(exc, AssertionError):  # a size the constructor refuses (ViT: patches)
+            raise ConfigError(f"model.arch={arch} cannot take {image_size}x{image_size} images ({type(exc).__name__}: "
+                              f"{said}); set data.image_size to a size it takes") from None
+        path = checkpoint_file(w)  # no network, or a damaged file
+        if os.path.isfile(path):
+            raise DataError(f"model.weights={weights}: {path} is damaged or holds another network's weights "
+                            f"({type(exc).__name__}: {said}); replace it with {w.url}") from None
+        raise DataError(f"model.weights={weights}: cannot read {arch}'s weights ({type(exc).__name__}: {said}); "
+                        f"without a network, put the file {os.path.basename(w.url)} ({w.url}) in "
+                        f"{os.path.dirname(path)} ($TORCH_HOME/hub/checkpoints)") from None
     fit_classifier(model, num_classes)
     fit_stem(model, in_channels, pretrained=w is not None)
+    if load:
+        check_input_size(model, arch, in_channels, image_size)
     return model
+
+
+def check_input_size(model: nn.Module, arch: str, in_channels: int, image_size: int) -> None:
+    """One image of the data's size through the network (eval mode, no gradient): a size the network cannot take
+    (too small for its poolings, not a multiple of its patches or windows) ends as one line before training."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        said = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"model.arch={arch} cannot take {image_size}x{image_size} images ({type(exc).__name__}: "
+                          f"{said}); set data.image_size to a size it takes (224 for its published weights)") from None
+    finally:
+        model.train(was)
+
+
+def fitted_layers(model: nn.Module) -> List[str]:
+    """The layers fitted to the data: the classifier (the last linear layer; squeezenet: the last conv) and the
+    stem (the first conv)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return [linears[-1] if linears else convs[-1], convs[0]]
 
 
 def fit_classifier(model: nn.Module, num_classes: int) -> None:

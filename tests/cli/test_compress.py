@@ -47,15 +47,42 @@ def test_a_dense_run_compressed_reports_each_network_from_its_runs_files(dense):
     (["dense", "method=tdlrt"], "set by tdlrt compress"),
     (["nowhere"], "no such run folder or checkpoint"),
     (["Foo_Weights.X"], "no torchvision network has weights Foo_Weights"),
+    (["dense", "epochs=1e9"], "epochs=1e9 must be a whole number"),
+    (["dense", "epochs=99999999"], "the finetuned run: epochs=99999999 is larger than tdlrt takes"),
+    (["dense", "out=afile"], "out=afile is a file, not a folder"),
+    (["ResNet18_Weights.DEFAULT", "model.arch=resnet34"], "model.arch= would change them"),
 ])
 def test_bad_input_is_one_line(dense, args, says):
+    (dense / "afile").write_text("keep me\n")
     proc = run_tdlrt(["compress", *args], dense, check=False)
     one_line(proc, says)
+    assert not (dense / "outputs").exists() and (dense / "afile").read_text() == "keep me\n"  # nothing written
+
+
+def test_an_out_folder_of_other_settings_is_refused_before_anything_runs(dense):
+    run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=mine"], dense)
+    before = sorted(p.name for p in (dense / "mine").iterdir())
+    for other in (["target_cr=80", "epochs=2"], ["target_cr=70", "epochs=1"], ["target_cr=80", "epochs=1", "lr=0.5"]):
+        one_line(run_tdlrt(["compress", "dense", *other, "out=mine"], dense, check=False),
+                 "holds the runs of another source or other settings")
+    assert sorted(p.name for p in (dense / "mine").iterdir()) == before
 
 
 def test_a_compressed_run_is_not_a_source(dense):
     run_tdlrt(["train", *SMALL, "epochs=1", "method=tdlrt", "tau=0.1", "hydra.run.dir=lowrank"], dense)
     one_line(run_tdlrt(["compress", "lowrank"], dense, check=False), "is a method=tdlrt run")
+
+
+def test_a_state_dict_of_a_torchvision_network(tmp_path):
+    """A plain state dict with torchvision's 1000-class head: the head keeps its fitted initialisation (said)."""
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), tmp_path / "net.pth")
+    proc = run_tdlrt(["compress", "net.pth", "target_cr=80", "epochs=1", "out=c", "model=torchvision",
+                      "model.arch=mobilenet_v3_small", "data=synthetic", "data.train_size=128", "data.test_size=64",
+                      "batch_size=64", "progress=false", "device=cpu", "cost_report=false"], tmp_path)
+    assert "classifier.3.weight, classifier.3.bias keep their initialisation" in proc.stderr
+    assert json.loads((tmp_path / "c" / "compress.json").read_text())["rows"][-1]["compression_rate"] == \
+        pytest.approx(80, abs=0.5)
 
 
 def test_torchvision_weights_by_name(tmp_path):

@@ -129,7 +129,7 @@ def test_a_damaged_weights_file_is_one_line(torch_home):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(DataError, match="cannot read resnet18's weights"):
+    with pytest.raises(DataError, match="is damaged or holds another network.s weights .*; replace it with https"):
         build_model("torchvision", 3, 10, 32, arch="resnet18", weights="DEFAULT")
 
 
@@ -165,3 +165,19 @@ def test_the_target_rule_counts_linear_weights_when_they_are_converted():
     assert both.fixed == report["conv_params"] + report["linear_params"] - adapted
     assert report["compression_rate_weights"] == pytest.approx(
         100 * (1 - (report["conv_params"] + report["linear_params"]) / both.dense))
+
+
+def test_attention_projections_read_by_their_parent_stay_dense():
+    """Swin's window attention passes ``self.qkv.weight`` to a function: its qkv and proj stay nn.Linear."""
+    model = build_model("torchvision", 3, 10, 32, arch="swin_t")
+    converted = convert_to_lowrank(model, RankPolicy(), ConversionRules(convert_linear=True, pointwise="matrix"),
+                                   generator=torch.Generator().manual_seed(0))
+    assert converted and not any(n.endswith(("attn.qkv", "attn.proj")) for n in converted)
+    assert any(n.endswith("mlp.0") for n in converted)
+    model.eval()(torch.zeros(1, 3, 32, 32))  # runs
+
+
+@pytest.mark.parametrize("arch,size", [("vit_b_32", 20), ("squeezenet1_1", 8)])
+def test_a_size_the_network_cannot_take_is_one_line(arch, size):
+    with pytest.raises(ConfigError, match=f"model.arch={arch} cannot take {size}x{size} images"):
+        build_model("torchvision", 3, 10, size, arch=arch)
