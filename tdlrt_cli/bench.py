@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .config import PRECISIONS, ModelConfig
+from .config import PRECISIONS
 from .errors import ConfigError, UserError
 from .lowrank import TDLRT, ConversionRules, RankPolicy, ToleranceRule, convert_to_lowrank
 from .lowrank.spectra import SPECTRA
@@ -76,8 +76,15 @@ def bench_help() -> str:
 
 
 @dataclass
+class BenchModel:
+    """The built-in network the bench times (torchvision networks are not benched here)."""
+    name: str = "vgg16"
+    width_mult: float = 1.0
+
+
+@dataclass
 class BenchConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: BenchModel = field(default_factory=BenchModel)
     batch_size: int = 128
     image_size: int = 32
     channels: int = 3

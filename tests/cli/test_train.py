@@ -19,7 +19,7 @@ def test_help_lists_subcommands_and_config_groups(tmp_path):
     assert "merge=chain|auto|dense" in run_tdlrt(["export", "--help"], tmp_path).stdout
     assert "cost report" in run_tdlrt(["eval", "--help"], tmp_path).stdout
     out = run_tdlrt(["train", "--help"], tmp_path).stdout
-    for group, options in (("model", "alexnet, lenet5, resnet18, vgg16"), ("optimizer", "adam, adamw, sgd"),
+    for group, options in (("model", "alexnet, lenet5, resnet18, torchvision, vgg16"), ("optimizer", "adam, adamw, sgd"),
                            ("scheduler", "cosine, none, onecycle, plateau, step"),
                            ("method", "cp, dense, dlrt, grasp, imp, matrix, snip, tdlrt, tdlrt_target, tt, tucker"),
                            ("data", "cifar10, cifar100, fashion_mnist, imagefolder, mnist, synthetic")):
