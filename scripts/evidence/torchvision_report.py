@@ -43,8 +43,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("results/torchvision/runs"))
     parser.add_argument("--out", type=Path, default=Path("results/torchvision"))
     args = parser.parse_args()
-    lines = ["# torchvision's ResNet-18 compressed to 90% conv c.r.", "",
-             "`model=torchvision model.arch=resnet18` (random initialisation) on proxy P: CIFAR-10's first 10,000 "
+    lines = ["torchvision's ResNet-18 compressed to 90% conv c.r.: `model=torchvision model.arch=resnet18` (random initialisation) on proxy P: CIFAR-10's first 10,000 "
              "training images (9,000 for training, 1,000 for validation), the full test set, 32x32, batch 128, SGD "
              "momentum 0.9, cosine lr, seed 0; made by `bash scripts/evidence/torchvision.sh`, this table by "
              "`python scripts/evidence/torchvision_report.py`. Test accuracy of the network each run hands on "
