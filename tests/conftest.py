@@ -159,7 +159,8 @@ def trained_run_with_linear(tmp_path_factory):
 SLOW = {
     "test_compress.py::test_torchvision_weights_by_name",  # weights from $TORCH_HOME: test_train_torchvision
     "test_compress.py::test_a_state_dict_of_a_torchvision_network",
-    "test_compress.py::test_a_compressed_run_is_not_a_source",  # its other refusals: test_bad_input_is_one_line
+    "test_compress.py::test_a_compressed_run_is_not_a_source",
+    "test_compress_stops.py::test_a_stopped_compression_says_so_in_one_line_and_the_same_command_continues",  # train's: test_faults  # its other refusals: test_bad_input_is_one_line
     "test_train_torchvision.py::test_export_and_eval_need_no_weights_file",  # rebuilt without weights: unit test
     "test_train_torchvision.py::test_convert_linear_puts_the_linear_layers_under_the_target",
     "test_gpu_check.py::test_json_holds_every_figure",        # the GPU check's dry run (run before a GPU session)
@@ -188,7 +189,6 @@ SLOW = {
 }
 # Parametrized CLI tests: their first N cases run by default, the others with -m slow.
 FIRST_CASES = {
-    "test_compress_stops.py::test_a_stopped_compression_says_so_in_one_line_and_the_same_command_continues": 1,
     "test_compress.py::test_bad_input_is_one_line": 3,
     "test_train_torchvision.py::test_bad_model_choices_are_one_line_and_write_nothing": 1,
     "test_torchvision_nets.py::test_a_network_is_fitted_to_the_datas_channels_and_classes": 2,

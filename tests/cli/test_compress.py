@@ -20,8 +20,14 @@ def dense(tmp_path_factory):
     return base
 
 
-def test_a_dense_run_compressed_reports_each_network_from_its_runs_files(dense):
-    proc = run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=c", "device=cpu"], dense)
+@pytest.fixture(scope="module")
+def compressed(dense):
+    """`tdlrt compress` of the dense run to 80%, 1 epoch, into dense/../c (the process it ran as)."""
+    return run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=c", "device=cpu"], dense)
+
+
+def test_a_dense_run_compressed_reports_each_network_from_its_runs_files(dense, compressed):
+    proc = compressed
     out = dense / "c"
     result = json.loads((out / "compress.json").read_text())
     rows = {r["network"].split(" (")[0]: r for r in result["rows"]}
@@ -59,13 +65,12 @@ def test_bad_input_is_one_line(dense, args, says):
     assert not (dense / "outputs").exists() and (dense / "afile").read_text() == "keep me\n"  # nothing written
 
 
-def test_an_out_folder_of_other_settings_is_refused_before_anything_runs(dense):
-    run_tdlrt(["compress", "dense", "target_cr=80", "epochs=1", "out=mine"], dense)
-    before = sorted(p.name for p in (dense / "mine").iterdir())
+def test_an_out_folder_of_other_settings_is_refused_before_anything_runs(dense, compressed):
+    before = sorted(p.name for p in (dense / "c").iterdir())
     for other in (["target_cr=80", "epochs=2"], ["target_cr=70", "epochs=1"], ["target_cr=80", "epochs=1", "lr=0.5"]):
-        one_line(run_tdlrt(["compress", "dense", *other, "out=mine"], dense, check=False),
+        one_line(run_tdlrt(["compress", "dense", *other, "out=c"], dense, check=False),
                  "holds the runs of another source or other settings")
-    assert sorted(p.name for p in (dense / "mine").iterdir()) == before
+    assert sorted(p.name for p in (dense / "c").iterdir()) == before
 
 
 def test_a_compressed_run_is_not_a_source(dense):
