@@ -191,17 +191,12 @@ def model_and_data(config: dict) -> List[str]:
 
 
 def hydra_value(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    """A value as a Hydra override writes it: launch's quoting, and a list as ``[a,b,...]``."""
+    from .launch import _quote
+
     if isinstance(value, list):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    from .files import hydra_quoted
-
-    return hydra_quoted(str(value))
+    return _quote(value)
 
 
 def default_out(opts: CompressOptions) -> Path:
