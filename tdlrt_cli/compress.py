@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import CheckpointError, ConfigError, UserError, exit_on_user_error, say_stopped, stopped_by
-from .files import atomic_write_text, load_json
+from .files import atomic_write_text, load_json, override_value
 
 USAGE = """usage: tdlrt compress SOURCE [target_cr=90] [epochs=5] [out=DIR] [KEY=VALUE ...]
 
@@ -121,7 +121,7 @@ def source_overrides(source: str, given: List[str]) -> List[str]:
 
         ckpt = find_checkpoint(source, "selected")
         state = read_source(ckpt)
-        found = [f"init_from={hydra_value(str(ckpt.resolve()))}"]
+        found = [f"init_from={override_value(str(ckpt.resolve()))}"]
         if isinstance(state.get("config"), dict) and "format" in state:  # a tdlrt checkpoint
             config = state["config"]
             method = (config.get("method") or {}).get("name")
@@ -186,17 +186,8 @@ def model_and_data(config: dict) -> List[str]:
         composed = flatten(OmegaConf.to_container(OmegaConf.create(composed), resolve=True))
     saved = flatten({"model": model, "data": data})
     machine = ("data.root", "data.download", "data.num_workers", "model.weights")  # (init_from holds the weights)
-    return groups + [f"{k}={hydra_value(v)}" for k, v in saved.items()
+    return groups + [f"{k}={override_value(v)}" for k, v in saved.items()
                      if k in composed and composed[k] != v and k not in machine and not k.endswith(".name")]
-
-
-def hydra_value(value) -> str:
-    """A value as a Hydra override writes it: launch's quoting, and a list as ``[a,b,...]``."""
-    from .launch import _quote
-
-    if isinstance(value, list):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return _quote(value)
 
 
 def default_out(opts: CompressOptions) -> Path:
@@ -250,11 +241,11 @@ def steps(opts: CompressOptions, start: List[str], out: Path) -> Dict[str, List[
     t = repr(opts.target_cr)
     base = [o for o in common if not o.lstrip("+~").startswith("method.")]  # convert_linear: fine-tuning only
     runs = {
-        "dense": base + ["method=dense", "epochs=0", f"hydra.run.dir={hydra_value(str(out / 'dense'))}"],
+        "dense": base + ["method=dense", "epochs=0", f"hydra.run.dir={override_value(str(out / 'dense'))}"],
         "oneshot": base + ["method=tucker", f"method.target_cr={t}", "epochs=0",
-                           f"hydra.run.dir={hydra_value(str(out / 'oneshot'))}"],
+                           f"hydra.run.dir={override_value(str(out / 'oneshot'))}"],
         "finetuned": common + ["method=tdlrt_target", f"method.target_cr={t}", f"epochs={opts.epochs}",
-                               f"hydra.run.dir={hydra_value(str(out / 'finetuned'))}"],
+                               f"hydra.run.dir={override_value(str(out / 'finetuned'))}"],
     }
     if opts.linear:
         del runs["oneshot"]

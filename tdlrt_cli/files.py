@@ -168,6 +168,20 @@ def hydra_value(text: str) -> str:
     return hydra_quoted(text)
 
 
+def override_value(value) -> str:
+    """A config value (None, a bool, a number, a string, a list of these) as a Hydra override that reads back
+    as the same value: strings single-quoted, a list as ``[a,b,...]``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return hydra_quoted(str(value))
+
+
 def resume_command(run_dir: Path) -> str:
     """The shell command that continues the run in ``run_dir``: ``tdlrt train resume=<folder>`` (the run's
     own settings, from its last.pt); without a last.pt, the run's own overrides started again in its folder."""

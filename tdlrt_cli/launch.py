@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 from .config import CONFIG_DIR, config_groups, from_dictconfig, settings, unsafe_in
 from .errors import CheckpointError, ConfigError
-from .files import RUN_FILES, RUN_FOLDERS, hydra_quoted
+from .files import RUN_FILES, RUN_FOLDERS, override_value
 from .identity import (MACHINE_KEYS, changed_defaults_of, check_resume, config_drift, describe_drift, flatten, has_key,
                        is_free)
 from .lock import LOCK_NAME, DamagedLock, RunLock, stale_lock_temporary
@@ -72,16 +72,6 @@ def _merge(base: List[str], mine: List[str]) -> List[str]:
     """``base`` overrides with each key that ``mine`` sets replaced by ``mine``'s (order kept)."""
     keys = {o.key_or_group for o in _parse(mine)}
     return [o.input_line for o in _parse(base) if o.key_or_group not in keys] + mine
-
-
-def _quote(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return hydra_quoted(str(value))
 
 
 class Composer:
@@ -142,7 +132,7 @@ def prepare_train(args: List[str], stamp: Optional[str] = None, writer: bool = T
     with Composer() as compose:
         if multirun:
             sweep_dir, jobs, fresh = _check_sweep(compose, overrides)
-            pin = [f"hydra.sweep.dir={_quote(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
+            pin = [f"hydra.sweep.dir={override_value(str(sweep_dir))}"] if sweep_dir and _value(overrides, "hydra.sweep.dir") \
                 is None else []  # the folder checked and made here (its name holds the time)
             return Prepared(args + pin, sweep=Sweep(sweep_dir, jobs, bool(pin), fresh) if sweep_dir else None)
         return _prepare_run(compose, overrides, stamp, writer)
@@ -182,7 +172,7 @@ def _check_sweep(compose, overrides: List[str]) -> Tuple[Optional[Path], List[Tu
                 kept = changed_defaults_of(saved, [j.split("=", 1)[0].lstrip("+~") for j in job],
                                            lambda k: has_key(cfg, k))
                 if kept:  # the job keeps the run's values of keys whose default changed (as the job itself does)
-                    cfg = compose(job + [f"{k}={_quote(v)}" for k, v in kept.items()])
+                    cfg = compose(job + [f"{k}={override_value(v)}" for k, v in kept.items()])
                     cfg.hydra.job.num = number
                 drift = config_drift(saved, train_config(cfg))
                 if drift:
@@ -303,13 +293,13 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         saved, done = saved_config(ckpt, keep=True)
         given = [o.key_or_group for o in _parse(mine)]
         base = _original_overrides(run_dir) if run_dir is not None else overrides_of(saved, given)
-        carried = [f"{k}={_quote(v)}" for k, v in flatten(saved).items()
+        carried = [f"{k}={override_value(v)}" for k, v in flatten(saved).items()
                    if is_free(k) and k not in given and not any(k.startswith(m) for m in MACHINE_KEYS)
                    and not any(k.startswith(g + ".") for g in given)]
         # ... and the keys whose default changed since the run was made (identity.CHANGED_DEFAULTS), as it had them
-        carried += [f"{k}={_quote(v)}" for k, v in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items()]
+        carried += [f"{k}={override_value(v)}" for k, v in changed_defaults_of(saved, given, lambda k: has_key(cfg, k)).items()]
         mine = _merge(_merge(base, carried), mine)
-        mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={_quote(str(ckpt))}"]
+        mine = [o for o in mine if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path",)] + [f"ckpt_path={override_value(str(ckpt))}"]
         try:
             cfg = compose(mine)
         except Exception as exc:
@@ -322,7 +312,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
             return Prepared(mine, finished=(f"{run_dir} is finished ({done} of {resumed['epochs']} epochs, summary.json "
                                             f"written): nothing to do, nothing was changed (a larger epochs= extends it)"))
         if run_dir is not None:
-            mine += [f"hydra.run.dir={_quote(str(run_dir))}"]
+            mine += [f"hydra.run.dir={override_value(str(run_dir))}"]
             folder = run_dir
         if auto and writer:
             print(f"{ckpt} is there: continuing that run (checkpoint.auto_resume=false turns this off)", file=sys.stderr)
@@ -336,7 +326,7 @@ def _prepare_run(compose, overrides: List[str], stamp: str, writer: bool) -> Pre
         return Prepared(mine)
     check_writable(folder, "hydra.run.dir")
     if _value(mine, "hydra.run.dir") is None:  # pin the folder checked here (its name holds the time)
-        mine += [f"hydra.run.dir={_quote(str(folder))}"]
+        mine += [f"hydra.run.dir={override_value(str(folder))}"]
     fresh = first_missing(folder)
     try:
         RunLock(folder).acquire()
@@ -353,15 +343,8 @@ def overrides_of(saved: dict, given: List[str]) -> List[str]:
     groups = config_groups()
     chosen = [f"{group}={saved[group]['name']}" for group in ("model", "data", "method", "optimizer", "scheduler")
               if isinstance(saved.get(group), dict) and saved[group].get("name") in groups.get(group, ())]
-    return chosen + [f"++{k}={_literal(v)}" for k, v in flatten(saved).items()
+    return chosen + [f"++{k}={override_value(v)}" for k, v in flatten(saved).items()
                      if not is_free(k) and not any(k == g or k.startswith(g + ".") for g in given)]
-
-
-def _literal(value) -> str:
-    """A value of a saved configuration as Hydra reads it back (lists as lists)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_literal(v) for v in value) + "]"
-    return _quote(value)
 
 
 def _original_overrides(run_dir: Path) -> List[str]:

@@ -120,6 +120,8 @@ def run(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Dist
         raise
     finally:
         stop.restore()
+    if r.total_epochs == 0:
+        save_untrained(r)
     summary = summarise(r)
     if dist.main:
         say_done(r, summary)
@@ -396,6 +398,13 @@ def select_and_save(r: Run, row: dict) -> None:
     state = r.state(row["epoch"])
     if r.dist.main:
         save_epoch(r.ckpt_dir, state, improved, stale)
+
+
+def save_untrained(r: Run) -> None:
+    """epochs=0: ``last.pt`` holds the network as built (a one-shot decomposition, ``init_from``'s weights), so
+    that export, eval and ``init_from`` take it like any run's network."""
+    if r.dist.main and not (r.ckpt_dir / "last.pt").is_file():
+        save_checkpoint(r.state(0), r.ckpt_dir / "last.pt")
 
 
 def epoch_line(r: Run, row: dict) -> str:

@@ -52,13 +52,12 @@ def load(dirs) -> list:
                 continue  # the controls study's other runs (lr check, fixed-rank controls)
             s = json.loads(f.read_text())
             cfg = s.get("config") or {}
-            if m["lr"]:  # an lr check: width 1.0's has its own table (the controls study's are not this study's)
-                if float(cfg["model"]["width_mult"]) == 1.0:
-                    checks.append({"family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
-                                   "width": float(cfg["model"]["width_mult"]), "lr": float(cfg["lr"]),
-                                   "acc": float(accuracies(s)["test_acc"]), "train_acc": final_train_acc(f.parent),
-                                   "wall": float(s.get("wall_time_s") or 0.0),
-                                   "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7]})
+            if m["lr"]:  # an lr check (width 0.25's from the controls study: the same setting), its own table
+                checks.append({"family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
+                               "width": float(cfg["model"]["width_mult"]), "lr": float(cfg["lr"]),
+                               "acc": float(accuracies(s)["test_acc"]), "train_acc": final_train_acc(f.parent),
+                               "wall": float(s.get("wall_time_s") or 0.0),
+                               "commit": (s.get("provenance") or {}).get("git_commit", "?")[:7]})
                 continue
             rows.append({"name": f.parent.name, "family": m["family"], "cr": int(m["cr"]) if m["cr"] else 0,
                          "seed": int(m["seed"]), "width": float(cfg["model"]["width_mult"]),
@@ -146,9 +145,13 @@ def main() -> None:
 LR_COLUMNS = (("dense", 0), ("tdlrt", 90), ("prune", 90), ("tdlrt", 97), ("prune", 97))
 
 
-def lr_run(width: float, family: str, cr: int = 0):
-    """The lr check's run of ``family`` at ``cr`` and ``width`` (None where not run yet)."""
-    return next((c for c in checks if c["width"] == width and c["family"] == family and (c["cr"] or 0) == cr), None)
+CHECK_LR = 0.02  # the lr check's lr at every width (width 0.25 also has 0.1)
+
+
+def lr_run(width: float, family: str, cr: int = 0, lr: float = CHECK_LR):
+    """The lr check's run of ``family`` at ``cr``, ``width`` and ``lr`` (None where not run yet)."""
+    return next((c for c in checks if c["width"] == width and c["family"] == family and (c["cr"] or 0) == cr
+                 and c["lr"] == lr), None)
 
 
 def lr_pair(width: float, cr: int = 90):
@@ -157,28 +160,39 @@ def lr_pair(width: float, cr: int = 90):
 
 
 def lr_check(rows) -> list:
-    """Dense, TDLRT and the strongest control at 90% and 97% at width 1.0 with the study's lr and with the lr
-    check's, seed 0: test accuracy, the gap to dense at the same lr, and the last epoch's training accuracy
-    (under-training shows there)."""
+    """Dense, TDLRT and the strongest control at 90% and 97% at each width with the study's lr and with the lr
+    check's, seed 0: test accuracy, the gap to dense at the same width and lr, and the last epoch's training
+    accuracy (under-training shows there)."""
     if not checks:
         return []
-    lines = ["", "lr check at width 1.0 (seed 0; under the standard parametrisation a wider network's best lr is "
-             "smaller): test accuracy, its gap to dense at the same lr in round brackets, and the last epoch's "
-             "training accuracy in square ones.", "",
-             "| lr | " + " | ".join("dense" if f == "dense" else f"{LABEL[f].split(' (')[0]} {c}%"
-                                    for f, c in LR_COLUMNS) + " |", "|---" * (len(LR_COLUMNS) + 1) + "|"]
-    base = [r for r in rows if r["width"] == 1.0 and r["data"] == "P" and r["seed"] == 0]
-    for lr in sorted({r["lr"] for r in checks + base}, reverse=True):
-        have = [r for r in base if r["lr"] == lr] + [c for c in checks if c["lr"] == lr and c["width"] == 1.0]
-        find = (lambda f, c: next((r for r in have if r["family"] == f and (r["cr"] or 0) == c), None))
-        d = find("dense", 0)
-        cells = []
-        for f, c in LR_COLUMNS:
-            r = find(f, c)
-            gap_ = "" if r is None or d is None or f == "dense" else f" ({r['acc'] - d['acc']:+.2f})"
-            cells.append("not run yet" if r is None else f"{r['acc']:.2f}{gap_} [{r['train_acc']:.1f}]")
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    lines = ["", "lr check (seed 0; under the standard parametrisation a wider network's best lr is smaller; width "
+             "0.25's runs are the controls study's lr check, the same setting): test accuracy, its gap to dense at "
+             "the same width and lr in round brackets, and the last epoch's training accuracy in square ones.", "",
+             "| width | lr | " + " | ".join("dense" if f == "dense" else f"{LABEL[f].split(' (')[0]} {c}%"
+                                            for f, c in LR_COLUMNS) + " |", "|---|---" * 1 + "|---" * len(LR_COLUMNS) + "|"]
+    for w in sorted({c["width"] for c in checks}):
+        base = [r for r in rows if r["width"] == w and r["data"] == "P" and r["seed"] == 0]
+        for lr in sorted({r["lr"] for r in base} | {c["lr"] for c in checks if c["width"] == w}, reverse=True):
+            have = [r for r in base if r["lr"] == lr] + [c for c in checks if c["lr"] == lr and c["width"] == w]
+            find = (lambda f, c: next((r for r in have if r["family"] == f and (r["cr"] or 0) == c), None))
+            d = find("dense", 0)
+            cells = []
+            for f, c in LR_COLUMNS:
+                r = find(f, c)
+                gap_ = "" if r is None or d is None or f == "dense" else f" ({r['acc'] - d['acc']:+.2f})"
+                cells.append("not run" if r is None else f"{r['acc']:.2f}{gap_} [{r['train_acc']:.1f}]")
+            lines.append(f"| {width_name(w)} | {lr:g} | " + " | ".join(cells) + " |")
     return lines
+
+
+def lr_gaps(family: str, cr: int, lr: float) -> list:
+    """[(width, gap to dense)] of the lr check's runs of ``family`` at ``cr`` and ``lr`` (seed 0)."""
+    out = []
+    for w in sorted({c["width"] for c in checks if c["lr"] == lr}):
+        d, a = lr_run(w, "dense", lr=lr), lr_run(w, family, cr, lr=lr)
+        if d is not None and a is not None:
+            out.append((w, a["acc"] - d["acc"]))
+    return out
 
 
 def targets(rows, widths) -> list:
@@ -189,6 +203,12 @@ def targets(rows, widths) -> list:
         shrinks = all(g90[i + 1][1][0] >= g90[i][1][0] for i in range(len(g90) - 1))
         lines.append("- The gap to dense at 90% shrinks with width: " + ("yes" if shrinks else "no") + " ("
                      + ", ".join(f"width {width_name(w)}: {g[0]:+.2f}" for w, g in g90) + ").")
+    at_lr = lr_gaps("tdlrt", 90, CHECK_LR)
+    if len(at_lr) > 1:
+        shrinks = all(at_lr[i + 1][1] >= at_lr[i][1] for i in range(len(at_lr) - 1))
+        lines.append(f"- ... and at lr {CHECK_LR:g} (seed 0, every width at the same lr): "
+                     + ("yes" if shrinks else "no") + " ("
+                     + ", ".join(f"width {width_name(w)}: {g:+.2f}" for w, g in at_lr) + ").")
     for c, within in ((90, 0.5), (97, 2.0)):
         g = gap(rows, "tdlrt", 1.0, c)
         if g is None:
@@ -267,6 +287,12 @@ def figure(out: Path, rows, widths) -> None:
             if pts:
                 axis.errorbar([x for x, _ in pts], [st[0] for _, st in pts], yerr=[st[1] for _, st in pts],
                               label=label, **style)
+    for f in ("tdlrt", "prune"):  # the lr check: every width at lr 0.02, seed 0
+        pts = lr_gaps(f, 90, CHECK_LR)
+        if pts:
+            ax.plot([conv[w] for w, _ in pts if w in conv], [g for w, g in pts if w in conv], ls=":", marker="o",
+                    mfc="none", color="C0" if f == "tdlrt" else "C1",
+                    label=f"{LABEL[f].split(' (')[0]}, 90%, lr {CHECK_LR:g} (seed 0)")
     ax.axhline(0, color="0.3", lw=1, ls=":")
     bx.axhline(1, color="0.3", lw=1, ls=":")
     for axis in (ax, bx):

@@ -46,6 +46,17 @@ def test_a_dense_run_compressed_reports_each_network_from_its_runs_files(dense, 
     assert "tdlrt train" not in again.stderr and again.stdout == proc.stdout  # nothing trained again
 
 
+def test_the_one_shot_network_is_a_run_that_exports(dense, compressed):
+    """The oneshot run trains nothing (epochs=0); its last.pt holds the decomposed network, so the network of
+    the table's "decomposed" row exports, and the exported program scores what the table says."""
+    oneshot = dense / "c" / "oneshot"
+    summary = json.loads((oneshot / "summary.json").read_text())
+    assert summary["checkpoint"] == "last.pt" and torch.load(oneshot / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
+    run_tdlrt(["export", "c/oneshot", "out=oneshot.pt2", "repeat=1"], dense)
+    run_tdlrt(["eval", "oneshot.pt2", "latency=false", "out=oneshot.json"], dense)
+    assert json.loads((dense / "oneshot.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])
+
+
 @pytest.mark.parametrize("args,says", [
     (["target_cr=90"], "needs a SOURCE first"),
     (["dense", "target_cr=0.9"], "did you mean 90"),

@@ -101,3 +101,17 @@ def test_threads_default_and_setting():
     finally:
         if old is not None:
             os.environ["OMP_NUM_THREADS"] = old
+
+
+@pytest.mark.parametrize("value", [None, True, False, 0, 3, -2, 0.05, 1e-4, "plain", "a b", "null", "true", "1e3",
+                                   "it's", "c:\\dir\\", "/x/a,b=c", "ä", [0.485, 0.456, 0.406], ["a,b", "c"], [],
+                                   [1, [2, 3]]])
+def test_a_config_value_written_as_an_override_reads_back_as_itself(value):
+    """Resume carries saved keys and compress passes a run's model and data keys on as overrides: a list must
+    stay a list (not the string of one), a string that looks like a number or null must stay a string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tdlrt_cli.files import override_value
+
+    parsed = OverridesParser.create().parse_override(f"key={override_value(value)}").value()
+    assert parsed == value and type(parsed) is type(value)
