@@ -240,10 +240,10 @@ def steps(opts: CompressOptions, start: List[str], out: Path) -> Dict[str, List[
     common = start + opts.overrides
     t = repr(opts.target_cr)
     base = [o for o in common if not o.lstrip("+~").startswith("method.")]  # convert_linear: fine-tuning only
-    runs = {
-        "dense": base + ["method=dense", "epochs=0", f"hydra.run.dir={override_value(str(out / 'dense'))}"],
+    runs = {  # (the one-shot run first: a target out of reach is refused before anything else is evaluated)
         "oneshot": base + ["method=tucker", f"method.target_cr={t}", "epochs=0",
                            f"hydra.run.dir={override_value(str(out / 'oneshot'))}"],
+        "dense": base + ["method=dense", "epochs=0", f"hydra.run.dir={override_value(str(out / 'dense'))}"],
         "finetuned": common + ["method=tdlrt_target", f"method.target_cr={t}", f"epochs={opts.epochs}",
                                f"hydra.run.dir={override_value(str(out / 'finetuned'))}"],
     }

@@ -57,6 +57,13 @@ def test_the_one_shot_network_is_a_run_that_exports(dense, compressed):
     assert json.loads((dense / "oneshot.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])
 
 
+def test_a_target_out_of_reach_is_refused_before_the_source_is_evaluated(dense):
+    proc = run_tdlrt(["compress", "dense", "target_cr=99.99", "epochs=1", "out=far"], dense, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("tdlrt: error: method.target_cr=99.99 is out of reach"), proc.stderr
+    assert "Traceback" not in proc.stderr and not (dense / "far" / "dense").exists()
+
+
 @pytest.mark.parametrize("args,says", [
     (["target_cr=90"], "needs a SOURCE first"),
     (["dense", "target_cr=0.9"], "did you mean 90"),
