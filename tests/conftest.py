@@ -46,6 +46,31 @@ def run_dirs(base: Path):
     return sorted((p.parent for p in base.rglob(".hydra")), key=lambda p: str(p))
 
 
+def straight_and_resumed(args, base: Path, kill_at: int):
+    """``tdlrt train args`` straight through in base/a, and in base/b killed (SIGKILL) at step ``kill_at`` and
+    then resumed: the two run folders."""
+    (base / "a").mkdir()
+    (base / "b").mkdir()
+    run_tdlrt(args, base / "a")
+    (straight,) = run_dirs(base / "a" / "outputs")
+    killed = run_tdlrt(args, base / "b", env={"TDLRT_FAULT_KILL_AT_STEP": str(kill_at)}, check=False)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    (resumed,) = run_dirs(base / "b" / "outputs")
+    run_tdlrt(args + [f"resume={resumed}"], base / "b")
+    return straight, resumed
+
+
+def same_final_weights(a: Path, b: Path) -> dict:
+    """The two runs' last.pt hold bit-identical weights; returns the first's state."""
+    import torch
+
+    sa, sb = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (a, b))
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    assert sa["global_step"] == sb["global_step"] and sa.get("ranks") == sb.get("ranks")
+    return sa
+
+
 def torchrun(args, cwd, env=None):
     """``tdlrt train args`` under torchrun: two processes (gloo on the CPU); returns CompletedProcess."""
     exe = Path(sys.executable).parent / "torchrun"

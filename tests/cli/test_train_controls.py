@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_dirs, run_tdlrt
+from conftest import TINY, run_tdlrt, same_final_weights, straight_and_resumed
 from reference import tt_reference
 from tdlrt_cli.lowrank.tucker import hosvd, reconstruct
 
@@ -158,18 +158,8 @@ PRUNE = ["train", *TINY, "method=tucker_prune", "method.target_cr=85", "method.a
 
 
 def test_cli_gradual_pruning_lands_on_the_target_and_resumes_bitwise_after_a_kill(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    run_tdlrt(PRUNE, tmp_path / "a")
-    (straight,) = run_dirs(tmp_path / "a" / "outputs")
-    killed = run_tdlrt(PRUNE, tmp_path / "b", env={"TDLRT_FAULT_KILL_AT_STEP": "4"}, check=False)
-    assert killed.returncode == 137
-    (run,) = run_dirs(tmp_path / "b" / "outputs")
-    run_tdlrt(PRUNE + [f"resume={run}"], tmp_path / "b")
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    straight, run = straight_and_resumed(PRUNE, tmp_path, kill_at=4)
+    same_final_weights(straight, run)
     s = summary(straight)
     assert 85 <= s["compression_rate"] <= 86
     assert (straight / "ranks_steps.csv").is_file()

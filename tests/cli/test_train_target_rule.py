@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import TINY, run_dirs, run_tdlrt, torchrun
+from conftest import TINY, run_dirs, run_tdlrt, same_final_weights, straight_and_resumed, torchrun
 
 
 def summary_of(base):
@@ -72,19 +72,8 @@ TARGET = ["train", *TINY, "method=tdlrt", "method.target_cr=85", "method.augment
 
 
 def test_cli_target_run_killed_mid_ramp_resumes_bitwise(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    run_tdlrt(TARGET, tmp_path / "a")
-    (straight,) = run_dirs(tmp_path / "a" / "outputs")
-    killed = run_tdlrt(TARGET, tmp_path / "b", env={"TDLRT_FAULT_KILL_AT_STEP": "7"}, check=False)
-    assert killed.returncode == 137
-    (run,) = run_dirs(tmp_path / "b" / "outputs")
-    run_tdlrt(TARGET + [f"resume={run}"], tmp_path / "b")
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert a["ranks"] == b["ranks"] and a["global_step"] == b["global_step"] == 12
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    straight, run = straight_and_resumed(TARGET, tmp_path, kill_at=7)
+    assert same_final_weights(straight, run)["global_step"] == 12
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (straight, run))
     assert sa["compression_rate"] == sb["compression_rate"] and abs(sa["compression_rate"] - 85) <= 1
 
