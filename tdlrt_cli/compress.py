@@ -144,7 +144,10 @@ def read_source(path: Path) -> dict:
     from .checkpoint import FORMAT, load_checkpoint
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the file format before torch 1.6 cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: not a checkpoint or a state dict ({type(exc).__name__})") from None
     return load_checkpoint(path, mmap=True) if isinstance(state, dict) and state.get("format") == FORMAT else {}
@@ -285,7 +288,7 @@ def check_request(opts: CompressOptions, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; choose a folder for the three runs")
     path = out / REQUEST
-    if path.is_file():
+    if path.is_file() and any((out / step).exists() for step in STEPS):  # (none: an earlier command was refused)
         try:
             theirs = load_json(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError):
@@ -295,7 +298,7 @@ def check_request(opts: CompressOptions, out: Path) -> None:
             raise ConfigError(f"out={out} holds the runs of {what} ({path}); choose another out= folder, or "
                               f"remove that one to start again")
         return
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != REQUEST for p in out.iterdir()):
         raise ConfigError(f"out={out} is not empty and holds no tdlrt compress runs; choose a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,8 +326,16 @@ def table(opts: CompressOptions, out: Path) -> dict:
     if opts.linear:  # the target counted conv and linear weights
         for r, run in zip(rows[-1:], [done]):
             r["compression_rate_weights"] = run.get("compression_rate_weights")
-    return {"source": opts.source, "target_cr": opts.target_cr, "epochs": opts.epochs, "out": str(out),
-            "rows": rows}
+    result = {"source": opts.source, "target_cr": opts.target_cr, "epochs": opts.epochs, "out": str(out),
+              "rows": rows}
+    fresh = (load_json((out / "dense" / "start_eval.json").read_text()) if (out / "dense" / "start_eval.json").is_file()
+             else {}).get("fresh_layers") or []
+    if fresh:  # published weights for another number of classes: the source's classifier is new, untrained
+        result["note"] = (f"{', '.join(fresh)} of the source had another size than the data needs and starts at "
+                          f"random: the dense and one-shot rows score an untrained classifier, not the source. For a "
+                          f"dense baseline on this data, train it first (tdlrt train ... method=dense, from the same "
+                          f"weights) and compress that run.")
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -333,6 +344,8 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['network']} | {r['compression_rate']:.1f}%"
               + (f" (conv and linear {r['compression_rate_weights']:.1f}%)" if r.get("compression_rate_weights")
                  is not None else "") + f" | {r['test_acc']:.2f}% |" for r in result["rows"]]
+    if result.get("note"):
+        lines += ["", "Note: " + result["note"]]
     return "\n".join(lines) + "\n"
 
 

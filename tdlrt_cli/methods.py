@@ -31,15 +31,16 @@ from .lowrank.baselines import (DECOMPOSABLE, FixedTuckerConv2d, allocate_tucker
                                 frac_for_compression, global_masks, grasp_scores, magnitude_scores, make_fixed,
                                 prunable_convs, snip_scores)
 from .lowrank.pruning import GradualPruning
-from .lowrank.convert import eligible_conv
+from .lowrank.convert import classifier_of, eligible_conv
 from .lowrank.tucker import mode_product
 from .files import load_json
 
 
 def _convs_to_factorise(model: nn.Module, convert_first: bool):
+    """Every eligible conv but the first (unless ``convert_first``) and a conv classifier (squeezenet)."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    first = convs[0][0] if convs else None
-    return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first)]
+    first, classifier = (convs[0][0] if convs else None), classifier_of(model)
+    return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first) and n != classifier]
 
 
 def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
@@ -71,7 +72,8 @@ def nothing_to_factorise(cfg: TrainConfig) -> str:
     """The line for a network none of whose layers the method can factorise, with what would help."""
     m = cfg.method
     if cfg.model.name == "torchvision":
-        linear = "" if m.convert_linear or m.name not in RANK_ADAPTIVE else "; method.convert_linear=true factorises its hidden linear layers"
+        linear = ("" if m.convert_linear else "; method.convert_linear=true factorises its hidden linear layers"
+                  + ("" if m.name in RANK_ADAPTIVE else " under method=tdlrt (tdlrt compress takes it too)"))
         return (f"method={m.name}: no layer of {cfg.model.arch} can be factorised (grouped and depthwise convs, the "
                 f"first conv and the classifier stay dense, and so do projections an attention layer reads "
                 f"directly){linear}")

@@ -21,7 +21,8 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
     ``compression_rate``: the paper's c.r., conv kernels only: 1 - (conv weights of this network) /
     (conv weights of the dense network). ``compression_rate_total``: all parameters.
     ``compression_rate_train``: all parameters alive during a step (for TDLRT: augmented bases and core).
-    ``compression_rate_weights``: conv kernels and linear weight matrices (what ``method.convert_linear`` adapts).
+    ``compression_rate_weights``: conv kernels and linear weight matrices (what ``method.convert_linear`` adapts;
+    attention's query, key and value projections, parameters of ``nn.MultiheadAttention``, count as linear).
     Factorised layers count their stored factors; pruned convs count their unmasked weights.
     """
     compressed = [m for m in model.modules() if callable(getattr(m, "dense_num_params", None))]
@@ -37,6 +38,8 @@ def parameter_report(model: nn.Module) -> Dict[str, float]:
     conv_dense += sum(m.dense_num_params() for m in conv_layers)
     conv_lr += sum(m.num_params() for m in conv_layers)
     plain_linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    plain_linears += sum(w.numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention)  # its q, k, v
+                         for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight) if w is not None)
     linear_layers = [m for m in compressed if not getattr(m, "is_conv", False)]
     linear_dense = plain_linears + sum(m.dense_num_params() for m in linear_layers)
     linear_lr = plain_linears + sum(m.num_params() for m in linear_layers)

@@ -120,8 +120,8 @@ def run(cfg: TrainConfig, run_dir: Path, config_dict: Optional[dict], dist: Dist
         raise
     finally:
         stop.restore()
-    if r.total_epochs == 0:
-        save_untrained(r)
+    if r.total_epochs == 0 and dist.main and not (r.ckpt_dir / "last.pt").is_file():  # the network as built (a
+        save_checkpoint(r.state(0), r.ckpt_dir / "last.pt")  # one-shot decomposition): export and eval take it
     summary = summarise(r)
     if dist.main:
         say_done(r, summary)
@@ -280,7 +280,8 @@ def evaluate_start(r: Run) -> None:
           f"before training")
     if r.dist.main:
         atomic_write_text(r.run_dir / START_EVAL, json.dumps({"test_acc": acc, "test_loss": loss,
-                                                               "compression_rate": report["compression_rate"]}))
+                                                               "compression_rate": report["compression_rate"],
+                                                               "fresh_layers": getattr(r.model, "fresh_layers", [])}))
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -313,6 +314,7 @@ def build_network(cfg: TrainConfig, data: DataBundle, say: Callable[[str], None]
         refit = fitted_layers(model) if cfg.model.name == "torchvision" else ()
         kept = load_dense_weights(model, cfg.init_from, refit)
         if kept:
+            model.fresh_layers = kept  # (as build_torchvision records its new classifier)
             say(f"init_from: {', '.join(kept)} keep their initialisation (the file's are of another size: "
                 f"another number of classes or channels)")
     saved = tucker_ranks_in(resume["model"]) if resume is not None and cfg.method.name == "tucker" \
@@ -398,13 +400,6 @@ def select_and_save(r: Run, row: dict) -> None:
     state = r.state(row["epoch"])
     if r.dist.main:
         save_epoch(r.ckpt_dir, state, improved, stale)
-
-
-def save_untrained(r: Run) -> None:
-    """epochs=0: ``last.pt`` holds the network as built (a one-shot decomposition, ``init_from``'s weights), so
-    that export, eval and ``init_from`` take it like any run's network."""
-    if r.dist.main and not (r.ckpt_dir / "last.pt").is_file():
-        save_checkpoint(r.state(0), r.ckpt_dir / "last.pt")
 
 
 def epoch_line(r: Run, row: dict) -> str:

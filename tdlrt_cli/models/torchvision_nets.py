@@ -105,8 +105,10 @@ def build_torchvision(arch: Optional[str], in_channels: int, num_classes: int, i
         raise DataError(f"model.weights={weights}: cannot read {arch}'s weights ({type(exc).__name__}: {said}); "
                         f"without a network, put the file {os.path.basename(w.url)} ({w.url}) in "
                         f"{os.path.dirname(path)} ($TORCH_HOME/hub/checkpoints)") from None
-    fit_classifier(model, num_classes)
+    new_head = fit_classifier(model, num_classes)
     fit_stem(model, in_channels, pretrained=w is not None)
+    # the layers whose published weights could not be kept (like timm's model.pretrained_cfg, on the model)
+    model.fresh_layers = [new_head] if new_head and w is not None and load else []
     if load:
         check_input_size(model, arch, in_channels, image_size)
     return model
@@ -130,27 +132,29 @@ def check_input_size(model: nn.Module, arch: str, in_channels: int, image_size: 
 def fitted_layers(model: nn.Module) -> List[str]:
     """The layers fitted to the data: the classifier (the last linear layer; squeezenet: the last conv) and the
     stem (the first conv)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return [linears[-1] if linears else convs[-1], convs[0]]
+    from ..lowrank.convert import classifier_of
+
+    return [classifier_of(model), next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))]
 
 
-def fit_classifier(model: nn.Module, num_classes: int) -> None:
+def fit_classifier(model: nn.Module, num_classes: int) -> Optional[str]:
     """The last linear layer (squeezenet: the last conv) with ``num_classes`` outputs, freshly initialised
-    where its size changes."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    name, old = linears[-1] if linears else convs[-1]
+    where its size changes; returns its name when it was replaced."""
+    from ..lowrank.convert import classifier_of
+
+    name = classifier_of(model)
+    old = model.get_submodule(name)
     if isinstance(old, nn.Linear):
         if old.out_features == num_classes:
-            return
+            return None
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
         if old.out_channels == num_classes:
-            return
+            return None
         new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
                         bias=old.bias is not None)
     _replace(model, name, new)
+    return name
 
 
 def fit_stem(model: nn.Module, in_channels: int, pretrained: bool) -> None:

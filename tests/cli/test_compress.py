@@ -62,6 +62,17 @@ def test_a_target_out_of_reach_is_refused_before_the_source_is_evaluated(dense):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("tdlrt: error: method.target_cr=99.99 is out of reach"), proc.stderr
     assert "Traceback" not in proc.stderr and not (dense / "far" / "dense").exists()
+    # the refused command leaves no runs, so out=far is not held for it: another target is judged on its own
+    again = run_tdlrt(["compress", "dense", "target_cr=99.98", "epochs=1", "out=far"], dense, check=False)
+    assert "99.98 is out of reach" in again.stderr.strip().splitlines()[-1], again.stderr
+
+
+def test_a_state_dict_in_the_file_format_before_torch_1_6_is_read(tmp_path):
+    from tdlrt_cli.compress import read_source
+
+    path = tmp_path / "old.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path, _use_new_zipfile_serialization=False)
+    assert read_source(path) == {}  # a plain state dict (a tdlrt checkpoint would come back whole)
 
 
 @pytest.mark.parametrize("args,says", [
@@ -104,18 +115,27 @@ def test_a_state_dict_of_a_torchvision_network(tmp_path):
                       "model.arch=mobilenet_v3_small", "data=synthetic", "data.train_size=128", "data.test_size=64",
                       "batch_size=64", "progress=false", "device=cpu", "cost_report=false"], tmp_path)
     assert "classifier.3.weight, classifier.3.bias keep their initialisation" in proc.stderr
-    assert json.loads((tmp_path / "c" / "compress.json").read_text())["rows"][-1]["compression_rate"] == \
-        pytest.approx(80, abs=0.5)
+    result = json.loads((tmp_path / "c" / "compress.json").read_text())
+    assert result["rows"][-1]["compression_rate"] == pytest.approx(80, abs=0.5)
+    # the dense row scores a new classifier, and the table says so
+    assert "classifier.3.weight" in result["note"] and "untrained classifier" in proc.stdout
 
 
 def test_torchvision_weights_by_name(tmp_path):
     weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
     path = tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(weights.url)
     path.parent.mkdir(parents=True)
-    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    torch.manual_seed(3)
+    published = torchvision.models.mobilenet_v3_small().state_dict()
+    torch.save(published, path)
     run_tdlrt(["compress", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "target_cr=80", "epochs=1", "out=c",
                "data=synthetic", "data.train_size=128", "data.test_size=64", "batch_size=64", "progress=false",
                "device=cpu", "cost_report=false"], tmp_path, env={"TORCH_HOME": str(tmp_path / "torch")})
+    dense = torch.load(tmp_path / "c" / "dense" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in ("features.1.block.0.0.weight", "features.12.0.weight", "classifier.0.weight"):  # the file's weights
+        assert torch.equal(dense[key], published[key]), key
+    note = json.loads((tmp_path / "c" / "compress.json").read_text())["note"]
+    assert note.startswith("classifier.3 of the source")  # 1000 classes in the file, 10 in the data
     config = json.loads((tmp_path / "c" / "finetuned" / "summary.json").read_text())["config"]
     assert config["model"] == {"name": "torchvision", "width_mult": 1.0, "arch": "mobilenet_v3_small",
                                "weights": "IMAGENET1K_V1"} and config["init_from"] is None

@@ -24,6 +24,21 @@ def test_a_network_is_fitted_to_the_datas_channels_and_classes(arch, channels):
     assert model(torch.randn(2, channels, 32, 32)).shape == (2, 7)
 
 
+def test_a_conv_classifier_stays_dense_like_a_linear_one():
+    """squeezenet has no linear layer: its classifier is its last conv, kept dense by TDLRT and the baselines."""
+    from tdlrt_cli.config import TrainConfig
+    from tdlrt_cli.methods import factorise
+
+    model = build_model("torchvision", 3, 10, 32, arch="squeezenet1_1")
+    converted = convert_to_lowrank(model, RankPolicy(), ConversionRules(pointwise="matrix"))
+    assert converted and "classifier.1" not in converted and type(model.classifier[1]) is nn.Conv2d
+    fixed = build_model("torchvision", 3, 10, 32, arch="squeezenet1_1")
+    cfg = TrainConfig()
+    cfg.method.name, cfg.method.rank_frac = "tucker", 0.5
+    factorise(cfg, fixed, torch.Generator().manual_seed(0))
+    assert type(fixed.classifier[1]) is nn.Conv2d and type(fixed.features[3].squeeze) is not nn.Conv2d
+
+
 def test_a_vision_transformer_takes_the_datas_image_size():
     model = build_model("torchvision", 3, 5, 32, arch="vit_b_32").eval()
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
@@ -68,11 +83,16 @@ def test_resnet_kxk_convs_are_tucker_and_its_shortcuts_matrices():
 
 
 def test_convert_linear_leaves_the_attentions_projections_and_the_classifier_dense():
+    from tdlrt_cli.metrics import parameter_report
+
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
                                                mlp_dim=32, num_classes=10)
+    matrices = sum(p.numel() for p in vit.parameters() if p.dim() == 2)  # every linear map (embeddings are 3-D)
     converted = convert_to_lowrank(vit, RankPolicy(), ConversionRules(convert_linear=True, pointwise="matrix"),
                                    generator=torch.Generator().manual_seed(0))
     assert sorted(converted) == sorted(f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3))
+    # what the target counts with convert_linear: every linear weight, attention's q, k, v projection included
+    assert parameter_report(vit)["linear_params_dense"] == matrices
     assert all(isinstance(vit.get_submodule(n), LowRankLinear) for n in converted)
     assert not isinstance(vit.encoder.layers[0].self_attention.out_proj, LowRankLinear)
     assert type(vit.heads.head) is nn.Linear and type(vit.conv_proj) is nn.Conv2d  # classifier and stem
@@ -181,3 +201,17 @@ def test_attention_projections_read_by_their_parent_stay_dense():
 def test_a_size_the_network_cannot_take_is_one_line(arch, size):
     with pytest.raises(ConfigError, match=f"model.arch={arch} cannot take {size}x{size} images"):
         build_model("torchvision", 3, 10, size, arch=arch)
+
+
+def test_a_vision_transformer_under_a_conv_only_method_says_what_would_help():
+    """tucker (tdlrt compress's one-shot run) finds no conv to factorise in a ViT: the line names convert_linear."""
+    from tdlrt_cli.config import TrainConfig
+    from tdlrt_cli.methods import factorise
+
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=10)
+    cfg = TrainConfig()
+    cfg.model.name, cfg.model.arch, cfg.method.name, cfg.method.rank_frac = "torchvision", "vit_b_16", "tucker", 0.5
+    with pytest.raises(ConfigError, match="no layer of vit_b_16 can be factorised .*method.convert_linear=true "
+                                          r"factorises its hidden linear layers under method=tdlrt \(tdlrt compress"):
+        factorise(cfg, vit, torch.Generator().manual_seed(0))
