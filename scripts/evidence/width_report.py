@@ -253,17 +253,19 @@ def headline(rows, widths) -> str:
                             f"dense at {c}% ({a['acc']:.2f}% against {d['acc']:.2f}%)")
     lr = "" if not lr_parts else (f" At lr {lr_pair(w)[0]['lr']:g}, which trains both networks further at this "
                                   f"width, TDLRT ends " + " and ".join(lr_parts) + " (1 seed).")
-    controls, level = [], True
+    controls = []
     for c in CRS:
         a, p = lr_pair(w, c)[1], lr_run(w, "prune", c)
         if a is not None and p is not None:
-            controls.append(f"{p['acc']:.2f}% at {c}% ({p['acc'] - a['acc']:+.2f} to TDLRT)")
-            level = level and abs(p["acc"] - a["acc"]) < 1.0  # under the spread over seeds at width 0.25
+            d = p["acc"] - a["acc"]  # under 1 point: inside the spread over seeds at width 0.25
+            said = "level with TDLRT" if abs(d) < 1.0 else f"{abs(d):.2f} points {'above' if d > 0 else 'under'} TDLRT"
+            controls.append(f"{p['acc']:.2f}% at {c}% ({said})")
     if controls:
+        spread = [st[1] for st in (stats([r["acc"] for r in runs(rows, f, 0.25, c).values()])
+                                   for f in ("tdlrt", "prune") for c in CRS) if st is not None and st[2] > 1]
         lr += (" There the strongest control, gradual pruning without the integrator, ends at " + " and ".join(controls)
-               + (": level with TDLRT (one seed, a difference under 1 point; at width 0.25 each method's spread over 3 seeds "
-                  "is larger)." if level
-                  else "."))
+               + " (one seed" + (f"; at width 0.25 each method's std over seeds is {min(spread):.1f} to "
+                                 f"{max(spread):.1f} points" if spread else "") + ").")
     return (f"**What you lose**: on VGG16 at width {width_name(w)} ({conv:,} conv parameters dense) trained on 9,000 CIFAR-10 "
             "images for 20 epochs at lr 0.05, TDLRT with the recommended defaults ends " + " and ".join(parts) + "."
             + lr)
