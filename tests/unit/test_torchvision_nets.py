@@ -215,3 +215,33 @@ def test_a_vision_transformer_under_a_conv_only_method_says_what_would_help():
     with pytest.raises(ConfigError, match="no layer of vit_b_16 can be factorised .*method.convert_linear=true "
                                           r"factorises its hidden linear layers under method=tdlrt \(tdlrt compress"):
         factorise(cfg, vit, torch.Generator().manual_seed(0))
+
+
+def test_tdlrt_steps_on_a_vision_transformers_mlp_match_the_literal_algorithm():
+    """convert_linear on a ViT: its MLP layers see (batch, tokens, features) inputs; three integrator steps on
+    them (K-step, augmentation, Galerkin core step, truncation) equal the literal two-pass algorithm in float64."""
+    import torch.nn.functional as F
+
+    from reference import two_pass_step
+    from tdlrt_cli.lowrank import TDLRT
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=12,
+                                               mlp_dim=10, num_classes=4).double()
+    converted = convert_to_lowrank(vit, RankPolicy(r_max_frac=0.5), ConversionRules(convert_linear=True),
+                                   generator=torch.Generator().manual_seed(0))
+    assert len(converted) == 2
+    ref = copy.deepcopy(vit)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64, generator=g), torch.randint(0, 4, (6,), generator=g)
+    integrator = TDLRT(vit, torch.optim.SGD(vit.parameters(), lr=0.2), 0.3)
+    for _ in range(3):
+        integrator.zero_grad()
+        F.cross_entropy(vit(x), y).backward()
+        integrator.step()
+        two_pass_step(ref, lambda m: F.cross_entropy(m(x), y), 0.2, 0.3)
+        for name in converted:
+            a, b = vit.get_submodule(name), ref.get_submodule(name)
+            assert a.ranks == b.ranks, name
+            torch.testing.assert_close(a.weight_full(), b.weight_full(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(vit(x), ref(x), rtol=0, atol=1e-9)
