@@ -31,16 +31,26 @@ from .lowrank.baselines import (DECOMPOSABLE, FixedTuckerConv2d, allocate_tucker
                                 frac_for_compression, global_masks, grasp_scores, magnitude_scores, make_fixed,
                                 prunable_convs, snip_scores)
 from .lowrank.pruning import GradualPruning
-from .lowrank.convert import classifier_of, eligible_conv
+from .lowrank.convert import eligible_conv
 from .lowrank.tucker import mode_product
 from .files import load_json
 
 
-def _convs_to_factorise(model: nn.Module, convert_first: bool):
-    """Every eligible conv but the first (unless ``convert_first``) and a conv classifier (squeezenet)."""
+def _convs_to_factorise(model: nn.Module, convert_first: bool, keep: Tuple[str, ...] = ()):
+    """Every eligible conv but the first (unless ``convert_first``) and those named in ``keep``."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    first, classifier = (convs[0][0] if convs else None), classifier_of(model)
-    return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first) and n != classifier]
+    first = convs[0][0] if convs else None
+    return [(n, m) for n, m in convs if eligible_conv(m) and (convert_first or n != first) and n not in keep]
+
+
+def conv_classifier(cfg: TrainConfig, model: nn.Module) -> Tuple[str, ...]:
+    """A torchvision network without a linear layer (squeezenet) classifies with its last conv: kept dense, as
+    a linear classifier is."""
+    if cfg.model.name != "torchvision" or any(isinstance(m, nn.Linear) for m in model.modules()):
+        return ()
+    from .models.torchvision_nets import fitted_layers
+
+    return (fitted_layers(model)[0],)
 
 
 def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
@@ -53,7 +63,8 @@ def factorise(cfg: TrainConfig, model: nn.Module, generator: torch.Generator,
     if m.name in RANK_ADAPTIVE or m.name in PRUNED:
         policy = RankPolicy(m.r_min, m.r_max, m.r_max_frac, m.init_rank, m.init_rank_frac, m.adapted_modes)
         rules = ConversionRules(convert_linear=m.convert_linear, convert_first_conv=m.convert_first_conv,
-                                pointwise="matrix" if cfg.model.name == "torchvision" else "tucker")
+                                pointwise="matrix" if cfg.model.name == "torchvision" else "tucker",
+                                exclude=conv_classifier(cfg, model))
         fmt = {"tdlrt": "tucker", "dlrt": "matrix", "tucker_prune": "trained_tucker"}[m.name]
         try:
             converted = convert_to_lowrank(model, policy, rules, init=init, generator=generator, conv_format=fmt)
@@ -95,7 +106,7 @@ def factorise_fixed(cfg: TrainConfig, model: nn.Module, generator: torch.Generat
                           f"iteratively), so a trained network cannot be compressed to it here; use method=tucker, "
                           f"tt or matrix")
     init = "hosvd" if decompose else "random"
-    convs = _convs_to_factorise(model, m.convert_first_conv)
+    convs = _convs_to_factorise(model, m.convert_first_conv, conv_classifier(cfg, model))
     if not convs:
         raise ConfigError(nothing_to_factorise(cfg))
     names = {n for n, _ in convs}

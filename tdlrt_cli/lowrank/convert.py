@@ -121,13 +121,6 @@ def weights_read_directly(model: nn.Module) -> set:
     return read
 
 
-def classifier_of(model: nn.Module) -> Optional[str]:
-    """The classifier's name: the last linear layer; a network without one (squeezenet) ends in its last conv."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return linears[-1] if linears else (convs[-1] if convs else None)
-
-
 def eligible_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and isinstance(m.padding, tuple)
             and m.padding_mode == "zeros" and min(m.in_channels, m.out_channels) > 1)
@@ -152,8 +145,9 @@ def convert_to_lowrank(model: nn.Module, policy: RankPolicy = RankPolicy(), rule
         raise ValueError(f"rules.pointwise must be 'tucker' or 'matrix', got {rules.pointwise!r}")
     named = list(model.named_modules())
     convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
     first_conv = convs[0] if convs else None
-    classifier = classifier_of(model)
+    classifier = linears[-1] if linears else None
     attention = [n + "." for n, m in named if isinstance(m, nn.MultiheadAttention)]
     read = weights_read_directly(model)
     converted = []
@@ -181,8 +175,7 @@ def _lowrank_like(name: str, module: nn.Module, policy: RankPolicy, rules: Conve
     """The low-rank replacement of ``module`` (at the policy's starting ranks), or None to keep it dense."""
     if any(fnmatch.fnmatch(name, p) for p in rules.exclude):
         return None
-    if (rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv)
-            and (rules.convert_classifier or name != classifier)):  # (a conv classifier: squeezenet)
+    if rules.convert_conv and eligible_conv(module) and (rules.convert_first_conv or name != first_conv):
         if conv_format == "matrix" or (conv_format == "tucker" and rules.pointwise == "matrix"
                                        and tuple(module.kernel_size) == (1, 1)):
             return _matrix_conv(module, policy, generator)

@@ -132,17 +132,19 @@ def check_input_size(model: nn.Module, arch: str, in_channels: int, image_size: 
 def fitted_layers(model: nn.Module) -> List[str]:
     """The layers fitted to the data: the classifier (the last linear layer; squeezenet: the last conv) and the
     stem (the first conv)."""
-    from ..lowrank.convert import classifier_of
+    return [classifier_name(model), next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))]
 
-    return [classifier_of(model), next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))]
+
+def classifier_name(model: nn.Module) -> str:
+    """The last linear layer; a network without one (squeezenet) ends in its classifying conv, the last one."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
 
 
 def fit_classifier(model: nn.Module, num_classes: int) -> Optional[str]:
     """The last linear layer (squeezenet: the last conv) with ``num_classes`` outputs, freshly initialised
     where its size changes; returns its name when it was replaced."""
-    from ..lowrank.convert import classifier_of
-
-    name = classifier_of(model)
+    name = classifier_name(model)
     old = model.get_submodule(name)
     if isinstance(old, nn.Linear):
         if old.out_features == num_classes:

@@ -24,19 +24,18 @@ def test_a_network_is_fitted_to_the_datas_channels_and_classes(arch, channels):
     assert model(torch.randn(2, channels, 32, 32)).shape == (2, 7)
 
 
-def test_a_conv_classifier_stays_dense_like_a_linear_one():
+@pytest.mark.parametrize("method", ["tdlrt", "tucker"])
+def test_a_conv_classifier_stays_dense_like_a_linear_one(method):
     """squeezenet has no linear layer: its classifier is its last conv, kept dense by TDLRT and the baselines."""
     from tdlrt_cli.config import TrainConfig
     from tdlrt_cli.methods import factorise
 
     model = build_model("torchvision", 3, 10, 32, arch="squeezenet1_1")
-    converted = convert_to_lowrank(model, RankPolicy(), ConversionRules(pointwise="matrix"))
-    assert converted and "classifier.1" not in converted and type(model.classifier[1]) is nn.Conv2d
-    fixed = build_model("torchvision", 3, 10, 32, arch="squeezenet1_1")
     cfg = TrainConfig()
-    cfg.method.name, cfg.method.rank_frac = "tucker", 0.5
-    factorise(cfg, fixed, torch.Generator().manual_seed(0))
-    assert type(fixed.classifier[1]) is nn.Conv2d and type(fixed.features[3].squeeze) is not nn.Conv2d
+    cfg.model.name, cfg.model.arch, cfg.method.name, cfg.method.rank_frac = "torchvision", "squeezenet1_1", method, 0.5
+    cfg.method.r_max_frac = 0.5
+    factorise(cfg, model, torch.Generator().manual_seed(0))
+    assert type(model.classifier[1]) is nn.Conv2d and type(model.features[3].expand3x3) is not nn.Conv2d
 
 
 def test_a_vision_transformer_takes_the_datas_image_size():
