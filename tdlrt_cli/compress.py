@@ -307,11 +307,15 @@ def check_request(opts: CompressOptions, out: Path) -> None:
         raise UserError(f"cannot write in out={out} ({exc.strerror or exc}); choose a writable out= folder") from None
 
 
+def run_json(path: Path) -> Optional[dict]:
+    """A JSON file a finished run wrote (start_eval.json), or None where the run wrote none."""
+    return load_json(path.read_text()) if path.is_file() else None
+
+
 def table(opts: CompressOptions, out: Path) -> dict:
     """compress.json's content: each network's test accuracy and conv c.r., read from the runs' files."""
     read = {s: load_json((out / s / "summary.json").read_text()) for s in STEPS if (out / s / "summary.json").is_file()}
-    start = out / "finetuned" / "start_eval.json"
-    decomposed = load_json(start.read_text()) if start.is_file() else None
+    decomposed = run_json(out / "finetuned" / "start_eval.json")
     rows = [{"network": "dense (the source)", "compression_rate": 0.0, "test_acc": read["dense"]["test_acc"]}]
     if "oneshot" in read:
         rows.append({"network": "decomposed to the target (one-shot HOSVD, no training)",
@@ -328,8 +332,7 @@ def table(opts: CompressOptions, out: Path) -> dict:
             r["compression_rate_weights"] = run.get("compression_rate_weights")
     result = {"source": opts.source, "target_cr": opts.target_cr, "epochs": opts.epochs, "out": str(out),
               "rows": rows}
-    fresh = (load_json((out / "dense" / "start_eval.json").read_text()) if (out / "dense" / "start_eval.json").is_file()
-             else {}).get("fresh_layers") or []
+    fresh = (run_json(out / "dense" / "start_eval.json") or {}).get("fresh_layers") or []
     if fresh:  # published weights for another number of classes: the source's classifier is new, untrained
         result["note"] = (f"{', '.join(fresh)} of the source had another size than the data needs and starts at "
                           f"random: the dense and one-shot rows score an untrained classifier, not the source. For a "
